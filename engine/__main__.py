@@ -1,0 +1,72 @@
+"""`python -m engine <command> [options]` — see `python -m engine --help`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+
+from engine.commands import COMMANDS
+from engine.config import ConfigError, check_choices, parse_args
+from engine.errors import EngineError
+from engine.events import EventLogHandler, EventWriter
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: python -m engine <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "Run `python -m engine <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command '{name}'.\n\n{usage()}", file=sys.stderr)
+        return 2
+    cmd = COMMANDS[name]
+    try:
+        cfg = parse_args(cmd.config, rest, prog=f"python -m engine {name}", description=cmd.summary)
+        check_choices(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    events = EventWriter(events_file=getattr(cfg, "events_file", None))
+    return run_command(cmd, cfg, events, rest)
+
+
+def run_command(cmd, cfg, events: EventWriter, argv: list[str]) -> int:
+    handler = EventLogHandler(events)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    started = time.time()
+    events.start(cmd.name, argv, getattr(cfg, "config_file", None))
+    try:
+        module_name, func_name = cmd.target.split(":")
+        outputs = getattr(importlib.import_module(module_name), func_name)(cfg, events)
+    except (EngineError, ConfigError) as e:
+        events.error(getattr(e, "kind", "option"), getattr(e, "message", str(e)), getattr(e, "hint", ""))
+        return 2
+    except KeyboardInterrupt:
+        events.error("interrupted", "stopped by the user")
+        return 130
+    except Exception as e:  # unexpected: keep the traceback in the log, one error event for the GUI
+        logging.getLogger("engine").exception("unexpected failure")
+        events.error("internal", f"{type(e).__name__}: {e}", "This is a bug; the log has the traceback.")
+        return 1
+    finally:
+        root.removeHandler(handler)
+    events.done(outputs or [], time.time() - started)
+    events.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The command registry: name → (config class, implementation, one-line summary).
+
+Implementations are imported only when their command runs, so `--help` stays fast and the GUI can read
+the registry without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine import config as C
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    config: type
+    target: str  # "module:function", called as function(cfg, events) -> list of output paths
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("inspect_model", C.InspectModelConfig, "engine.models.inspect:run",
+            "Identify model files: component, variant, dtype, parameter count, problems."),
+    Command("make_demo", C.MakeDemoConfig, "engine.demo:run",
+            "Build the tiny random demo model set and sample dataset (seconds, CPU)."),
+)}
+
+
+def register(cmd: Command) -> None:
+    COMMANDS[cmd.name] = cmd

@@ -1,0 +1,563 @@
+"""Typed configuration: the single source of truth for every engine option.
+
+Each option is a dataclass field whose metadata carries its help text, group and CLI shape. From these
+fields we generate the argparse parser of each command, TOML load/save of a run, the README's CLI
+reference and the GUI's form fields. Option names are musubi-tuner's, so a musubi command line works
+with only the script name changed.
+
+This module must stay importable without torch (the GUI imports it at start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import tempfile
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511")
+EDIT_VERSIONS = ("edit", "edit-2509", "edit-2511")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: names the key or file, the cause and the fix."""
+
+
+def opt(default: Any = None, help: str = "", *, group: str = "General", choices: tuple | None = None,
+        positional: bool = False, path: bool = False, gui: bool = True, advanced: bool = False,
+        aliases: tuple[str, ...] = (), metavar: str | None = None):
+    """Declare one option. `path` marks file/folder options (the GUI shows a path box)."""
+    meta = dict(help=help, group=group, choices=choices, positional=positional, path=path, gui=gui,
+                advanced=advanced, aliases=aliases, metavar=metavar)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Option groups. Commands compose them by inheritance; a field is declared exactly once.
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class CommonOptions:
+    device: str = opt("auto", "Compute device. On CPU the engine computes in float32 unless told otherwise.",
+                      group="Runtime", choices=("auto", "cuda", "cpu"))
+    events_file: Optional[str] = opt(None, "Also write the JSON-lines event stream to this file.",
+                                     group="Runtime", path=True, gui=False)
+    config_file: Optional[str] = opt(None, "Load options from a run TOML; options on the command line win.",
+                                     group="Runtime", path=True, gui=False)
+
+
+@dataclass
+class ModelVersionOptions:
+    model_version: Optional[str] = opt(None, "Model variant. Default: original (or what --edit/--edit_plus say).",
+                                       group="Model", choices=MODEL_VERSIONS)
+    edit: bool = opt(False, "Same as --model_version edit (Qwen-Image-Edit).", group="Model", gui=False)
+    edit_plus: bool = opt(False, "Same as --model_version edit-2509 (Qwen-Image-Edit-2509).", group="Model",
+                          gui=False)
+
+    def resolved_version(self) -> str:
+        """musubi's precedence: --model_version > --edit_plus > --edit > original."""
+        if self.model_version:
+            return self.model_version
+        if self.edit_plus:
+            return "edit-2509"
+        if self.edit:
+            return "edit"
+        return "original"
+
+    @property
+    def is_edit(self) -> bool:
+        return self.resolved_version() in EDIT_VERSIONS
+
+
+@dataclass
+class DitOption:
+    dit: Optional[str] = opt(None, "DiT weights: ComfyUI single file, diffusers transformer/ folder, or the "
+                                   "first shard of a -0000N-of-0000M set.", group="Model", path=True)
+
+
+@dataclass
+class VaeOption:
+    vae: Optional[str] = opt(None, "VAE weights (diffusers AutoencoderKLQwenImage file/folder, or ComfyUI "
+                                   "qwen_image_vae.safetensors).", group="Model", path=True)
+
+
+@dataclass
+class TextEncoderOptions:
+    text_encoder: Optional[str] = opt(None, "Qwen2.5-VL text encoder: ComfyUI qwen_2.5_vl_7b.safetensors or a "
+                                            "transformers folder.", group="Model", path=True)
+    tokenizer: Optional[str] = opt(None, "Folder (or hub id) with the Qwen2 tokenizer files. Default: the "
+                                         "'tokenizer' folder of Qwen/Qwen-Image, downloaded once and cached.",
+                                   group="Model", path=True)
+
+
+@dataclass
+class DatasetOption:
+    dataset_config: Optional[str] = opt(None, "Dataset config (musubi-tuner TOML schema).", group="Dataset",
+                                        path=True)
+
+
+@dataclass
+class CachingOptions:
+    batch_size: Optional[int] = opt(None, "Batch size for encoding (default: the dataset's batch size).",
+                                    group="Caching")
+    num_workers: Optional[int] = opt(None, "Image loading workers (default: cores - 1).", group="Caching",
+                                     advanced=True)
+    skip_existing: bool = opt(False, "Skip entries whose cache file exists and is up to date.", group="Caching")
+    keep_cache: bool = opt(False, "Keep cache files that no longer belong to the dataset (default: remove).",
+                           group="Caching")
+
+
+@dataclass
+class Fp8VlOption:
+    fp8_vl: bool = opt(False, "Run the text encoder (Qwen2.5-VL) in fp8 to save VRAM (< 16 GB GPUs).",
+                       group="Memory")
+
+
+@dataclass
+class TrainAttentionOptions:
+    sdpa: bool = opt(False, "Use PyTorch scaled dot product attention (default).", group="Attention")
+    xformers: bool = opt(False, "Use xformers attention (needs the package and a GPU).", group="Attention")
+    flash_attn: bool = opt(False, "Use FlashAttention 2 (needs the package and a GPU).", group="Attention")
+    sage_attn: bool = opt(False, "SageAttention (inference only; refused for training).", group="Attention",
+                          advanced=True)
+    split_attn: bool = opt(False, "Run attention per sample (needed for padded batches with non-SDPA kernels).",
+                           group="Attention", advanced=True)
+
+    def attn_mode(self) -> str:
+        for name, mode in (("flash_attn", "flash"), ("xformers", "xformers"), ("sage_attn", "sageattn")):
+            if getattr(self, name):
+                return mode
+        return "sdpa"
+
+
+@dataclass
+class TrainingOptions:
+    mixed_precision: str = opt("no", "Mixed precision (bf16 recommended on GPU).", group="Precision",
+                               choices=("no", "fp16", "bf16"))
+    timestep_sampling: str = opt("sigma", "Timestep sampling method.", group="Timesteps",
+                                 choices=("sigma", "uniform", "sigmoid", "shift", "qwen_shift", "logsnr",
+                                          "qinglong_qwen"))
+    discrete_flow_shift: float = opt(1.0, "Shift for --timestep_sampling shift.", group="Timesteps")
+    sigmoid_scale: float = opt(1.0, "Scale for sigmoid/shift sampling.", group="Timesteps", advanced=True)
+    weighting_scheme: str = opt("none", "Timestep density / loss weighting scheme.", group="Timesteps",
+                                choices=("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"))
+    logit_mean: float = opt(0.0, "Mean for logit_normal and logsnr.", group="Timesteps", advanced=True)
+    logit_std: float = opt(1.0, "Std for logit_normal and logsnr.", group="Timesteps", advanced=True)
+    mode_scale: float = opt(1.29, "Scale for the 'mode' weighting scheme.", group="Timesteps", advanced=True)
+    min_timestep: Optional[int] = opt(None, "Minimum timestep (0-1000).", group="Timesteps", advanced=True)
+    max_timestep: Optional[int] = opt(None, "Maximum timestep (0-1000).", group="Timesteps", advanced=True)
+
+    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor, or any module.Class.", group="Optimizer")
+    optimizer_args: list[str] = opt([], "Optimizer keyword arguments as key=value.", group="Optimizer",
+                                    advanced=True)
+    learning_rate: float = opt(2e-6, "Learning rate.", group="Optimizer")
+    lr_scheduler: str = opt("constant", "Learning rate schedule.", group="Optimizer",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                     "cosine_with_restarts", "polynomial", "inverse_sqrt",
+                                     "cosine_with_min_lr", "warmup_stable_decay", "adafactor"))
+    lr_warmup_steps: float = opt(0, "Warmup steps (or a fraction of the total when < 1).", group="Optimizer")
+    lr_decay_steps: float = opt(0, "Decay steps for warmup_stable_decay (or a fraction).", group="Optimizer",
+                                advanced=True)
+    lr_scheduler_num_cycles: int = opt(1, "Cycles for cosine_with_restarts.", group="Optimizer", advanced=True)
+    lr_scheduler_power: float = opt(1.0, "Power for polynomial.", group="Optimizer", advanced=True)
+    lr_scheduler_min_lr_ratio: Optional[float] = opt(None, "Minimum lr ratio for cosine_with_min_lr / wsd.",
+                                                     group="Optimizer", advanced=True)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", group="Optimizer")
+    gradient_accumulation_steps: int = opt(1, "Gradient accumulation steps.", group="Optimizer")
+
+    gradient_checkpointing: bool = opt(False, "Recompute block activations in backward (saves VRAM).",
+                                       group="Memory")
+    gradient_checkpointing_cpu_offload: bool = opt(False, "Keep checkpointed activations in CPU RAM.",
+                                                   group="Memory")
+    blocks_to_swap: int = opt(0, "Keep this many of the 60 blocks in CPU RAM and stream them in (max 59).",
+                              group="Memory")
+    fp8_base: bool = opt(False, "Store the DiT in fp8.", group="Memory")
+    fp8_scaled: bool = opt(False, "Block-wise scaled fp8 weights (with --fp8_base; better quality).",
+                           group="Memory")
+
+    max_train_epochs: Optional[int] = opt(None, "Train this many epochs (overrides --max_train_steps).",
+                                          group="Schedule")
+    max_train_steps: int = opt(1600, "Train this many steps.", group="Schedule")
+    seed: Optional[int] = opt(None, "Random seed.", group="Schedule")
+    max_data_loader_n_workers: int = opt(8, "Data loader workers.", group="Schedule", advanced=True)
+    persistent_data_loader_workers: bool = opt(False, "Keep data loader workers alive between epochs.",
+                                               group="Schedule", advanced=True)
+
+    output_dir: Optional[str] = opt(None, "Folder for checkpoints, samples and the run config.", group="Saving",
+                                    path=True)
+    output_name: Optional[str] = opt(None, "Base name of the saved files.", group="Saving")
+    save_every_n_epochs: Optional[int] = opt(None, "Save every N epochs.", group="Saving")
+    save_every_n_steps: Optional[int] = opt(None, "Save every N steps.", group="Saving")
+    save_last_n_epochs: Optional[int] = opt(None, "Keep only the last N epoch saves.", group="Saving",
+                                            advanced=True)
+    save_last_n_steps: Optional[int] = opt(None, "Keep only the saves of the last N steps.", group="Saving",
+                                           advanced=True)
+    save_state: bool = opt(False, "Also save the training state (optimizer, RNG, data order) for --resume.",
+                           group="Saving")
+    save_state_on_train_end: bool = opt(False, "Save the state once at the end.", group="Saving",
+                                        advanced=True)
+    resume: Optional[str] = opt(None, "Resume from a saved state folder.", group="Saving", path=True)
+    save_precision: Optional[str] = opt(None, "dtype of saved weights (default: fp32 for LoRA, bf16 for DiT).",
+                                        group="Saving", choices=("float", "fp32", "fp16", "bf16"),
+                                        advanced=True)
+    no_metadata: bool = opt(False, "Write only the minimal metadata.", group="Saving", advanced=True)
+
+    sample_prompts: Optional[str] = opt(None, "Prompt file for samples during training (.txt lines with "
+                                              "--w --h --d --s --l --fs --n --ci options).", group="Samples",
+                                        path=True)
+    sample_every_n_steps: Optional[int] = opt(None, "Sample every N steps.", group="Samples")
+    sample_every_n_epochs: Optional[int] = opt(None, "Sample every N epochs.", group="Samples")
+    sample_at_first: bool = opt(False, "Sample before training starts.", group="Samples")
+
+    logging_dir: Optional[str] = opt(None, "TensorBoard log folder.", group="Logging", path=True)
+    log_with: Optional[str] = opt(None, "Tracker to log to.", group="Logging",
+                                  choices=("tensorboard", "wandb", "all"))
+    log_prefix: Optional[str] = opt(None, "Prefix of the log run folder.", group="Logging", advanced=True)
+
+
+@dataclass
+class NetworkOptions:
+    network_module: str = opt("networks.lora_qwen_image", "LoRA module (musubi's name is accepted).",
+                              group="Network", choices=("networks.lora_qwen_image", "networks.lora"))
+    network_dim: Optional[int] = opt(None, "LoRA rank (default 4).", group="Network")
+    network_alpha: float = opt(1.0, "LoRA alpha; scale = alpha / rank.", group="Network")
+    network_args: list[str] = opt([], "key=value: include_patterns, exclude_patterns, rank_dropout, "
+                                      "module_dropout, loraplus_lr_ratio, verbose.", group="Network",
+                                  advanced=True)
+    network_weights: Optional[str] = opt(None, "Start from these LoRA weights.", group="Network", path=True)
+    network_dropout: Optional[float] = opt(None, "Dropout on the LoRA down output.", group="Network",
+                                           advanced=True)
+    save_format: str = opt("kohya", "kohya: lora_unet_* keys (ComfyUI and diffusers load it). diffusers: also "
+                                    "write <name>_diffusers.safetensors in the diffusers layout.",
+                           group="Network", choices=("kohya", "diffusers"))
+
+
+@dataclass
+class FinetuneOptions:
+    full_bf16: bool = opt(False, "Keep the weights in bf16 (saves ~20 GB; use with stochastic rounding).",
+                          group="Finetune")
+    fused_backward_pass: bool = opt(False, "Adafactor step per parameter during backward (saves VRAM).",
+                                    group="Finetune")
+    mem_eff_save: bool = opt(False, "Stream the checkpoint to disk tensor by tensor (saves RAM).",
+                             group="Finetune")
+
+
+@dataclass
+class GenerationOptions:
+    prompt: Optional[str] = opt(None, "Prompt.", group="Prompt")
+    negative_prompt: Optional[str] = opt(None, "Negative prompt (true CFG).", group="Prompt")
+    image_size: list[int] = opt([256, 256], "Output height and width (multiples of 16).", group="Image",
+                                metavar="H W")
+    infer_steps: int = opt(25, "Denoising steps.", group="Image")
+    guidance_scale: float = opt(4.0, "True CFG scale (1 disables CFG).", group="Image")
+    embedded_cfg_scale: float = opt(2.5, "Accepted for musubi compatibility; Qwen-Image has no guidance "
+                                         "embedding.", group="Image", gui=False)
+    flow_shift: Optional[float] = opt(None, "Fixed flow shift (default: dynamic shift from the image size).",
+                                      group="Image")
+    seed: Optional[int] = opt(None, "Seed (random when omitted).", group="Image")
+    save_path: Optional[str] = opt(None, "Output folder.", group="Output", path=True)
+    output_type: str = opt("images", "What to save.", group="Output",
+                           choices=("images", "latent", "latent_images"))
+    no_metadata: bool = opt(False, "Do not write generation parameters into the PNG.", group="Output",
+                            advanced=True)
+    latent_path: list[str] = opt([], "Decode these saved latents instead of generating.", group="Output",
+                                 path=True, advanced=True)
+    append_original_name: bool = opt(False, "Append the control image's name to the output file name.",
+                                     group="Output")
+    attn_mode: str = opt("sdpa", "Attention kernel.", group="Attention",
+                         choices=("sdpa", "torch", "flash", "xformers", "sageattn"))
+    fp8: bool = opt(False, "Store the DiT in fp8.", group="Memory")
+    fp8_scaled: bool = opt(False, "Block-wise scaled fp8 DiT weights.", group="Memory")
+    text_encoder_cpu: bool = opt(False, "Run the text encoder on the CPU.", group="Memory")
+    blocks_to_swap: int = opt(0, "Keep this many blocks in CPU RAM and stream them in.", group="Memory")
+    vae_enable_tiling: bool = opt(False, "Decode in tiles (less VRAM at large sizes).", group="Memory",
+                                  advanced=True)
+    lora_weight: list[str] = opt([], "LoRA files to apply (any of the supported formats).", group="LoRA",
+                                 path=True)
+    lora_multiplier: list[float] = opt([], "One multiplier per LoRA (default 1.0).", group="LoRA")
+    control_image_path: list[str] = opt([], "Control (reference) images for edit models.", group="Edit",
+                                        path=True)
+    resize_control_to_image_size: bool = opt(False, "Resize control images to the output size.", group="Edit")
+    resize_control_to_official_size: bool = opt(False, "Resize control images as the official pipelines do.",
+                                                group="Edit")
+    mask_path: Optional[str] = opt(None, "Inpaint mask (white = change, black = keep).", group="Edit",
+                                   path=True)
+    rcm_threshold: Optional[float] = opt(None, "Enable the Reference Consistency Mask with this threshold.",
+                                         group="RCM")
+    rcm_relative_threshold: bool = opt(False, "Treat --rcm_threshold as a fraction of the step's max difference.",
+                                       group="RCM")
+    rcm_kernel_size: int = opt(3, "Gaussian blur kernel before the difference.", group="RCM")
+    rcm_dilate_size: int = opt(0, "Dilate the changed region by this many tokens.", group="RCM")
+    rcm_debug_save: bool = opt(False, "Save the RCM mask of every step into --save_path.", group="RCM")
+    from_file: Optional[str] = opt(None, "Batch mode: one prompt per line with per-line options.",
+                                   group="Prompt", path=True, gui=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command configs
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class InspectModelConfig:
+    files: list[str] = opt([], "Model files or folders to identify.", positional=True, path=True)
+    json: bool = opt(False, "Print one JSON list instead of a table.")
+
+
+@dataclass
+class MakeDemoConfig:
+    dir: str = opt("demo", "Folder to build the demo model set and dataset in.", positional=True, path=True)
+    force: bool = opt(False, "Rebuild even if the folder already holds a complete demo.")
+
+
+@dataclass
+class CheckDatasetConfig(ModelVersionOptions, DatasetOption):
+    json: bool = opt(False, "Print the report as JSON.")
+
+
+@dataclass
+class CacheLatentsConfig(CommonOptions, ModelVersionOptions, VaeOption, DatasetOption, CachingOptions):
+    pass
+
+
+@dataclass
+class CacheTextEncoderConfig(CommonOptions, ModelVersionOptions, TextEncoderOptions, DatasetOption,
+                             CachingOptions, Fp8VlOption):
+    pass
+
+
+@dataclass
+class TrainNetworkConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions,
+                         DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, NetworkOptions):
+    pass
+
+
+@dataclass
+class TrainConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions, DatasetOption,
+                  TrainAttentionOptions, TrainingOptions, Fp8VlOption, FinetuneOptions):
+    pass
+
+
+@dataclass
+class GenerateImageConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions,
+                          GenerationOptions):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Machinery: types, argparse, TOML
+# --------------------------------------------------------------------------------------------------
+
+def _base_type(tp) -> tuple[type, bool, bool]:
+    """(scalar type, is_list, is_optional) for an annotation like Optional[int] or list[str]."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True, optional
+    return tp, False, optional
+
+
+def option_fields(cls) -> list[dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        f.type = hints[f.name]
+        out.append(f)
+    return out
+
+
+def build_parser(cls, prog: str, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in option_fields(cls):
+        meta = f.metadata
+        scalar, is_list, _ = _base_type(f.type)
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kwargs: dict[str, Any] = dict(help=meta["help"] or " ", default=argparse.SUPPRESS)
+        if meta["metavar"]:
+            kwargs["metavar"] = tuple(meta["metavar"].split()) if is_list else meta["metavar"]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if scalar is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = scalar
+            if is_list:
+                fixed = len(meta["metavar"].split()) if meta["metavar"] else None
+                kwargs["nargs"] = fixed or ("*" if not meta["positional"] else "+")
+        if meta["positional"]:
+            kwargs.pop("default")
+            if not is_list and f.default is not dataclasses.MISSING:
+                kwargs["nargs"] = "?"
+                kwargs["default"] = f.default
+            group.add_argument(f.name, **kwargs)
+        else:
+            names = [f"--{f.name}", *meta["aliases"]]
+            group.add_argument(*names, dest=f.name, **kwargs)
+    return parser
+
+
+def parse_args(cls, argv: list[str], prog: str, description: str = ""):
+    """CLI → config. A --config_file TOML is applied first; options given on the command line win."""
+    parser = build_parser(cls, prog, description)
+    ns = vars(parser.parse_args(argv))
+    base: dict[str, Any] = {}
+    if ns.get("config_file"):
+        base = read_toml_values(cls, ns["config_file"])
+    base.update(ns)
+    return from_dict(cls, base, source="command line")
+
+
+def from_dict(cls, values: dict[str, Any], source: str = "config"):
+    known = {f.name: f for f in option_fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(unknown_key_message(key, known, source))
+    cfg = cls(**{k: _coerce(known[k], v, source) for k, v in values.items()})
+    return cfg
+
+
+def unknown_key_message(key: str, known, source: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " Remove it or check the option list with --help."
+    return f"{source}: unknown option '{key}'.{hint}"
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    scalar, is_list, optional = _base_type(f.type)
+    if value is None:
+        if optional or f.metadata.get("positional"):
+            return None
+        raise ConfigError(f"{source}: option '{f.name}' cannot be empty; give a {scalar.__name__}.")
+    if is_list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce_scalar(f.name, scalar, v, source) for v in items]
+    return _coerce_scalar(f.name, scalar, value, source)
+
+
+def _coerce_scalar(name: str, scalar: type, value: Any, source: str) -> Any:
+    if scalar is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: option '{name}' must be true or false, got {value!r}.")
+    if scalar is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if scalar is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if scalar is str and isinstance(value, str):
+        return value
+    if scalar in (int, float) and isinstance(value, str):
+        try:
+            return scalar(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{source}: option '{name}' must be a {scalar.__name__}, got {value!r}.")
+
+
+def check_choices(cfg) -> None:
+    for f in option_fields(type(cfg)):
+        choices = f.metadata["choices"]
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"option '{f.name}': {value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+def to_dict(cfg, only_changed: bool = True) -> dict[str, Any]:
+    """The run as a plain dict (TOML-ready: None values are left out)."""
+    out = {}
+    for f in option_fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value is None or (only_changed and value == default) or f.name == "config_file":
+            continue
+        out[f.name] = value
+    return out
+
+
+def to_argv(cfg, only_changed: bool = True) -> list[str]:
+    """The exact argument list that reproduces this config on the command line."""
+    argv: list[str] = []
+    values = to_dict(cfg, only_changed)
+    for f in option_fields(type(cfg)):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if f.metadata["positional"]:
+            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+        elif value is True:
+            argv.append(f"--{f.name}")
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            if value:
+                argv.append(f"--{f.name}")
+                argv.extend(str(v) for v in value)
+        else:
+            argv.extend([f"--{f.name}", str(value)])
+    return argv
+
+
+def read_toml_values(cls, path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run TOML. musubi-style sections are flattened; unknown keys are an error with a suggestion."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found. Check the path given to --config_file.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}). Fix the line it names.") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {f.name for f in option_fields(cls)}
+    for key in flat:
+        if key not in known:
+            raise ConfigError(unknown_key_message(key, known, str(path)))
+    return flat
+
+
+def load_toml(cls, path: str | os.PathLike):
+    return from_dict(cls, read_toml_values(cls, path), source=str(path))
+
+
+def save_toml(cfg, path: str | os.PathLike, only_changed: bool = False) -> None:
+    """Write the run TOML atomically, grouped by option group."""
+    import tomli_w
+
+    grouped: dict[str, dict[str, Any]] = {}
+    values = to_dict(cfg, only_changed)
+    for f in option_fields(type(cfg)):
+        if f.name in values:
+            grouped.setdefault(f.metadata["group"].lower().replace(" ", "_"), {})[f.name] = values[f.name]
+    atomic_write_text(path, tomli_w.dumps(grouped))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
