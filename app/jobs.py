@@ -1,0 +1,472 @@
+"""The job manager: engine commands run as separate processes whose lifetime the GUI owns, not Gradio events.
+
+Decisions (gui-anchors.md §0 goals 1-4):
+- A job is an argument list, `[sys.executable, "-m", "engine", <command>, *args]`, never a shell string, so the
+  command shown in the Jobs tab is exactly what ran and a user can copy it.
+- Each job starts in its own session (process group). A browser refresh, a cancelled Gradio event or closing
+  the GUI does not stop it: jobs keep running when the GUI exits, and the next start re-attaches to them.
+- The child's stdout+stderr go straight into `jobs/<id>/log.txt`, not into a pipe: a pipe would break (EPIPE)
+  the moment the GUI exits and take the job down with it, while the file keeps the whole log whatever happens
+  to the GUI. One watcher thread per running job follows that file, keeps a bounded tail in memory and parses
+  the JSON event lines (engine.events) into the job's state. A fresh job and a re-attached one go through the
+  same code, because both are just "follow this log file while this pid lives".
+- The job list is persisted in `jobs/jobs.json` (atomic writes). On start-up a job marked running whose pid is
+  still alive *and* is the same process (psutil create_time and command line) is followed again; one whose
+  process has gone is settled from its log: a `done` event without an error means it finished while the GUI
+  was closed, anything else marks it failed, keeping its last log lines.
+- Stop is graceful first (SIGINT to the process group: the engine raises KeyboardInterrupt, may save, and emits
+  an error event "interrupted"), then the whole process tree is killed if it has not ended after a timeout.
+- One exclusive (GPU) job at a time; later ones queue and start when it ends. Cheap commands run beside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from engine.config import atomic_write_text
+from engine.events import human, parse_line
+
+FINAL = ("done", "failed", "stopped")
+CHEAP_COMMANDS = frozenset({"inspect_model", "make_demo", "check_dataset", "estimate_vram"})
+TAIL_LINES = 500          # lines kept in memory per job (the file keeps everything)
+LAST_LINES = 20           # lines kept with a failed job in jobs.json
+MAX_METRICS = 4000        # chart points kept per job; older ones are thinned 2:1 beyond this
+POLL_S = 0.2
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def engine_argv(command: str, args: list[str]) -> list[str]:
+    """The argument list of an engine command. QIS_ENGINE_MODULE swaps the module (tests use a scripted fake)."""
+    return [sys.executable, "-m", os.environ.get("QIS_ENGINE_MODULE", "engine"), command, *map(str, args)]
+
+
+def command_line(argv: list[str]) -> str:
+    return subprocess.list2cmdline(argv) if os.name == "nt" else shlex.join(argv)
+
+
+@dataclass
+class JobState:
+    """What the event stream has told us so far. Rebuilt from the log file, so it is never persisted."""
+    phase: str | None = None
+    progress: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    vram: dict | None = None
+    estimate: dict | None = None
+    images: list[str] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+    error: dict | None = None
+    done: dict | None = None
+
+    def apply(self, ev: dict) -> None:
+        t = ev["type"]
+        if t == "phase":
+            self.phase = ev.get("name")
+        elif t == "progress":
+            self.progress = {k: ev.get(k) for k in ("step", "total", "unit", "eta_s")}
+        elif t == "metric":
+            self.metrics.append({k: v for k, v in ev.items() if k not in ("type", "time")})
+            if len(self.metrics) > MAX_METRICS:
+                self.metrics = self.metrics[::2]
+        elif t == "vram":
+            self.vram = {k: v for k, v in ev.items() if k != "type"}
+        elif t == "estimate":
+            self.estimate = {k: v for k, v in ev.items() if k not in ("type", "time")}
+        elif t in ("image", "sample"):
+            (self.images if t == "image" else self.samples).append(ev.get("path"))
+        elif t == "checkpoint":
+            self.checkpoints.append({"path": ev.get("path"), "step": ev.get("step")})
+        elif t == "error":
+            self.error = {k: ev.get(k) for k in ("kind", "message", "hint")}
+        elif t == "done":
+            self.done = {"outputs": ev.get("outputs", []), "seconds": ev.get("seconds")}
+
+
+@dataclass
+class Job:
+    """One row of jobs.json plus the in-memory view of its log."""
+    id: str
+    command: str
+    argv: list[str]
+    title: str = ""
+    exclusive: bool = True
+    status: str = "queued"
+    pid: int | None = None
+    create_time: float | None = None      # psutil's, to tell our process from a recycled pid
+    queued_at: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    stop_requested: bool = False
+    error: dict | None = None
+    last_lines: list[str] = field(default_factory=list)
+    state: JobState = field(default_factory=JobState, repr=False)
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES), repr=False)
+
+    RECORD = ("id", "command", "argv", "title", "exclusive", "status", "pid", "create_time", "queued_at",
+              "started", "ended", "exit_code", "stop_requested", "error", "last_lines")
+
+    def record(self) -> dict:
+        return {k: getattr(self, k) for k in self.RECORD}
+
+    @property
+    def cmdline(self) -> str:
+        return command_line(self.argv)
+
+    def feed(self, line: str) -> None:
+        ev = parse_line(line)
+        if ev is None:
+            self.tail.append(line)
+            return
+        self.state.apply(ev)
+        self.tail.append(human(ev))
+
+    def view(self) -> dict:
+        """A plain snapshot for the UI (safe to hand to another thread)."""
+        out = self.record()
+        out.update(asdict(self.state), cmdline=self.cmdline, tail=list(self.tail))
+        out["error"] = self.error or self.state.error
+        return out
+
+
+class LogFollower:
+    """Reads complete lines appended to a file since the last call. `\\r` progress redraws collapse to the
+    last one; ANSI colour codes are dropped; bytes decode as UTF-8 with replacement."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self, final: bool = False) -> list[str]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        chunks = (self.partial + data).split(b"\n")
+        self.partial = chunks.pop()
+        if final and self.partial:
+            chunks.append(self.partial)
+            self.partial = b""
+        return [clean_line(c.decode("utf-8", errors="replace")) for c in chunks]
+
+
+def clean_line(text: str) -> str:
+    text = _ANSI.sub("", text.rstrip("\r"))
+    return text.rsplit("\r", 1)[-1]
+
+
+class JobManager:
+    def __init__(self, root: str | os.PathLike, stop_timeout_s: float = 30.0, cwd: str | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stop_timeout_s = stop_timeout_s
+        self.cwd = cwd or str(Path(__file__).resolve().parent.parent)   # the repo root: `-m engine` resolves
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._closing = threading.Event()
+        self._jobs: dict[str, Job] = {}
+        self._procs: dict[str, Any] = {}     # id -> Popen (our child) or psutil.Process (re-attached)
+        self._threads: dict[str, threading.Thread] = {}
+        self._load()
+        self._schedule()
+
+    # ---- public API --------------------------------------------------------------------------------
+    def submit(self, command: str, args: list[str] = (), title: str = "", exclusive: bool | None = None) -> Job:
+        """Queue an engine command; it starts now unless an exclusive job is running."""
+        return self.submit_argv(engine_argv(command, list(args)), command, title, exclusive)
+
+    def submit_argv(self, argv: list[str], command: str, title: str = "", exclusive: bool | None = None) -> Job:
+        if exclusive is None:
+            exclusive = command not in CHEAP_COMMANDS
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{secrets.token_hex(2)}"
+        job = Job(id=job_id, command=command, argv=[str(a) for a in argv], title=title or command,
+                  exclusive=exclusive, queued_at=time.time())
+        with self._lock:
+            self._jobs[job.id] = job
+            self._save()
+            self._schedule()
+        return job
+
+    def list(self) -> list[dict]:
+        """Newest first."""
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.queued_at, reverse=True)
+            return [_view(j) for j in jobs]
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return _view(job) if job else None
+
+    def log_path(self, job_id: str) -> Path:
+        return self.root / job_id / "log.txt"
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        """Block until the job reaches a final status (or the timeout); returns its view."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self._jobs[job_id].status not in FINAL:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(left if left is not None else 1.0)
+            return _view(self._jobs[job_id])
+
+    def stop(self, job_id: str, timeout_s: float | None = None) -> dict:
+        """Ask the job to stop (SIGINT to its group); kill its process tree if it is still alive after the timeout."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.status == "queued":
+                self._settle(job, "stopped", None)
+                return _view(job)
+            if job.status != "running":
+                return _view(job)
+            job.stop_requested = True
+            self._save()
+            self._signal_group(job, signal.SIGINT)
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
+        killer = threading.Timer(timeout_s, self._kill_if_running, args=(job_id, timeout_s))
+        killer.daemon = True
+        killer.start()
+        return self.get(job_id)
+
+    def kill(self, job_id: str) -> dict:
+        """Force: SIGKILL the whole process tree now."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.status == "queued":
+                self._settle(job, "stopped", None)
+            elif job.status == "running":
+                job.stop_requested = True
+                self._save()
+                self._kill_tree(job)
+            return _view(job)
+
+    def mark_stopped(self, job_id: str) -> dict:
+        """The escape hatch for a row that claims to run but whose process is not ours to signal any more."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.status not in FINAL and not self._alive(job):
+                self._settle(job, "stopped", None)
+            return _view(job)
+
+    def close(self) -> None:
+        """Stop following jobs (the GUI is exiting). The jobs themselves keep running."""
+        self._closing.set()
+        for t in list(self._threads.values()):
+            t.join(timeout=5)
+
+    # ---- starting and following --------------------------------------------------------------------
+    def _schedule(self) -> None:
+        with self._lock:
+            busy = any(j.status == "running" and j.exclusive for j in self._jobs.values())
+            for job in sorted(self._jobs.values(), key=lambda j: j.queued_at):
+                if job.status != "queued" or (job.exclusive and busy):
+                    continue
+                self._start(job)
+                busy = busy or (job.exclusive and job.status == "running")
+
+    def _start(self, job: Job) -> None:
+        log = self.log_path(job.id)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "QIS_EVENTS": "json", "PYTHONIOENCODING": "utf-8"}
+        with open(log, "ab") as fh:
+            fh.write(f"$ {job.cmdline}\n".encode())
+            fh.flush()
+            try:
+                proc = subprocess.Popen(job.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=self.cwd, env=env, **_new_group_kwargs())
+            except OSError as e:
+                job.started = time.time()
+                self._settle(job, "failed", None, {"kind": "start", "message": f"could not start: {e}",
+                                                   "hint": "Check the Python interpreter and the command."})
+                return
+        job.pid, job.status, job.started = proc.pid, "running", time.time()
+        job.create_time = _create_time(proc.pid)
+        self._procs[job.id] = proc
+        self._save()
+        self._follow(job)
+
+    def _follow(self, job: Job) -> None:
+        t = threading.Thread(target=self._watch, args=(job,), name=f"job-{job.id}", daemon=True)
+        self._threads[job.id] = t
+        t.start()
+
+    def _watch(self, job: Job) -> None:
+        reader = LogFollower(self.log_path(job.id))
+        while not self._closing.is_set():
+            lines = reader.read()
+            with self._lock:
+                for line in lines:
+                    job.feed(line)
+            ended, code = self._poll(job)
+            if ended:
+                lines = reader.read(final=True)
+                with self._lock:
+                    for line in lines:
+                        job.feed(line)
+                    self._finish(job, code)
+                return
+            self._closing.wait(POLL_S)
+
+    def _poll(self, job: Job) -> tuple[bool, int | None]:
+        proc = self._procs.get(job.id)
+        if isinstance(proc, subprocess.Popen):
+            code = proc.poll()
+            return code is not None, code
+        try:  # re-attached: psutil reaps and reports the code if it is our child, else None
+            return True, proc.wait(timeout=0)
+        except psutil.TimeoutExpired:
+            pass
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE, None
+        except psutil.NoSuchProcess:
+            return True, None
+
+    def _finish(self, job: Job, code: int | None) -> None:
+        self._procs.pop(job.id, None)
+        self._threads.pop(job.id, None)
+        if job.stop_requested:
+            status = "stopped"
+        elif code == 0 or (code is None and job.state.done and not job.state.error):
+            status = "done"
+        else:
+            status = "failed"
+        self._settle(job, status, code)
+        self._schedule()
+
+    def _settle(self, job: Job, status: str, code: int | None, error: dict | None = None) -> None:
+        job.status, job.exit_code, job.ended = status, code, time.time()
+        job.error = error or job.state.error
+        if status in ("failed", "stopped"):
+            job.last_lines = list(job.tail)[-LAST_LINES:]
+        if status == "failed":
+            if job.error is None:
+                why = f"exited with code {code}" if code is not None else "its process ended without a result"
+                job.error = {"kind": "exit", "message": f"{job.command} {why}.",
+                             "hint": "The last log lines below show what happened."}
+        self._save()
+        self._changed.notify_all()
+
+    # ---- signals -----------------------------------------------------------------------------------
+    def _signal_group(self, job: Job, sig: int) -> None:
+        try:
+            if os.name == "nt":
+                os.kill(job.pid, signal.CTRL_BREAK_EVENT)
+            else:
+                os.killpg(job.pid, sig)   # the job leads its own session, so its pgid is its pid
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone; the watcher settles it
+
+    def _kill_if_running(self, job_id: str, waited_s: float) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.status == "running":
+                job.tail.append(f"[studio] still running {waited_s:g} s after stop: killing its process tree")
+                self._kill_tree(job)
+
+    def _kill_tree(self, job: Job) -> None:
+        if not self._alive(job):
+            return
+        try:
+            root = psutil.Process(job.pid)
+            procs = root.children(recursive=True) + [root]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if os.name != "nt":  # anything else left in the job's group, e.g. a grandchild that re-parented
+            try:
+                os.killpg(job.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _alive(self, job: Job) -> bool:
+        """True when job.pid is still the process we started (not a recycled pid, not a zombie)."""
+        if job.pid is None:
+            return False
+        try:
+            p = psutil.Process(job.pid)
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if job.create_time is not None and abs(p.create_time() - job.create_time) > 0.05:
+                return False
+            cmd = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        return cmd[-(len(job.argv) - 1):] == job.argv[1:] if len(job.argv) > 1 else True
+
+    # ---- persistence -------------------------------------------------------------------------------
+    @property
+    def _index(self) -> Path:
+        return self.root / "jobs.json"
+
+    def _save(self) -> None:
+        records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.queued_at)]
+        atomic_write_text(self._index, json.dumps({"version": 1, "jobs": records}, indent=1))
+
+    def _load(self) -> None:
+        if not self._index.exists():
+            return
+        data = json.loads(self._index.read_text(encoding="utf-8"))
+        for rec in data.get("jobs", []):
+            job = Job(**{k: rec[k] for k in Job.RECORD if k in rec})
+            self._jobs[job.id] = job
+            if job.status != "running":   # a running one is re-read from the start by its watcher
+                self._replay(job)
+        with self._lock:
+            for job in self._jobs.values():
+                if job.status == "running":
+                    self._reattach(job)
+
+    def _replay(self, job: Job) -> None:
+        """Rebuild state and tail from the log file (the file is the source of truth)."""
+        follower = LogFollower(self.log_path(job.id))
+        for line in follower.read(final=True):
+            job.feed(line)
+
+    def _reattach(self, job: Job) -> None:
+        if self._alive(job):
+            self._procs[job.id] = psutil.Process(job.pid)
+            self._follow(job)   # reads the log from offset 0: state is rebuilt by the same code path
+        else:
+            self._replay(job)
+            self._finish(job, None)
+
+def _view(job: Job) -> dict:
+    return job.view()
+
+
+def _new_group_kwargs() -> dict:
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
