@@ -1,0 +1,94 @@
+"""Aspect-ratio buckets and resizing, exactly as musubi-tuner does for Qwen-Image (16-px steps).
+
+All sizes are (width, height). `resize_to_bucket` scales to cover the bucket (LANCZOS when enlarging, area
+averaging when shrinking — musubi uses OpenCV's INTER_AREA, PIL's BOX filter is the same box average) and
+then crops the centre.
+
+Importable without torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+STEP = 16   # RESOLUTION_STEPS for qi / qie
+
+
+def floor_to(n: int, step: int = STEP) -> int:
+    return n - n % step
+
+
+def bucket_list(resolution: tuple[int, int], step: int = STEP) -> list[tuple[int, int]]:
+    """All buckets of about the resolution's area: widths from sqrt(area)/2 up to sqrt(area), both orientations."""
+    area = resolution[0] * resolution[1]
+    side = int(math.sqrt(area))
+    low = floor_to(side // 2, step)
+    buckets = set()
+    for w in range(low, side + step, step):
+        h = floor_to(area // w, step)
+        buckets.add((w, h))
+        buckets.add((h, w))
+    return sorted(buckets)
+
+
+class BucketSelector:
+    """Chooses the training size of one target image (musubi's BucketSelector)."""
+
+    def __init__(self, resolution: tuple[int, int], enable_bucket: bool, no_upscale: bool, step: int = STEP):
+        self.resolution = tuple(resolution)
+        self.area = resolution[0] * resolution[1]
+        self.step = step
+        self.no_upscale = enable_bucket and no_upscale
+        self.buckets = bucket_list(resolution, step) if enable_bucket else [self.resolution]
+
+    def select(self, size: tuple[int, int]) -> tuple[int, int]:
+        w, h = size
+        if self.no_upscale and w * h <= self.area:
+            return floor_to(w, self.step), floor_to(h, self.step)
+        aspect = w / h
+        # First minimum in sorted order, as numpy's argmin picks.
+        return min(self.buckets, key=lambda b: abs(b[0] / b[1] - aspect))
+
+
+def area_bucket(size: tuple[int, int], area_resolution: tuple[int, int], step: int = STEP) -> tuple[int, int]:
+    """The size with about `area_resolution`'s area and `size`'s aspect (musubi calculate_bucket_resolution)."""
+    area = area_resolution[0] * area_resolution[1]
+    aspect = size[0] / size[1]
+    w0 = floor_to(int(math.sqrt(area * aspect)), step)
+    candidates = []
+    for i in range(-2, 3):
+        w = w0 + i * step
+        if w <= 0:
+            continue
+        h = floor_to(area // w, step)
+        if h > 0:
+            candidates.append((w, h))
+    return min(candidates, key=lambda c: abs(c[0] / c[1] - aspect))
+
+
+def control_size(size: tuple[int, int], target_bucket: tuple[int, int],
+                 control_resolution: tuple[int, int] | None, no_resize_control: bool) -> tuple[int, int]:
+    """The size a control image is cached at (musubi's rules, reference §3.4)."""
+    native = (floor_to(size[0]), floor_to(size[1]))
+    if control_resolution is None:
+        return native if no_resize_control else tuple(target_bucket)
+    if not no_resize_control:
+        return area_bucket(size, control_resolution)
+    limit = control_resolution[0] * control_resolution[1]
+    return native if size[0] * size[1] <= limit else area_bucket(size, control_resolution)
+
+
+def resize_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Cover-resize then centre-crop to exactly `bucket`."""
+    iw, ih = image.size
+    bw, bh = bucket
+    if (iw, ih) == (bw, bh):
+        return image
+    scale = max(bw / iw, bh / ih)
+    nw, nh = int(iw * scale + 0.5), int(ih * scale + 0.5)
+    resample = Image.Resampling.LANCZOS if scale > 1 else Image.Resampling.BOX
+    image = image.resize((nw, nh), resample)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    return image.crop((left, top, left + bw, top + bh))
