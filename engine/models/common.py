@@ -22,14 +22,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from engine.errors import ModelFileError
 from engine.models import downloads
-from engine.models.safetensors_io import (FP8_DTYPES, DTYPES, TensorInfo, Transform, iter_tensors,
-                                          read_header)
+from engine.models.safetensors_io import FP8_DTYPES, TensorInfo, Transform, iter_tensors, read_header, torch_dtype
+
+if TYPE_CHECKING:  # torch is imported where weights are touched, so header-only callers (inspect) stay fast
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,13 @@ def file_dtype(tensors: TensorMap) -> torch.dtype | None:
     for _, info in tensors.values():
         if info.dtype in ("F64", "F32", "F16", "BF16"):
             sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
-    return DTYPES[max(sizes, key=sizes.get)] if sizes else None
+    return torch_dtype(max(sizes, key=sizes.get)) if sizes else None
 
 
 def choose_dtype(device: torch.device, tensors: TensorMap, requested: torch.dtype | None = None) -> torch.dtype:
     """The asked dtype, else the file's bf16 on CUDA and float32 on CPU (engine.runtime.compute_dtype)."""
+    import torch
+
     from engine.runtime import compute_dtype
 
     return requested if requested is not None else compute_dtype(torch.device(device), file_dtype(tensors))
@@ -191,6 +193,8 @@ def load_weights(model: torch.nn.Module, files: Iterable[str | os.PathLike], dty
     """Fill a meta-built `model` from `files`, one tensor read at a time, strict and with assign=True (the
     read buffers become the parameters: no second copy). `extra` supplies tensors a file may lack.
     Non-parameter tensors created at build time (RoPE tables) are moved to `device` afterwards."""
+    import torch
+
     device = torch.device(device)
     state = dict(iter_tensors(files, dtype=dtype, device=device, rename=rename, transform=transform))
     for name, t in (extra or {}).items():

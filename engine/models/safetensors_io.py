@@ -14,6 +14,8 @@ API (other loaders build on this; keep it stable):
                                            yields (name, tensor) one at a time, converting as it goes
 - `read_tensor(f, header, name)`           one tensor from an open file
 - `save_file_atomic(tensors, path, metadata=None)`  temp file in the same folder + fsync + os.replace
+- `torch_dtype("BF16")`, `dtype_name(torch.bfloat16)`, `DTYPE_INFO`, `FP8_DTYPES`: dtype names
+Header functions do not import torch (inspect_model stays fast); tensor functions do.
 Errors are `engine.errors.ModelFileError` naming the file, what was found and the fix.
 """
 
@@ -25,20 +27,48 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from engine.errors import ModelFileError
 
-# safetensors dtype names → torch dtypes (little-endian on disk, as on every machine torch supports here).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+# Header work needs no torch (importing it takes seconds): `inspect_model` answers from headers alone.
+# safetensors dtype name → (bytes per value, torch dtype attribute); little-endian on disk.
+DTYPE_INFO: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "U16": (2, "uint16"), "U32": (4, "uint32"), "U64": (8, "uint64"), "BOOL": (1, "bool"),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Short names for reports (inspect_model's "dtype").
+DTYPE_SHORT = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8_e4m3fn",
+               "F8_E5M2": "fp8_e5m2"}
+
+
+def torch_dtype(name: str):
+    """torch dtype for a safetensors dtype name ("BF16" → torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, DTYPE_INFO[name][1])
+
+
+def dtype_name(dtype) -> str:
+    """safetensors dtype name for a torch dtype (torch.bfloat16 → "BF16")."""
+    attr = str(dtype).removeprefix("torch.")
+    return next(k for k, (_, a) in DTYPE_INFO.items() if a == attr)
+
+
+def __getattr__(name: str):
+    # DTYPES / DTYPE_NAMES stay available as module attributes, built (with torch) on first use.
+    if name == "DTYPES":
+        return {k: torch_dtype(k) for k in DTYPE_INFO}
+    if name == "DTYPE_NAMES":
+        return {torch_dtype(k): k for k in DTYPE_INFO}
+    raise AttributeError(name)
+
+
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
@@ -58,8 +88,8 @@ class TensorInfo:
     end: int
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
 
     @property
     def numel(self) -> int:
@@ -172,11 +202,11 @@ def _parse_entry(path: Path, name: str, entry) -> TensorInfo:
     except (TypeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: header entry for tensor {name!r} is malformed ({e!r}).",
                              "Download the file again.") from None
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_INFO:
         raise ModelFileError(f"{path}: tensor {name!r} has dtype {dtype}, which this engine cannot read.",
                              "Convert the file to bf16/fp16/fp32 safetensors.")
     info = TensorInfo(dtype, shape, int(start), int(end))
-    if info.end < info.start or info.nbytes != info.numel * DTYPES[dtype].itemsize:
+    if info.end < info.start or info.nbytes != info.numel * DTYPE_INFO[dtype][0]:
         raise ModelFileError(f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) has data offsets "
                              f"[{start}, {end}] that do not match its size.", "Download the file again.")
     return info
@@ -261,8 +291,10 @@ def read_headers(paths: Iterable[str | os.PathLike]) -> dict[str, tuple[Path, Te
 
 # ---------------------------------------------------------------------------------------------- tensors
 
-def read_tensor(f, header: Header, name: str) -> torch.Tensor:
+def read_tensor(f, header: Header, name: str) -> "torch.Tensor":
     """Read one tensor from open binary file `f` (whose header is `header`) in its stored dtype, on CPU."""
+    import torch
+
     info = header.tensors[name]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
@@ -279,7 +311,7 @@ def read_tensor(f, header: Header, name: str) -> torch.Tensor:
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
-Transform = Callable[[str, torch.Tensor], "torch.Tensor | Mapping[str, torch.Tensor] | None"]
+Transform = Callable[[str, "torch.Tensor"], "torch.Tensor | Mapping[str, torch.Tensor] | None"]
 
 
 def iter_tensors(paths: Iterable[str | os.PathLike], keys: Iterable[str] | Callable[[str], bool] | None = None,
@@ -310,6 +342,8 @@ def iter_tensors(paths: Iterable[str | os.PathLike], keys: Iterable[str] | Calla
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    import torch
+
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         if device is not None and torch.device(device).type != "cpu":
             return t.to(device).to(dtype)  # convert on the GPU: faster, and no second CPU copy
@@ -324,7 +358,7 @@ def _apply(transform: Transform | None, name: str, tensor: torch.Tensor):
     out = transform(name, tensor)
     if out is None:
         return
-    if isinstance(out, torch.Tensor):
+    if not isinstance(out, Mapping):
         yield name, out
     else:
         yield from out.items()
