@@ -117,7 +117,9 @@ def build_empty(cls, config: Mapping) -> torch.nn.Module:
 
     with init_empty_weights():
         if hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
-            return cls.from_config(dict(config))
+            # diffusers re-applies defaults for names in `_use_default_values` (saved configs carry it), which
+            # would undo overrides such as zero_cond_t; the values given are the ones we mean.
+            return cls.from_config({k: v for k, v in config.items() if k != "_use_default_values"})
         return cls._from_config(config)
 
 
