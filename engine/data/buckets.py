@@ -2,7 +2,7 @@
 
 All sizes are (width, height). `resize_to_bucket` scales to cover the bucket (LANCZOS when enlarging, area
 averaging when shrinking — musubi uses OpenCV's INTER_AREA, PIL's BOX filter is the same box average) and
-then crops the centre.
+then crops the centre; it and `area_bucket` come from `engine.infer.controls`, shared with inference.
 
 Importable without torch.
 """
@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 
 from PIL import Image
+
+# One implementation of musubi's area bucket and cover-crop, shared with inference's control sizing.
+from engine.infer.controls import bucket_resolution, cover_crop
 
 STEP = 16   # RESOLUTION_STEPS for qi / qie
 
@@ -52,20 +55,9 @@ class BucketSelector:
         return min(self.buckets, key=lambda b: abs(b[0] / b[1] - aspect))
 
 
-def area_bucket(size: tuple[int, int], area_resolution: tuple[int, int], step: int = STEP) -> tuple[int, int]:
-    """The size with about `area_resolution`'s area and `size`'s aspect (musubi calculate_bucket_resolution)."""
-    area = area_resolution[0] * area_resolution[1]
-    aspect = size[0] / size[1]
-    w0 = floor_to(int(math.sqrt(area * aspect)), step)
-    candidates = []
-    for i in range(-2, 3):
-        w = w0 + i * step
-        if w <= 0:
-            continue
-        h = floor_to(area // w, step)
-        if h > 0:
-            candidates.append((w, h))
-    return min(candidates, key=lambda c: abs(c[0] / c[1] - aspect))
+def area_bucket(size: tuple[int, int], area_resolution: tuple[int, int]) -> tuple[int, int]:
+    """musubi's calculate_bucket_resolution(size, resolution): `size`'s aspect at `resolution`'s area."""
+    return bucket_resolution(size, area_resolution[0] * area_resolution[1], STEP)
 
 
 def control_size(size: tuple[int, int], target_bucket: tuple[int, int],
@@ -81,14 +73,6 @@ def control_size(size: tuple[int, int], target_bucket: tuple[int, int],
 
 
 def resize_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Cover-resize then centre-crop to exactly `bucket`."""
-    iw, ih = image.size
-    bw, bh = bucket
-    if (iw, ih) == (bw, bh):
-        return image
-    scale = max(bw / iw, bh / ih)
-    nw, nh = int(iw * scale + 0.5), int(ih * scale + 0.5)
-    resample = Image.Resampling.LANCZOS if scale > 1 else Image.Resampling.BOX
-    image = image.resize((nw, nh), resample)
-    left, top = (nw - bw) // 2, (nh - bh) // 2
-    return image.crop((left, top, left + bw, top + bh))
+    """Cover-resize then centre-crop to exactly `bucket` (RGB; alpha dropped as musubi does for qi/qie)."""
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    return image if image.size == tuple(bucket) else cover_crop(image, tuple(bucket))

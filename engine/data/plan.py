@@ -89,7 +89,7 @@ def build_plan(dataset_config: str | Path, model_version: str | None = None) -> 
 
 
 def _plan_dataset(spec: DatasetSpec, edit: bool | None, version: str | None, problems: list[Problem]) -> DatasetPlan:
-    items = list_items(spec, problems)
+    items = list_items(spec, problems, controls=edit is not False)
     if edit is False and spec.control_directory is not None:
         problems.append(Problem(str(spec.control_directory), "control images are ignored for the text-to-image "
                                 "model (--model_version original)", "Pass --model_version edit / edit-2509 / "
@@ -126,7 +126,7 @@ def _plan_item(item: Item, spec: DatasetSpec, selector: BucketSelector, edit: bo
                problems: list[Problem]) -> PlannedItem | None:
     start = len(problems)
     size = image_size(item.image_path, problems)
-    controls = [(p, image_size(p, problems)) for p in item.control_paths] if edit is not False else []
+    controls = [(p, image_size(p, problems)) for p in item.control_paths]
     if size is None or any(s is None for _, s in controls):
         return None
     if edit and not controls:

@@ -49,13 +49,16 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_items(spec: DatasetSpec, problems: list[Problem]) -> list[Item]:
-    """All items of one dataset, with captions and control images attached. Appends problems."""
+def list_items(spec: DatasetSpec, problems: list[Problem], controls: bool = True) -> list[Item]:
+    """All items of one dataset, with captions and (unless `controls` is false) control images attached."""
     if spec.image_jsonl_file:
         items = _jsonl_items(spec.image_jsonl_file, problems)
+        if not controls:
+            for item in items:
+                item.control_paths = []
     else:
         items = _directory_items(spec, problems)
-        if spec.control_directory is not None:
+        if controls and spec.control_directory is not None:
             _attach_controls(items, spec.control_directory, problems)
     _check_duplicate_stems(items, spec, problems)
     return items

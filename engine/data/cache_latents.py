@@ -1,0 +1,110 @@
+"""`python -m engine cache_latents`: VAE latents of every target image and (edit versions) control image.
+
+Per item one file `<stem>_<W:04d>x<H:04d>_<qi|qie>.safetensors` holding
+  latents_1x{h}x{w}_{dtype}            (16, 1, h, w)  the target at its bucket size
+  latents_control_{i}_1x{h}x{w}_{dtype} (16, 1, h, w)  control i at its cached size (reference §3.4 rules)
+normalised with the VAE's latents mean/std (posterior mode, input pixels in [-1, 1]), plus the fingerprint
+metadata of `engine.data.cache_files`. Targets of one bucket are encoded together; controls one by one
+(their sizes may differ).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.data import cache_files as CF
+from engine.data.buckets import resize_to_bucket
+from engine.data.caching import (Progress, batches_by_shape, is_text_file, pending, prepare,
+                                 remove_leftover_temps, remove_unused)
+from engine.data.plan import PlannedItem
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, events) -> list[str]:
+    from engine.models.safetensors_io import save_file_atomic
+    from engine.models.vae import encode_pixels, load_vae
+    from engine.runtime import resolve_device
+
+    events.phase("checking")
+    plan, variant = prepare(cfg, "vae")
+    device = resolve_device(cfg.device)
+    encoder = CF.encoder_identity([cfg.vae])
+    events.phase("loading")
+    vae = load_vae(cfg.vae, device=device)
+    dtype = _dtype_name(next(vae.parameters()).dtype)
+    items = plan.items()
+
+    def status(item):
+        expected = CF.Expected("latents", None, CF.latent_settings(item, dtype), encoder)
+        return CF.entry_status(item, CF.latent_cache_path(item, variant.cache_arch), expected, variant.is_edit)
+
+    remove_leftover_temps(plan, variant.cache_arch)
+    todo = pending(items, status, cfg.skip_existing, events)
+    events.phase("caching", total=len(todo))
+    progress = Progress(events, len(todo), "image")
+    written = []
+    for batch in batches_by_shape(todo, cfg.batch_size):
+        for item, tensors in zip(batch, encode_batch(vae, encode_pixels, batch, device)):
+            meta = CF.make_metadata("latents", variant.name, CF.latent_source(item),
+                                    CF.latent_settings(item, dtype), encoder,
+                                    {"width": str(item.size[0]), "height": str(item.size[1])})
+            written.append(save_file_atomic(tensors, CF.latent_cache_path(item, variant.cache_arch), meta))
+        progress.advance(len(batch))
+    produced = [CF.latent_cache_path(it, variant.cache_arch) for it in items]
+    removed = remove_unused(plan, variant.cache_arch, produced, cfg.keep_cache, lambda p: not is_text_file(p))
+    log.info("latents: %d written, %d up to date, %d old files removed", len(written),
+             len(items) - len(todo), len(removed))
+    return [str(p) for p in written]
+
+
+def encode_batch(vae, encode_pixels, batch: list[PlannedItem], device) -> list[dict[str, torch.Tensor]]:
+    """One dict of cache tensors per item."""
+    targets = torch.cat([pixels(load_rgb(it.item.image_path), it.bucket) for it in batch])
+    latents = _encode(vae, encode_pixels, targets, device)
+    out = []
+    for item, lat in zip(batch, latents):
+        tensors = {latent_key("latents", lat): lat}
+        for i, (path, size) in enumerate(zip(item.item.control_paths, item.control_buckets)):
+            c = _encode(vae, encode_pixels, pixels(load_rgb(path), size), device)[0]
+            tensors[latent_key(f"latents_control_{i}", c)] = c
+        out.append(tensors)
+    return out
+
+
+@torch.no_grad()
+def _encode(vae, encode_pixels, x: torch.Tensor, device) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] → (B, 16, 1, h, w) normalised latents on the CPU, NaNs replaced (as musubi)."""
+    param = next(vae.parameters())
+    z = encode_pixels(vae, x.to(device=device, dtype=param.dtype))
+    z = z.detach().to("cpu")
+    if torch.isnan(z).any():
+        log.warning("NaN in the VAE output; replaced by 0 (musubi does the same). Check the image and the VAE.")
+        z = torch.nan_to_num(z, nan=0.0)
+    return z
+
+
+def latent_key(prefix: str, lat: torch.Tensor) -> str:
+    """musubi's key: `<prefix>_{F}x{H}x{W}_{dtype}` for a (16, F, h, w) tensor."""
+    _, f, h, w = lat.shape
+    return f"{prefix}_{f}x{h}x{w}_{_dtype_name(lat.dtype)}"
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [-1, 1] (musubi: uint8 / 127.5 - 1) after the bucket resize."""
+    arr = np.asarray(resize_to_bucket(image, size), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]

@@ -1,0 +1,99 @@
+"""`python -m engine cache_text_encoder_outputs`: Qwen2.5-VL embeddings of every caption.
+
+Per item one file `<stem>_<qi|qie>_te.safetensors` with `varlen_vl_embed_{dtype}`: (L, 3584), the valid tokens
+only, template prefix dropped — computed by `engine.textenc.encode_prompts`, the same code inference uses, with
+the template of --model_version (t2i: drop 34; Edit: image inline, drop 64; Edit-2509/2511: "Picture N:",
+drop 64). Edit versions give the vision encoder each control image at the size inference gives it
+(design.md §2.6, `engine.infer.controls` official sizes: ~1 MP for Edit, 384² area for Edit-2509/2511), made
+from the original control file. fp8 outputs (--fp8_vl) are stored as bfloat16 (musubi PR #440).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.data import cache_files as CF
+from engine.data.caching import (Progress, batches_by_shape, is_text_file, pending, prepare,
+                                 remove_leftover_temps, remove_unused)
+from engine.data.cache_latents import load_rgb
+from engine.data.plan import PlannedItem
+from engine.infer import controls
+from engine.variants import Variant
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, events) -> list[str]:
+    from engine.models.safetensors_io import save_file_atomic
+    from engine.models.text_encoder import load_text_encoder
+    from engine.models.tokenizer import VisionProcessor, load_tokenizer, resolve_tokenizer_folder
+    from engine.runtime import resolve_device
+    from engine.textenc import encode_prompts
+
+    events.phase("checking")
+    plan, variant = prepare(cfg, "text_encoder")
+    device = resolve_device(cfg.device)
+    tokenizer_folder = resolve_tokenizer_folder(cfg.tokenizer)
+    encoder = CF.encoder_identity([cfg.text_encoder, tokenizer_folder])
+    events.phase("loading")
+    tokenizer = load_tokenizer(tokenizer_folder)
+    processor = VisionProcessor(tokenizer) if variant.is_edit else None
+    te = load_text_encoder(cfg.text_encoder, device=device, fp8_vl=cfg.fp8_vl)
+    dtype = _stored_dtype(te)
+    items = plan.items()
+
+    def status(item):
+        expected = CF.Expected("text", variant.name, text_settings(item, variant, cfg.fp8_vl, dtype), encoder)
+        return CF.entry_status(item, CF.text_cache_path(item, variant.cache_arch), expected, variant.is_edit)
+
+    remove_leftover_temps(plan, variant.cache_arch)
+    todo = pending(items, status, cfg.skip_existing, events)
+    events.phase("caching", total=len(todo))
+    progress = Progress(events, len(todo), "caption")
+    written = []
+    for batch in batches_by_shape(todo, cfg.batch_size):
+        images = [vl_images(it, variant) for it in batch] if variant.is_edit else None
+        embeds = encode_prompts(te, tokenizer, processor, [it.item.caption for it in batch], images, variant)
+        for item, emb in zip(batch, embeds):
+            emb = emb.detach().to("cpu", dtype=_dtype(dtype))
+            meta = CF.make_metadata("text", variant.name, CF.text_source(item, variant.is_edit),
+                                    text_settings(item, variant, cfg.fp8_vl, dtype), encoder,
+                                    {"caption1": item.item.caption})
+            path = CF.text_cache_path(item, variant.cache_arch)
+            written.append(save_file_atomic({f"varlen_vl_embed_{dtype}": emb}, path, meta))
+        progress.advance(len(batch))
+    produced = [CF.text_cache_path(it, variant.cache_arch) for it in items]
+    removed = remove_unused(plan, variant.cache_arch, produced, cfg.keep_cache, is_text_file)
+    log.info("text embeddings: %d written, %d up to date, %d old files removed", len(written),
+             len(items) - len(todo), len(removed))
+    return [str(p) for p in written]
+
+
+def vl_sizes(item: PlannedItem, variant: Variant) -> list[tuple[int, int]]:
+    """The vision-encoder size of each control image: what inference with the official sizes uses."""
+    return [controls.control_sizes(variant, size, size, official=True).vl for size in item.control_sizes]
+
+
+def vl_images(item: PlannedItem, variant: Variant) -> list:
+    out = []
+    for path, size in zip(item.item.control_paths, vl_sizes(item, variant)):
+        out.append(controls.resize(load_rgb(path), size, exact=True))
+    return out
+
+
+def text_settings(item: PlannedItem, variant: Variant, fp8_vl: bool, dtype: str) -> dict:
+    return {"vl_sizes": [list(s) for s in vl_sizes(item, variant)] if variant.is_edit else [],
+            "drop_idx": variant.drop_idx, "template_sha256": CF.sha256_text(variant.template),
+            "fp8_vl": bool(fp8_vl), "dtype": dtype}
+
+
+def _stored_dtype(te) -> str:
+    """The text encoder's compute dtype; fp8 never reaches the cache (stored as bfloat16)."""
+    dtype = next(p.dtype for p in te.parameters() if p.is_floating_point() and p.dtype.itemsize > 1)
+    return str(dtype).split(".")[-1]
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
