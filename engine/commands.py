@@ -30,6 +30,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "VAE-encode the dataset's target and control images into latent cache files."),
     Command("cache_text_encoder_outputs", C.CacheTextEncoderConfig, "engine.data.cache_text:run",
             "Encode the dataset's captions (with control images for edit models) into cache files."),
+    Command("generate_image", C.GenerateImageConfig, "engine.infer.generate:run",
+            "Generate images: text-to-image, edit (one or more control images), inpaint mask, RCM."),
 )}
 
 

@@ -102,3 +102,55 @@ def inject_mm_token_type_ids(text_encoder, tokenizer):
         yield
     finally:
         del text_encoder.forward
+
+
+def tiny_dit(seed: int = 0, zero_cond_t: bool = False):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True]).eval()
+
+
+def qwen_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from engine.infer.sampling import QWEN_SCHEDULER_CONFIG
+
+    return FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG)
+
+
+def shrink_official_area(monkeypatch, side: int = 64, vl_side: int = 32):
+    """Shrink the ~1 MP / 384² official control areas in diffusers' edit pipelines AND in our variants, consistently
+    (env notes §4: the real areas make tiny-model tests take minutes)."""
+    import dataclasses
+
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from engine import variants
+
+    area, vl_area = side * side, vl_side * vl_side
+    for mod in (edit, plus):
+        original = mod.calculate_dimensions
+
+        def patched(target_area, ratio, _orig=original):
+            if target_area == 1024 * 1024:
+                target_area = area
+            return _orig(target_area, ratio)
+
+        monkeypatch.setattr(mod, "calculate_dimensions", patched)
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", vl_area)
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", area)
+    monkeypatch.setattr(variants, "VAE_AREA", area)
+    for name in ("edit-2509", "edit-2511"):
+        monkeypatch.setitem(variants.VARIANTS, name, dataclasses.replace(variants.VARIANTS[name], vl_area=vl_area))

@@ -1,0 +1,250 @@
+"""`python -m engine generate_image`: text-to-image and edit (v1, 2509, 2511) generation.
+
+Flow (batch mode included): validate everything → VAE-encode the control images → encode every prompt with the
+text encoder, then free it → load the DiT once (LoRA, fp8, block swap, attention kernel) → denoise each job →
+free the DiT → decode and save. The math matches diffusers' official pipelines (see engine/infer/sampling.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.infer import masks
+from engine.infer.controls import prepare_control
+from engine.infer.jobs import Job, jobs_from_config
+from engine.infer.outputs import (latent_metadata, load_latent, original_suffix, save_image, save_latent,
+                                  to_pil)
+from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
+from engine.infer.validate import check_run
+from engine.latents import initial_noise, pack, unpack
+from engine.runtime import compute_dtype, resolve_device
+from engine.variants import Variant, get_variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A job with its control images encoded and its prompts embedded."""
+    job: Job
+    vl_images: list = field(default_factory=list)
+    control_latents: torch.Tensor | None = None       # (1, sum S_c, 64) packed
+    control_shapes: tuple = ()
+    positive: torch.Tensor | None = None               # (L, D)
+    negative: torch.Tensor | None = None
+
+
+def run(cfg, events) -> list[str]:
+    variant = get_variant(cfg.resolved_version())
+    jobs = [] if cfg.latent_path else jobs_from_config(cfg)
+    check_run(cfg, jobs, variant)
+    device = resolve_device(cfg.device)
+    dtype = compute_dtype(device)
+    save_dir = Path(cfg.save_path)
+    save_dir.mkdir(parents=True, exist_ok=True)
+
+    events.phase("loading", model="vae")
+    vae = load_vae_model(cfg.vae, device)
+    if cfg.latent_path:
+        return decode_latent_files(cfg, vae, device, events, save_dir)
+
+    prepared = [Prepared(job) for job in jobs]
+    if variant.is_edit:
+        events.phase("encoding", what="control images")
+        for p in prepared:
+            encode_controls(p, variant, cfg, vae, dtype)
+    events.phase("encoding", what="prompts")
+    encode_all_prompts(prepared, variant, cfg, device, dtype)
+
+    events.phase("loading", model="dit")
+    from engine.infer.dit_setup import load_transformer
+
+    dit = load_transformer(cfg, variant, device, dtype)
+    results = []
+    for index, p in enumerate(prepared):
+        events.phase("sampling", index=index, total=len(prepared), seed=p.job.seed)
+        results.append(sample_job(p, cfg, dit, device, dtype, events, save_dir, index))
+    del dit
+    free_memory(device)
+
+    outputs: list[str] = []
+    events.phase("saving")
+    for p, latents in zip(prepared, results):
+        outputs += save_outputs(p, latents, cfg, variant, vae, events, save_dir)
+    return outputs
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+
+def load_vae_model(path, device):
+    from engine.models.vae import load_vae
+
+    # float32 on every device: bf16 decoding can give NaN/black images (diffusers-transformers.md §1.3)
+    return load_vae(path, device=device, dtype=torch.float32)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- controls and prompts ----------------------------------------------------------------------------------------
+
+def encode_controls(p: Prepared, variant: Variant, cfg, vae, dtype) -> None:
+    """VAE latents (packed, in order) and vision-encoder images of the job's control images."""
+    from engine.models.vae import encode_pixels
+
+    packed, shapes, vl_images = [], [], []
+    for path in p.job.control_paths:
+        vae_img, vl_img = prepare_control(variant, Image.open(path), (p.job.width, p.job.height),
+                                          cfg.resize_control_to_official_size, cfg.resize_control_to_image_size)
+        latents = encode_pixels(vae, pil_to_pixels(vae_img))           # (1, 16, 1, h, w) normalised
+        packed.append(pack(latents).to(dtype))
+        shapes.append((1, vae_img.height // 16, vae_img.width // 16))
+        vl_images.append(vl_img)
+    p.control_latents = torch.cat(packed, dim=1)
+    p.control_shapes = tuple(shapes)
+    p.vl_images = vl_images
+
+
+def pil_to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL → (1, 3, 1, H, W) in [-1, 1], as diffusers' VaeImageProcessor.preprocess."""
+    import numpy as np
+
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    return (arr.permute(2, 0, 1)[None, :, None] * 2.0 - 1.0).contiguous()
+
+
+def negative_text(job: Job) -> str | None:
+    """The negative prompt when CFG is on; musubi and the official docs use " " when none is given."""
+    if job.guidance_scale == 1.0:
+        return None
+    return job.negative_prompt if job.negative_prompt is not None else " "
+
+
+def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, dtype) -> None:
+    """All prompts (and negatives) first, then the text encoder is freed before the DiT loads."""
+    from engine.models.text_encoder import load_text_encoder
+    from engine.models.tokenizer import VisionProcessor, load_tokenizer
+    from engine.textenc import encode_prompts
+
+    te_device = torch.device("cpu") if cfg.text_encoder_cpu else device
+    te_dtype = compute_dtype(te_device) if te_device.type != "cpu" or device.type == "cpu" else torch.bfloat16
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    processor = VisionProcessor(tokenizer) if variant.is_edit else None
+    text_encoder = load_text_encoder(cfg.text_encoder, device=te_device, dtype=te_dtype)
+    cache: dict = {}
+
+    def embed(prompt: str, p: Prepared) -> torch.Tensor:
+        key = (prompt, tuple(p.job.control_paths), p.job.width, p.job.height)
+        if key not in cache:
+            images = [p.vl_images] if variant.is_edit else None
+            cache[key] = encode_prompts(text_encoder, tokenizer, processor, [prompt], images, variant)[0]
+        return cache[key].to(device, dtype)
+
+    for p in prepared:
+        p.positive = embed(p.job.prompt, p)
+        neg = negative_text(p.job)
+        p.negative = embed(neg, p) if neg is not None else None
+    del text_encoder
+    free_memory(te_device)
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------------
+
+def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, index: int) -> torch.Tensor:
+    job = p.job
+    noise = initial_noise(job.seed, job.height, job.width).to(device, dtype)
+    request = DenoiseRequest(
+        noise=noise, height=job.height, width=job.width, steps=job.steps, guidance_scale=job.guidance_scale,
+        positive=Conditioning(p.positive[None]),
+        negative=Conditioning(p.negative[None]) if p.negative is not None else None,
+        control_latents=None if p.control_latents is None else p.control_latents.to(device),
+        control_shapes=p.control_shapes, flow_shift=job.flow_shift)
+    started = time.time()
+
+    def on_step(step: int, total: int) -> None:
+        eta = (time.time() - started) / step * (total - step)
+        events.progress(step, total, unit="step", eta_s=round(eta, 1), index=index)
+
+    return denoise(dit, request, blend=make_blend(p, cfg, noise, events, save_dir, index), on_step=on_step)
+
+
+def make_blend(p: Prepared, cfg, noise: torch.Tensor, events, save_dir: Path, index: int):
+    job = p.job
+    if job.mask_path is None and job.rcm_threshold is None:
+        return None
+    ref0 = p.control_latents[:, :noise.shape[1]].to(noise.device, noise.dtype)
+    if job.mask_path is not None:
+        return masks.inpaint_blend(masks.load_mask_tokens(job.mask_path, job.width, job.height), ref0, noise)
+    settings = masks.RcmSettings(
+        threshold=job.rcm_threshold, relative=job.rcm_relative, kernel_size=job.rcm_kernel_size,
+        dilate_size=job.rcm_dilate_size, debug_dir=save_dir if cfg.rcm_debug_save else None,
+        debug_stem=Path(job.control_paths[0]).stem)
+
+    def on_mask(step: int, path: str) -> None:
+        events.image(path, kind="rcm_mask", step=step, index=index)
+
+    return masks.rcm_blend(settings, ref0, noise, job.height, job.width, on_mask)
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------------
+
+def parameters_of(job: Job, cfg, variant: Variant) -> dict:
+    """Everything needed to reproduce the image, under the config's field names."""
+    return dict(job.parameters(), model_version=variant.name, dit=cfg.dit, vae=cfg.vae,
+                text_encoder=cfg.text_encoder, lora_weight=list(cfg.lora_weight),
+                lora_multiplier=list(cfg.lora_multiplier),
+                resize_control_to_image_size=cfg.resize_control_to_image_size,
+                resize_control_to_official_size=cfg.resize_control_to_official_size)
+
+
+def save_outputs(p: Prepared, latents: torch.Tensor, cfg, variant: Variant, vae, events, save_dir: Path) -> list[str]:
+    job = p.job
+    suffix = original_suffix(job.control_paths, cfg.append_original_name)
+    params = None if cfg.no_metadata else parameters_of(job, cfg, variant)
+    unpacked = unpack(latents, job.height, job.width)
+    outputs = []
+    if cfg.output_type in ("latent", "latent_images"):
+        meta = None if cfg.no_metadata else latent_metadata(job, cfg.embedded_cfg_scale, params)
+        path = save_latent(unpacked, save_dir, job.seed, suffix, meta)
+        outputs.append(str(path))
+        log.info("latent saved to %s", path)
+    if cfg.output_type in ("images", "latent_images"):
+        path = decode_and_save(vae, unpacked, save_dir, job.seed, suffix, params)
+        outputs.append(str(path))
+        events.image(str(path), kind="output", seed=job.seed)
+    return outputs
+
+
+def decode_and_save(vae, unpacked: torch.Tensor, save_dir: Path, seed: int, suffix: str, params) -> Path:
+    from engine.models.vae import decode_latents
+
+    pixels = decode_latents(vae, unpacked)       # (1, 3, 1, H, W) in [-1, 1]
+    return save_image(to_pil(pixels[0, :, 0]), save_dir, seed, suffix, params)
+
+
+def decode_latent_files(cfg, vae, device, events, save_dir: Path) -> list[str]:
+    """--latent_path: decode saved latents only (no text encoder, no DiT)."""
+    outputs = []
+    events.phase("decoding", total=len(cfg.latent_path))
+    for path in cfg.latent_path:
+        latent, meta = load_latent(path)
+        seed = meta.get("seeds", "0")
+        params = None
+        if not cfg.no_metadata and meta.get("parameters"):
+            import json
+
+            params = json.loads(meta["parameters"])
+        out = decode_and_save(vae, latent.to(device, torch.float32), save_dir, seed, "", params)
+        outputs.append(str(out))
+        events.image(str(out), kind="output", seed=seed)
+    return outputs

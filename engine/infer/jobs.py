@@ -1,0 +1,120 @@
+"""One generation = one `Job`: the command-line options, or one line of a --from_file prompt file.
+
+Prompt-line syntax (musubi's `parse_prompt_line`): the prompt, then options split on " --":
+--w WIDTH --h HEIGHT --d SEED --s STEPS --g/--l GUIDANCE --fs FLOW_SHIFT --n NEGATIVE --ci CONTROL (repeatable)
+--m MASK --rcm_th T --rcm_rel_th 1|true|yes --rcm_ks K --rcm_ds R. Options a line leaves out come from the
+command line. Lines that are empty or start with '#' are skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.errors import OptionError
+
+
+@dataclass
+class Job:
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    flow_shift: float | None
+    control_paths: list[str] = field(default_factory=list)
+    mask_path: str | None = None
+    rcm_threshold: float | None = None
+    rcm_relative: bool = False
+    rcm_kernel_size: int = 3
+    rcm_dilate_size: int = 0
+    line: int | None = None      # 1-based line number in --from_file, for error messages
+
+    def where(self) -> str:
+        return f"--from_file line {self.line}" if self.line else "command line"
+
+    def parameters(self) -> dict:
+        """The options of this job under the config's field names (PNG metadata the GUI loads back)."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image_size=[self.height, self.width],
+                    seed=self.seed, infer_steps=self.steps, guidance_scale=self.guidance_scale,
+                    flow_shift=self.flow_shift, control_image_path=list(self.control_paths),
+                    mask_path=self.mask_path, rcm_threshold=self.rcm_threshold,
+                    rcm_relative_threshold=self.rcm_relative, rcm_kernel_size=self.rcm_kernel_size,
+                    rcm_dilate_size=self.rcm_dilate_size)
+
+
+def random_seed() -> int:
+    return random.randint(0, 2**32 - 1)
+
+
+def job_from_config(cfg) -> Job:
+    height, width = cfg.image_size
+    return Job(prompt=cfg.prompt or "", negative_prompt=cfg.negative_prompt, width=width, height=height,
+               seed=cfg.seed if cfg.seed is not None else random_seed(), steps=cfg.infer_steps,
+               guidance_scale=cfg.guidance_scale, flow_shift=cfg.flow_shift,
+               control_paths=list(cfg.control_image_path), mask_path=cfg.mask_path,
+               rcm_threshold=cfg.rcm_threshold, rcm_relative=cfg.rcm_relative_threshold,
+               rcm_kernel_size=cfg.rcm_kernel_size, rcm_dilate_size=cfg.rcm_dilate_size)
+
+
+def jobs_from_config(cfg) -> list[Job]:
+    """The jobs of a run: one from the options, or one per prompt line of --from_file."""
+    if not cfg.from_file:
+        return [job_from_config(cfg)]
+    path = Path(cfg.from_file)
+    if not path.is_file():
+        raise OptionError(f"--from_file {path}: no such file", "give a text file with one prompt per line")
+    base = job_from_config(cfg)
+    jobs = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = text.strip()
+        if not text or text.startswith("#"):
+            continue
+        jobs.append(parse_prompt_line(text, base, number, seeded=cfg.seed is not None))
+    if not jobs:
+        raise OptionError(f"--from_file {path}: no prompt lines", "write one prompt per line ('#' starts a comment)")
+    return jobs
+
+
+_FLOAT = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shift", "rcm_th": "rcm_threshold"}
+_INT = {"w": "width", "h": "height", "d": "seed", "s": "steps", "rcm_ks": "rcm_kernel_size",
+        "rcm_ds": "rcm_dilate_size"}
+_STR = {"n": "negative_prompt", "m": "mask_path"}
+
+
+def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True) -> Job:
+    """A job from one prompt line; unset options come from `base`. Without --d and without a command-line seed
+    each line gets its own random seed."""
+    text = " " + text if text.startswith("--") else text   # a line may hold options only (no prompt)
+    parts = text.split(" --")
+    values: dict = {"prompt": parts[0].strip(), "line": number or None}
+    controls: list[str] = []
+    if not seeded:
+        values["seed"] = random_seed()
+    for part in parts[1:]:
+        key, _, arg = part.strip().partition(" ")
+        arg = arg.strip()
+        try:
+            if key in _FLOAT:
+                values[_FLOAT[key]] = float(arg)
+            elif key in _INT:
+                values[_INT[key]] = int(arg)
+            elif key in _STR:
+                values[_STR[key]] = arg
+            elif key == "ci":
+                controls.append(arg)
+            elif key == "rcm_rel_th":
+                values["rcm_relative"] = arg.lower() in ("1", "true", "yes")
+            else:
+                raise OptionError(f"--from_file line {number}: unknown option --{key}",
+                                  "use --w --h --d --s --g/--l --fs --n --ci --m --rcm_th --rcm_rel_th --rcm_ks "
+                                  "--rcm_ds")
+        except ValueError:
+            raise OptionError(f"--from_file line {number}: --{key} needs a number, got {arg!r}",
+                              f"write e.g. --{key} 4") from None
+    if controls:
+        values["control_paths"] = controls
+    return replace(base, **values)
