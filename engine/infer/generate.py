@@ -228,8 +228,8 @@ def save_outputs(p: Prepared, latents: torch.Tensor, cfg, variant: Variant, vae,
 def decode_and_save(vae, unpacked: torch.Tensor, save_dir: Path, seed: int, suffix: str, params) -> Path:
     from engine.models.vae import decode_latents
 
-    pixels = decode_latents(vae, unpacked)       # (1, 3, 1, H, W) in [-1, 1]
-    return save_image(to_pil(pixels[0, :, 0]), save_dir, seed, suffix, params)
+    pixels = decode_latents(vae, unpacked)       # (1, 3, H, W) in [0, 1]
+    return save_image(to_pil(pixels[0]), save_dir, seed, suffix, params)
 
 
 def decode_latent_files(cfg, vae, device, events, save_dir: Path) -> list[str]:

@@ -42,8 +42,8 @@ def original_suffix(control_paths: list[str], append: bool) -> str:
 
 
 def to_pil(decoded: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] → 8-bit RGB, rounded as diffusers' postprocess does."""
-    arr = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    """(3, H, W) in [0, 1] → 8-bit RGB, rounded as diffusers' postprocess does."""
+    arr = decoded.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
