@@ -1,0 +1,361 @@
+"""Read LoRA files in any common Qwen-Image layout and apply them to a loaded or loading DiT.
+
+Layouts read (reference/diffusers-transformers.md §4, musubi-tuner.md §6):
+- kohya / musubi / ours:  `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`
+- diffusers / PEFT:       `transformer.<module>.lora_A.weight`, `.lora_B.weight`; alpha from the safetensors
+                          metadata `lora_adapter_metadata` (PEFT LoraConfig JSON) when present, else scale 1
+- ComfyUI / ai-toolkit:   `diffusion_model.<module>.lora_A.weight` / `lora_B.weight` (+ optional `.alpha`)
+- DiffSynth:              `...lora_A.default.weight` / `lora_B.default.weight`
+- LoHa (`hada_w1_a/w1_b/w2_a/w2_b` + `.alpha`) and LoKr (`lokr_w1[_a/_b]`, `lokr_w2[_a/_b]` + `.alpha`), with
+  ComfyUI's scale rule: alpha / (rank of the decomposed factor), 1.0 when there is no alpha or no decomposition.
+
+API:
+- `read_lora(path) -> LoraFile`                  {module path: LoraFactor}; clear ModelFileError otherwise
+- `LoraFactor.delta()`                           the (out, in) weight delta, scale included, in float32
+- `merge_loras(model, [(LoraFile, mult), ...])`  W += Σ mult·delta in place (validated first, all or nothing)
+- `LoraMerger([...]).transform(key, tensor)`     the same merge per tensor, for the DiT load hook (run it
+                                                 before fp8 quantisation); `.check_all_used()` afterwards
+- `module_path_from_kohya(name)`                 `transformer_blocks_0_attn_to_q` → `transformer_blocks.0.attn.to_q`
+The files themselves are never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from engine.errors import ModelFileError
+
+KOHYA_PREFIX = "lora_unet_"
+
+# The Linear layers inside one QwenImageTransformerBlock (design.md §2.6: all 14 are LoRA targets).
+BLOCK_LINEARS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_out.0", "attn.to_add_out", "img_mod.1", "txt_mod.1",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+)
+# Linear layers outside the blocks (qwen_extract_lora.py and diffusers' converter know these).
+TOP_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear",
+               "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2")
+
+_BLOCK_TAIL = {p.replace(".", "_"): p for p in BLOCK_LINEARS}
+_TOP = {p.replace(".", "_"): p for p in TOP_LINEARS}
+
+# Prefixes in front of the diffusers module path, longest first.
+_PATH_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lycoris_")
+
+# suffix → (kind, factor name). Longest suffixes first so `.lora_A.default.weight` wins over `.weight`.
+_SUFFIXES = [
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"), (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_t2", "lokr_t2"),
+    (".alpha", "alpha"), (".dora_scale", "dora_scale"),
+]
+
+# Evidence that a file belongs to another model family: (regex on a key, description).
+_OTHER_FAMILIES = [
+    (re.compile(r"(double_blocks|single_blocks)[._]\d"), "a Flux LoRA (double_blocks / single_blocks keys)"),
+    (re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks|mid_block)[._]"),
+     "an SD/SDXL UNet LoRA (down_blocks / input_blocks keys)"),
+    (re.compile(r"^lora_te\d?_|text_model"), "a LoRA for a CLIP text encoder (lora_te / text_model keys)"),
+    (re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|ffn)"), "a Wan LoRA (blocks_N self_attn/ffn keys)"),
+    (re.compile(r"(^|[._])(joint_blocks|layers)[._]\d"), "an SD3 / Lumina-style LoRA (joint_blocks / layers keys)"),
+]
+
+
+@dataclass
+class LoraFactor:
+    """The factors of one module's weight delta. `kind` is lora, loha or lokr; `scale` multiplies the delta."""
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    scale: float
+
+    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """ΔW (out, in) in float32, scale included (no multiplier)."""
+        t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            d = t["up"].flatten(1) @ t["down"].flatten(1)
+        elif self.kind == "loha":
+            d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        else:
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            d = torch.kron(w1, w2)
+        return d * self.scale
+
+    def out_in(self) -> tuple[int, int]:
+        if self.kind == "lora":
+            return self.tensors["up"].shape[0], self.tensors["down"].flatten(1).shape[1]
+        if self.kind == "loha":
+            return self.tensors["hada_w1_a"].shape[0], self.tensors["hada_w1_b"].shape[1]
+        return tuple(self.delta().shape)
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    format: str                                   # kohya, diffusers, comfyui, diffsynth, loha, lokr
+    factors: dict[str, LoraFactor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
+# ---------------------------------------------------------------------------------------------- key names
+
+def module_path_from_kohya(name: str) -> str | None:
+    """`transformer_blocks_12_attn_to_out_0` → `transformer_blocks.12.attn.to_out.0`; None if unknown.
+
+    Underscores are ambiguous (`to_out`, `img_mlp`), so the tail is looked up in the table of real names."""
+    m = re.fullmatch(r"transformer_blocks_(\d+)_(.+)", name)
+    if m:
+        tail = _BLOCK_TAIL.get(m.group(2))
+        return f"transformer_blocks.{m.group(1)}.{tail}" if tail else None
+    return _TOP.get(name)
+
+
+def kohya_name(module_path: str) -> str:
+    """`transformer_blocks.0.attn.to_q` → `lora_unet_transformer_blocks_0_attn_to_q`."""
+    return KOHYA_PREFIX + module_path.replace(".", "_")
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, part in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return None
+
+
+def _module_path(stem: str) -> tuple[str | None, str]:
+    """(diffusers module path or None, prefix style) for the part of a key before its suffix."""
+    if stem.startswith(KOHYA_PREFIX):
+        return module_path_from_kohya(stem[len(KOHYA_PREFIX):]), "kohya"
+    for prefix in _PATH_PREFIXES:
+        if stem.startswith(prefix):
+            return _known_path(stem[len(prefix):]), prefix.rstrip("._")
+    return _known_path(stem), "bare"
+
+
+def _known_path(path: str) -> str | None:
+    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", path)
+    if m:
+        return path if m.group(2) in BLOCK_LINEARS else None
+    return path if path in TOP_LINEARS else None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = None,
+              metadata: Mapping[str, str] | None = None) -> LoraFile:
+    """Read a LoRA file (or an already loaded state dict + metadata) into normalised factors."""
+    from engine.models.safetensors_io import load_file, read_header
+
+    path = Path(path)
+    if tensors is None:
+        if not path.is_file():
+            raise ModelFileError(f"LoRA file {path} does not exist.", "Check the path given to --lora_weight.")
+        metadata = read_header(path).metadata
+        tensors = load_file(path)
+    metadata = metadata or {}
+    if not tensors:
+        raise ModelFileError(f"LoRA file {path} holds no tensors.", "Use a LoRA trained for Qwen-Image.")
+    grouped, styles, unknown = _group(tensors)
+    if unknown:
+        raise _foreign_error(path, unknown, len(tensors))
+    peft_alpha = _peft_alphas(metadata)
+    out = LoraFile(path, "")
+    kinds = set()
+    for module, parts in grouped.items():
+        factor = _factor(path, module, parts, peft_alpha)
+        out.factors[module] = factor
+        kinds.add(factor.kind)
+    out.format = _describe(kinds, styles, grouped)
+    return out
+
+
+def _group(tensors: Mapping[str, torch.Tensor]):
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    styles: set[str] = set()
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        split = _split_key(key)
+        module, style = _module_path(split[0]) if split else (None, "")
+        if module is None:
+            unknown.append(key)
+            continue
+        styles.add(style)
+        grouped.setdefault(module, {})[split[1]] = t
+    return grouped, styles, unknown
+
+
+def _foreign_error(path: Path, unknown: list[str], total: int) -> ModelFileError:
+    sample = ", ".join(unknown[:3])
+    for pattern, what in _OTHER_FAMILIES:
+        if any(pattern.search(k) for k in unknown):
+            return ModelFileError(
+                f"LoRA file {path} looks like {what}, not a Qwen-Image LoRA (e.g. {sample}).",
+                "Use a LoRA trained for Qwen-Image / Qwen-Image-Edit (keys like "
+                "lora_unet_transformer_blocks_0_attn_to_q or diffusion_model.transformer_blocks.0.attn.to_q).")
+    return ModelFileError(
+        f"LoRA file {path}: {len(unknown)} of {total} keys name no Qwen-Image Linear layer (e.g. {sample}).",
+        "Expected kohya (lora_unet_transformer_blocks_N_...), diffusers (transformer.transformer_blocks.N...."
+        "lora_A/B), ComfyUI (diffusion_model....), DiffSynth (lora_A.default), LoHa or LoKr keys.")
+
+
+def _peft_alphas(metadata: Mapping[str, str]) -> dict | None:
+    """PEFT config saved by diffusers' save_lora_weights: {'default': (lora_alpha, r), patterns...}."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    cfg = json.loads(raw)
+    # diffusers writes the keys with the component prefix ("transformer.lora_alpha"); plain PEFT without.
+    cfg = {k.removeprefix("transformer."): v for k, v in cfg.items()}
+    return {"alpha": cfg.get("lora_alpha"), "r": cfg.get("r"), "alpha_pattern": cfg.get("alpha_pattern") or {},
+            "rank_pattern": cfg.get("rank_pattern") or {}}
+
+
+def _factor(path: Path, module: str, parts: dict[str, torch.Tensor], peft: dict | None) -> LoraFactor:
+    if "dora_scale" in parts:
+        raise ModelFileError(f"LoRA file {path}: {module} is a DoRA module (dora_scale), which is not supported.",
+                             "Use a plain LoRA, LoHa or LoKr file.")
+    alpha = float(parts.pop("alpha").float().item()) if "alpha" in parts else None
+    if "down" in parts or "up" in parts:
+        return _lora_factor(path, module, parts, alpha, peft)
+    if any(k.startswith("hada_") for k in parts):
+        if "hada_t1" in parts or "hada_t2" in parts:
+            raise ModelFileError(f"LoRA file {path}: {module} is a LoHa with Tucker factors (conv only).",
+                                 "Qwen-Image has no conv layers to apply it to; use a Linear LoHa.")
+        _require(path, module, parts, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa")
+        rank = parts["hada_w1_b"].shape[0]
+        return LoraFactor("loha", parts, alpha / rank if alpha is not None else 1.0)
+    if "lokr_t2" in parts:
+        raise ModelFileError(f"LoRA file {path}: {module} is a LoKr with a Tucker factor (conv only).",
+                             "Use a Linear LoKr.")
+    if not ({"lokr_w1", "lokr_w1_a"} & parts.keys() and {"lokr_w2", "lokr_w2_a"} & parts.keys()):
+        raise ModelFileError(f"LoRA file {path}: {module} has an incomplete set of factors {sorted(parts)}.",
+                             "The file is damaged or in an unsupported layout.")
+    rank = None
+    if "lokr_w1_a" in parts:
+        rank = parts["lokr_w1_b"].shape[0]
+    if "lokr_w2_a" in parts:
+        rank = parts["lokr_w2_b"].shape[0]
+    return LoraFactor("lokr", parts, alpha / rank if alpha is not None and rank else 1.0)
+
+
+def _lora_factor(path, module, parts, alpha, peft) -> LoraFactor:
+    _require(path, module, parts, ("down", "up"), "LoRA")
+    down, up = parts["down"], parts["up"]
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        raise ModelFileError(f"LoRA file {path}: {module} has down {tuple(down.shape)} but up {tuple(up.shape)}.",
+                             "The ranks of the two factors must agree; the file is damaged.")
+    if alpha is None and peft is not None:
+        alpha, rank = _peft_alpha_for(module, peft, rank)
+    scale = alpha / rank if alpha else 1.0     # kohya: alpha 0/None → scale 1
+    return LoraFactor("lora", {"down": down, "up": up}, scale)
+
+
+def _peft_alpha_for(module: str, peft: dict, rank: int) -> tuple[float, int]:
+    alpha = peft["alpha"] if peft["alpha"] is not None else rank
+    for pattern, value in peft["alpha_pattern"].items():
+        if re.search(rf"(^|\.){pattern}$", module):
+            alpha = value
+    return float(alpha), rank
+
+
+def _require(path, module, parts, names, what) -> None:
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise ModelFileError(f"LoRA file {path}: {what} module {module} lacks {', '.join(missing)}.",
+                             "The file is incomplete or damaged; re-export it.")
+
+
+def _describe(kinds: set[str], styles: set[str], grouped) -> str:
+    if kinds - {"lora"}:
+        return "+".join(sorted(kinds))
+    if "kohya" in styles:
+        return "kohya"
+    if "transformer" in styles:
+        return "diffusers"
+    return "comfyui"
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+def _checked(model: torch.nn.Module, loras: Iterable[tuple[LoraFile, float]]) -> list[tuple[str, LoraFactor, float]]:
+    modules = dict(model.named_modules())
+    work = []
+    for lora, mult in loras:
+        for path, factor in lora.factors.items():
+            layer = modules.get(path)
+            if not isinstance(layer, torch.nn.Linear):
+                raise ModelFileError(f"LoRA file {lora.path}: module {path} is not a Linear layer of this DiT.",
+                                     "The LoRA was made for a different model (or number of blocks).")
+            expected = tuple(layer.weight.shape)
+            if tuple(factor.out_in()) != expected:
+                raise ModelFileError(
+                    f"LoRA file {lora.path}: {path} gives a {tuple(factor.out_in())} delta but the DiT weight is "
+                    f"{expected}.", "The LoRA was made for a model of another size.")
+            work.append((path, factor, mult))
+    return work
+
+
+@torch.no_grad()
+def merge_loras(model: torch.nn.Module, loras: Iterable[tuple[LoraFile, float]]) -> int:
+    """Add Σ multiplier·ΔW into the model's Linear weights in place. Every LoRA is checked against the model
+    before any weight changes. Returns the number of weights changed. fp8 weights are refused: merge before
+    quantising (use `LoraMerger.transform` in the load hook)."""
+    work = _checked(model, loras)
+    modules = dict(model.named_modules())
+    touched = set()
+    for path, factor, mult in work:
+        w = modules[path].weight
+        if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ModelFileError(f"cannot merge a LoRA into fp8 weight {path}.",
+                                 "Merge while loading (before fp8 quantisation): pass LoraMerger.transform to "
+                                 "load_dit.")
+        w.copy_((w.float() + mult * factor.delta(w.device)).to(w.dtype))
+        touched.add(path)
+    return len(touched)
+
+
+class LoraMerger:
+    """Per-tensor merge for the DiT load hook: `transform(key, tensor)` returns the merged weight for keys
+    `<module>.weight` that some LoRA targets, the tensor unchanged otherwise."""
+
+    def __init__(self, loras: Iterable[tuple[LoraFile, float]]):
+        self.by_key: dict[str, list[tuple[LoraFile, LoraFactor, float]]] = {}
+        for lora, mult in loras:
+            for path, factor in lora.factors.items():
+                self.by_key.setdefault(path + ".weight", []).append((lora, factor, mult))
+        self.used: set[str] = set()
+
+    def transform(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        entries = self.by_key.get(key)
+        if not entries:
+            return tensor
+        merged = tensor.float()
+        for lora, factor, mult in entries:
+            if tuple(factor.out_in()) != tuple(tensor.shape):
+                raise ModelFileError(f"LoRA file {lora.path}: {key} gives a {tuple(factor.out_in())} delta but the "
+                                     f"DiT weight is {tuple(tensor.shape)}.", "The LoRA was made for another model.")
+            merged = merged + mult * factor.delta(tensor.device)
+        self.used.add(key)
+        return merged.to(tensor.dtype)
+
+    def check_all_used(self) -> None:
+        """After loading: every LoRA module must have met its weight, else the LoRA does not fit this DiT."""
+        missing = sorted(set(self.by_key) - self.used)
+        if missing:
+            files = sorted({str(e[0].path) for k in missing for e in self.by_key[k]})
+            raise ModelFileError(f"LoRA file(s) {', '.join(files)}: {len(missing)} module(s) not in the DiT "
+                                 f"(e.g. {missing[0]}).", "The LoRA was made for a model with more blocks.")
