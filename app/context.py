@@ -1,0 +1,174 @@
+"""What every tab's build(ctx) gets: the data dir, settings (model paths per role), the demo manifest, the job
+manager, and a helper that runs a short engine command and returns its JSON answer.
+
+Nothing here imports torch: engine work happens in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import atomic_write_text
+from engine.events import parse_line
+
+from app.jobs import JobManager, engine_argv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Role:
+    key: str                 # settings key
+    component: str           # inspect_model's component name
+    variant: str | None      # model version for a DiT
+    label: str
+
+
+ROLES: tuple[Role, ...] = (
+    Role("dit", "dit", "original", "DiT: Qwen-Image (text to image)"),
+    Role("dit_edit", "dit", "edit", "DiT: Qwen-Image-Edit"),
+    Role("dit_edit-2509", "dit", "edit-2509", "DiT: Qwen-Image-Edit-2509"),
+    Role("dit_edit-2511", "dit", "edit-2511", "DiT: Qwen-Image-Edit-2511"),
+    Role("text_encoder", "text_encoder", None, "Text encoder: Qwen2.5-VL 7B"),
+    Role("vae", "vae", None, "VAE"),
+    Role("tokenizer", "tokenizer", None, "Tokenizer folder"),
+)
+ROLE_BY_KEY = {r.key: r for r in ROLES}
+
+
+class EngineCommandError(RuntimeError):
+    """An engine command answered with an error event (message + hint) or failed without one."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  fix: {self.hint}" if self.hint else self.message
+
+
+@dataclass
+class AppContext:
+    data_dir: Path
+    jobs: JobManager
+    settings: dict = field(default_factory=dict)
+    demo: dict | None = None          # the demo manifest (demo.json) when the demo is in use
+    demo_dir: Path | None = None
+    demo_first: bool = False          # --demo: the demo's paths win over saved settings
+
+    # ---- models ----------------------------------------------------------------------------------
+    def model_path(self, key: str) -> str:
+        """The path for a role: saved settings, then the demo model set (the other way round with --demo)."""
+        saved = self.settings.get("models", {}).get(key) or ""
+        demo = demo_paths(self.demo).get(key, "") if self.demo else ""
+        return (demo or saved) if self.demo_first else (saved or demo)
+
+    def dit_path(self, version: str) -> str:
+        return self.model_path("dit" if version == "original" else f"dit_{version}")
+
+    def model_paths(self) -> dict[str, str]:
+        return {r.key: self.model_path(r.key) for r in ROLES}
+
+    def save_model_paths(self, paths: dict[str, str]) -> None:
+        unknown = set(paths) - set(ROLE_BY_KEY)
+        if unknown:
+            raise ValueError(f"unknown model roles: {', '.join(sorted(unknown))}")
+        self.settings.setdefault("models", {}).update({k: (v or "").strip() for k, v in paths.items()})
+        save_settings(self.data_dir, self.settings)
+
+    # ---- engine ----------------------------------------------------------------------------------
+    def run_engine_json(self, command: str, args: list[str], timeout: float = 120.0) -> Any:
+        return run_engine_json(command, args, timeout)
+
+
+def run_engine_json(command: str, args: list[str], timeout: float = 120.0) -> Any:
+    """Run a short engine command (e.g. `inspect_model ... --json`) to completion and return its JSON answer.
+
+    stdout carries event lines and the answer; event lines are set aside, an `error` event becomes an
+    EngineCommandError with the engine's own message and hint."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QIS_EVENTS": "json", "PYTHONIOENCODING": "utf-8"}
+    try:
+        proc = subprocess.run(engine_argv(command, args), capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", cwd=REPO, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EngineCommandError(f"`{command}` did not answer within {timeout:g} s.",
+                                 "Run it from the Jobs tab or a terminal to see what it is doing.") from None
+    answer_lines = []
+    for line in proc.stdout.splitlines():
+        event = parse_line(line)
+        if event is None:
+            answer_lines.append(line)
+        elif event["type"] == "error":
+            raise EngineCommandError(event.get("message", "error"), event.get("hint", ""))
+    text = "\n".join(answer_lines).strip()
+    if proc.returncode != 0 or not text:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise EngineCommandError(f"`{command}` exited with code {proc.returncode} and no answer:\n{tail}",
+                                 "The engine's output above says why.")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EngineCommandError(f"`{command}` printed something that is not JSON ({e}): {text[:300]}") from None
+
+
+# ---- settings and demo ---------------------------------------------------------------------------------
+
+def load_settings(data_dir: Path) -> dict:
+    path = Path(data_dir) / "settings.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}). Fix or delete it (it only holds GUI defaults).")
+
+
+def save_settings(data_dir: Path, settings: dict) -> None:
+    atomic_write_text(Path(data_dir) / "settings.json", json.dumps(settings, indent=2))
+
+
+def has_models(settings: dict) -> bool:
+    models = settings.get("models", {})
+    return any(models.get(r.key) for r in ROLES if r.component == "dit")
+
+
+def demo_paths(manifest: dict) -> dict[str, str]:
+    """Role key → path from the demo manifest (engine/demo.py: {"dit": {version: path}, "vae": path, ...})."""
+    out = {("dit" if v == "original" else f"dit_{v}"): p for v, p in (manifest.get("dit") or {}).items()}
+    out.update({k: manifest[k] for k in ("text_encoder", "vae", "tokenizer") if manifest.get(k)})
+    return out
+
+
+def ensure_demo(demo_dir: Path, timeout: float = 900.0) -> dict:
+    """The demo's manifest, building the demo first (`python -m engine make_demo DIR`) when it is missing,
+    incomplete or moved. The build runs in a subprocess: the GUI process never imports torch."""
+    from engine.demo import load_manifest   # torch-free: reads and checks demo.json only
+
+    manifest = load_manifest(demo_dir)
+    if manifest is None:
+        print(f"[studio] building the demo model set in {demo_dir} (once; tiny random models, CPU) ...", flush=True)
+        proc = subprocess.run(engine_argv("make_demo", [str(demo_dir)]), cwd=REPO, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        manifest = load_manifest(demo_dir)
+        if proc.returncode != 0 or manifest is None:
+            raise SystemExit(f"[studio] building the demo failed (exit code {proc.returncode}); see the output "
+                             f"above. Retry with: python -m engine make_demo {demo_dir} --force")
+    return manifest
+
+
+def open_context(data_dir: str | os.PathLike, demo: bool = False) -> AppContext:
+    """The context for a GUI session. The demo is used when asked for, or when no DiT is configured."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(data_dir)
+    ctx = AppContext(data_dir=data_dir, jobs=JobManager(data_dir / "jobs"), settings=settings)
+    if demo or not has_models(settings):
+        ctx.demo_dir = data_dir / "demo"
+        ctx.demo = ensure_demo(ctx.demo_dir)
+        ctx.demo_first = demo
+    return ctx

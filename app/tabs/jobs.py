@@ -1,0 +1,143 @@
+"""Jobs tab: every engine job (running, queued, finished), its log tail, its exact command line, stop / force kill.
+
+Everything shown comes from the job manager on each timer tick, so a browser refresh (or a second browser)
+sees the same jobs: nothing lives in a generator bound to one browser session.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import gradio as gr
+
+TABLE_HEADERS = ["id", "status", "command", "progress", "started"]
+POLL_S = 1.0
+
+
+def build(ctx) -> None:
+    jobs = ctx.jobs
+    with gr.Tab("Jobs", id="jobs"):
+        table = gr.Dataframe(headers=TABLE_HEADERS, value=lambda: table_rows(jobs.list()), interactive=False,
+                             elem_id="jobs-table", label="Jobs (newest first; click a row to follow it)")
+        with gr.Row(equal_height=True):
+            # allow_custom_value: a job id set by "Run" may arrive a tick before the refreshed choices
+            selected = gr.Dropdown(label="Job", choices=[], value=None, allow_custom_value=True,
+                                   elem_id="jobs-selected", scale=3)
+            stop_btn = gr.Button("Stop", elem_id="jobs-stop", scale=1)
+            kill_btn = gr.Button("Force kill", variant="stop", elem_id="jobs-kill", scale=1)
+        status = gr.Markdown(elem_id="jobs-status")
+        cmdline = gr.Textbox(label="Command line (exactly what runs; copy it to run it in a terminal)",
+                             interactive=False, buttons=["copy"], elem_id="jobs-command")
+        log = gr.Textbox(label="Log (last lines; the full log is in the file named above)", lines=18, max_lines=18,
+                         autoscroll=True, interactive=False, buttons=["copy"], elem_id="jobs-log")
+        with gr.Accordion("Run an engine command", open=False):
+            command_box = gr.Textbox(label="Engine command and options", elem_id="jobs-run-command",
+                                     placeholder="inspect_model /path/to/model.safetensors --json")
+            run_btn = gr.Button("Run", elem_id="jobs-run")
+        signature = gr.State("")
+        timer = gr.Timer(POLL_S)
+
+        def refresh(job_id, seen):
+            views = jobs.list()
+            choices = job_choices(views)
+            sig = repr(choices)
+            if job_id not in {c[1] for c in choices}:
+                job_id = default_job(views)
+            menu = gr.update(choices=choices, value=job_id) if sig != seen else gr.skip()
+            return (table_rows(views), menu, sig, *detail(jobs, job_id, views))
+
+        outputs = [table, selected, signature, status, cmdline, log]
+        timer.tick(refresh, [selected, signature], outputs, show_progress="hidden", concurrency_limit=None,
+                   api_name="jobs_refresh")
+        selected.input(refresh, [selected, gr.State("")], outputs, show_progress="hidden", api_visibility="private")
+        table.select(pick_row, None, selected, api_visibility="private")
+        stop_btn.click(lambda j: act(jobs.stop, j, "stop requested"), selected, status, api_name="jobs_stop")
+        kill_btn.click(lambda j: act(jobs.kill, j, "killed"), selected, status, api_name="jobs_kill")
+        run_btn.click(lambda text: run_command(jobs, text), command_box, [selected, status], api_name="jobs_run")
+
+
+def table_rows(views: list[dict]) -> list[list]:
+    return [[v["id"], v["status"], v["title"], progress_text(v), fmt_time(v["started"] or v["queued_at"])]
+            for v in views]
+
+
+def job_choices(views: list[dict]) -> list[tuple[str, str]]:
+    return [(f"{v['id']} ({v['status']})", v["id"]) for v in views]
+
+
+def default_job(views: list[dict]) -> str | None:
+    """The job to show when none is picked: the newest running one, else the newest."""
+    running = [v for v in views if v["status"] == "running"]
+    return (running or views or [{"id": None}])[0]["id"]
+
+
+def pick_row(evt: gr.SelectData) -> str:
+    return evt.row_value[0]
+
+
+def detail(jobs, job_id: str | None, views: list[dict]) -> tuple[str, str, str]:
+    view = next((v for v in views if v["id"] == job_id), None)
+    if view is None:
+        return "No job yet. Jobs started from the other tabs appear here.", "", ""
+    return status_text(view, jobs.log_path(view["id"])), view["cmdline"], "\n".join(view["tail"])
+
+
+def status_text(v: dict, log_path) -> str:
+    parts = [f"**{v['status']}**", v["title"]]
+    if v["pid"] and v["status"] == "running":
+        parts.append(f"pid {v['pid']}")
+    if v["phase"]:
+        parts.append(f"phase: {v['phase']}")
+    progress = progress_text(v)
+    if progress:
+        parts.append(progress)
+    if v["exit_code"] is not None:
+        parts.append(f"exit code {v['exit_code']}")
+    text = " · ".join(parts) + f"\n\nFull log: `{log_path}`"
+    err = v.get("error")
+    if err and v["status"] != "running":
+        text += f"\n\n**Error [{err.get('kind')}]:** {err.get('message')}"
+        if err.get("hint"):
+            text += f"\n\n**Fix:** {err['hint']}"
+    return text
+
+
+def progress_text(v: dict) -> str:
+    p = v.get("progress")
+    if not p or not p.get("total"):
+        return v.get("phase") or ""
+    text = f"{p['step']}/{p['total']} {p.get('unit') or ''}".strip()
+    if p.get("eta_s") is not None and v["status"] == "running":
+        text += f", eta {fmt_duration(p['eta_s'])}"
+    return text
+
+
+def act(fn, job_id: str | None, done_text: str) -> str:
+    if not job_id:
+        return "Pick a job first."
+    view = fn(job_id)
+    return f"{job_id}: {done_text}; status now **{view['status']}**."
+
+
+def run_command(jobs, text: str):
+    """Queue `python -m engine <text>`; the text is split like a shell would, but never run by one."""
+    try:
+        argv = shlex.split(text or "")
+    except ValueError as e:
+        return gr.skip(), f"Could not read the command: {e}."
+    while argv and (argv[0].endswith(("python", "python3", "python.exe")) or argv[0] in ("-m", "engine")):
+        argv.pop(0)    # accept a pasted `python -m engine ...` line
+    if not argv:
+        return gr.skip(), "Type an engine command, e.g. `inspect_model FILE --json`."
+    job = jobs.submit(argv[0], argv[1:])
+    return gr.update(value=job.id), f"Started **{job.id}** ({job.status})."
+
+
+def fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def fmt_duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

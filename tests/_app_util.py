@@ -1,0 +1,114 @@
+"""Helpers for the GUI tests (test_app.py, test_browser.py): one Studio server per test session, started the
+way a user starts it (`python launch.py --demo --no-browser --port N`) on a temporary data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Jobs are real subprocesses; this module stands in for `engine` (QIS_ENGINE_MODULE) so that a job can run as
+# long as a test needs. Every other command goes to the real engine, so the demo and inspect are real.
+FAKE_ENGINE = r'''
+import json, runpy, sys, time
+
+def ev(type, **kw):
+    print(json.dumps({"type": type, "time": time.time(), **kw}), flush=True)
+
+if len(sys.argv) > 1 and sys.argv[1] == "slow_job":
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+    ev("start", command="slow_job", argv=sys.argv[2:], config_path=None)
+    try:
+        ev("phase", name="training")
+        for i in range(1, steps + 1):
+            ev("progress", step=i, total=steps, unit="step", eta_s=float(steps - i) * 0.1)
+            ev("metric", step=i, loss=1.0 / i, lr=1e-4)
+            time.sleep(0.1)
+        ev("done", outputs=[], seconds=0.0)
+    except KeyboardInterrupt:
+        ev("error", kind="interrupted", message="stopped by the user", hint="")
+        sys.exit(130)
+else:
+    sys.path.insert(0, ".")
+    runpy.run_module("engine", run_name="__main__", alter_sys=True)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"launch.py exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def kill_jobs(data_dir: Path) -> None:
+    """Jobs outlive the GUI by design; a test session must not leave any behind."""
+    index = data_dir / "jobs" / "jobs.json"
+    if not index.exists():
+        return
+    for job in json.loads(index.read_text())["jobs"]:
+        if job["status"] == "running" and job["pid"]:
+            try:
+                os.killpg(job["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory):
+    """A running Studio: dict(url, data_dir, manifest)."""
+    base = tmp_path_factory.mktemp("studio")
+    fake_dir = base / "fake"
+    fake_dir.mkdir()
+    (fake_dir / "qis_fake_engine.py").write_text(FAKE_ENGINE)
+    data_dir = base / "data"
+    port = free_port()
+    env = {**os.environ, "QIS_ENGINE_MODULE": "qis_fake_engine", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": os.pathsep.join([str(fake_dir), str(REPO)]), "GRADIO_TEMP_DIR": str(base / "gradio")}
+    log = open(base / "launch.log", "wb")
+    proc = subprocess.Popen([sys.executable, "launch.py", "--demo", "--no-browser", "--port", str(port),
+                             "--data_dir", str(data_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url, proc)
+        manifest = json.loads((data_dir / "demo" / "demo.json").read_text())
+        yield {"url": url, "data_dir": data_dir, "manifest": manifest, "log": base / "launch.log"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        kill_jobs(data_dir)
+
+
+def demo_model_paths(manifest: dict) -> list[str]:
+    """The Models tab's boxes, in order (app.context.ROLES)."""
+    from app.context import ROLES, demo_paths
+
+    paths = demo_paths(manifest)
+    return [paths.get(r.key, "") for r in ROLES]
