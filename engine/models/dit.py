@@ -11,6 +11,7 @@ text-to-image evidence against --model_version, and every tensor shape against t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -57,13 +58,23 @@ def strip_prefix(key: str) -> str | None:
 
 
 def dit_files(path: str | os.PathLike) -> tuple[list[Path], Path | None]:
-    """(safetensors files, config.json next to them or None) for a file, shard, transformer/ or pipeline folder."""
+    """(safetensors files, config.json next to them or None) for a file, shard, transformer/ or pipeline folder.
+    A file's sibling config.json counts only when it is a QwenImageTransformer2DModel config."""
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "transformer").is_dir():
         path = path / "transformer"   # a whole diffusers pipeline folder
     files = expand_shards(path)
-    folder_config = path / "config.json" if path.is_dir() else None
+    folder_config = (path if path.is_dir() else path.parent) / "config.json"
+    if not path.is_dir() and not _is_dit_config(folder_config):
+        folder_config = None          # a ComfyUI file next to some other model's config.json
     return files, folder_config
+
+
+def _is_dit_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("_class_name") == PUBLISHED_DIT_CONFIG["_class_name"]
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_dit(path: str | os.PathLike, model_version: str = "original", device: torch.device | str = "cpu",
