@@ -10,15 +10,18 @@ import gradio as gr
 from app.context import ROLES, EngineCommandError
 from engine.models import downloads
 
-TABLE_HEADERS = ["role", "file", "component", "variant", "dtype", "parameters", "size", "problems"]
+TABLE_HEADERS = ["role", "file", "component", "variant", "dtype", "parameters", "size", "notes"]
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 def build(ctx) -> None:
     with gr.Tab("Models", id="models"):
         gr.Markdown(_intro(ctx))
-        boxes = [gr.Textbox(label=r.label, value=ctx.model_path(r.key), elem_id=f"model-{r.key}",
-                            placeholder="path to a .safetensors file or a folder") for r in ROLES]
+        boxes = []
+        for pair in (ROLES[0:2], ROLES[2:4], ROLES[4:6], ROLES[6:]):   # two boxes a row keeps long paths readable
+            with gr.Row():
+                boxes += [gr.Textbox(label=r.label, value=ctx.model_path(r.key), elem_id=f"model-{r.key}",
+                                     placeholder="path to a .safetensors file or a folder") for r in pair]
         with gr.Row():
             inspect_btn = gr.Button("Inspect", variant="primary", elem_id="models-inspect")
             save_btn = gr.Button("Save as defaults", elem_id="models-save")

@@ -1,0 +1,74 @@
+"""The Models tab in a real browser (Playwright driving Debian's chromium; `.ci/run` installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from _app_util import REPO, studio  # noqa: F401  (studio is a fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} is missing: `apt-get install -y chromium` (./test.sh does it as root)"),
+]
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 1000})
+        finally:
+            browser.close()
+
+
+def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.goto(studio["url"])
+    page.get_by_role("tab", name="Models").click()
+    dit_box = page.locator("#model-dit textarea, #model-dit input").first
+    expect(dit_box).to_have_value(studio["manifest"]["dit"]["original"])     # pre-filled with the demo
+    page.locator("#models-inspect").click()
+    table = page.locator("#models-table")
+    expect(table).to_contain_text("qwen_image_demo_bf16.safetensors", timeout=60_000)
+    rows = table.get_by_role("row")
+    dit = rows.filter(has_text="qwen_image_demo_bf16.safetensors")
+    expect(dit.get_by_role("gridcell", name="dit", exact=True)).to_be_visible()
+    expect(dit.get_by_role("gridcell", name="original", exact=True)).to_be_visible()
+    vae = rows.filter(has_text="qwen_image_vae_demo.safetensors")
+    expect(vae.get_by_role("gridcell", name="vae", exact=True)).to_be_visible()
+
+    shot = tmp_path / "screenshot-models.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("QIS_UPDATE_SCREENSHOTS") == "1":   # refresh the README's picture on request only
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, REPO / "docs" / "screenshot-models.png")
+
+
+def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page):
+    from playwright.sync_api import expect
+
+    page.goto(studio["url"])
+    page.get_by_role("tab", name="Jobs").click()
+    page.get_by_text("Run an engine command").click()
+    page.locator("#jobs-run-command textarea, #jobs-run-command input").first.fill("slow_job 1000")
+    page.locator("#jobs-run").click()
+    expect(page.locator("#jobs-status")).to_contain_text("Started", timeout=30_000)
+    page.reload()                                   # the browser session ends; the job does not
+    page.get_by_role("tab", name="Jobs").click()
+    expect(page.locator("#jobs-table")).to_contain_text("running", timeout=30_000)
+    expect(page.locator("#jobs-status")).to_contain_text("running", timeout=30_000)
+    page.locator("#jobs-stop").click()
+    expect(page.locator("#jobs-table")).to_contain_text("stopped", timeout=30_000)
