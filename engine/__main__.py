@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    events = EventWriter(events_file=getattr(cfg, "events_file", None))
+    stream = sys.stderr if cmd.result_on_stdout else None  # keep stdout for the command's one JSON result
+    events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
     return run_command(cmd, cfg, events, rest)
 
 

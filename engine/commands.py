@@ -17,6 +17,8 @@ class Command:
     config: type
     target: str  # "module:function", called as function(cfg, events) -> list of output paths
     summary: str
+    # The command prints its result (one JSON document) on stdout; its events then go to stderr.
+    result_on_stdout: bool = False
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
@@ -30,6 +32,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "VAE-encode the dataset's target and control images into latent cache files."),
     Command("cache_text_encoder_outputs", C.CacheTextEncoderConfig, "engine.data.cache_text:run",
             "Encode the dataset's captions (with control images for edit models) into cache files."),
+    Command("estimate_vram", C.EstimateVramConfig, "engine.vram:run",
+            "Estimate peak VRAM and RAM of train_network / train / generate_image from their options (JSON).",
+            result_on_stdout=True),
     Command("generate_image", C.GenerateImageConfig, "engine.infer.generate:run",
             "Generate images: text-to-image, edit (one or more control images), inpaint mask, RCM."),
 )}

@@ -352,6 +352,27 @@ class GenerateImageConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOpti
     pass
 
 
+ESTIMATE_TARGETS = ("train_network", "train", "generate_image")
+
+
+@dataclass
+class EstimateOptions:
+    for_command: str = opt("train_network", "The command to estimate; takes that command's own options.",
+                           group="Estimate", choices=ESTIMATE_TARGETS, aliases=("--for",))
+    resolution: list[int] = opt([1024, 1024], "Training image width and height (the dataset's resolution).",
+                                group="Estimate", metavar="W H")
+    batch_size: int = opt(1, "Training batch size (the dataset's batch_size).", group="Estimate")
+    num_control_images: Optional[int] = opt(None, "Control images per sample (default: 1 for edit models, 0 "
+                                                  "otherwise).", group="Estimate")
+    caches_ready: bool = opt(False, "The latent and text-encoder caches already exist: leave the caching phase "
+                                    "out of the training peak.", group="Estimate")
+
+
+@dataclass
+class EstimateVramConfig(TrainNetworkConfig, TrainConfig, GenerateImageConfig, EstimateOptions):
+    """The union of the estimated commands' options, so their command lines work with `--for` added."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Machinery: types, argparse, TOML
 # --------------------------------------------------------------------------------------------------

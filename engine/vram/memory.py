@@ -1,0 +1,267 @@
+"""Bytes of each thing that lives in GPU memory or RAM: weights, LoRA, optimiser states, activations.
+
+Pure Python. Every function takes a `Workload` (what the run does) and returns bytes. Constants come from
+engine/vram/constants.py, parameter counts from engine/vram/params.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.vram import params as P
+from engine.vram.constants import value as K
+
+BF16, FP32, FP8 = 2, 4, 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything the estimate depends on, resolved from a command's options."""
+    command: str                  # train_network | train | generate_image
+    width: int
+    height: int
+    batch: int = 1
+    controls: int = 0             # control images per sample (edit models)
+    vl_tokens_per_control: int = 0  # vision tokens each control adds to the text sequence
+    network_dim: int = 4
+    fp8: bool = False
+    fp8_scaled: bool = False
+    fp8_vl: bool = False
+    blocks_to_swap: int = 0
+    gradient_checkpointing: bool = False
+    gc_cpu_offload: bool = False
+    optimizer: str = "adamw"
+    full_bf16: bool = False
+    mixed_precision: str = "no"
+    fused_backward_pass: bool = False
+    mem_eff_save: bool = False
+    save_state: bool = False
+    text_encoder_cpu: bool = False
+    caches_ready: bool = False
+    vae_tiling: bool = False
+
+    @property
+    def training(self) -> bool:
+        return self.command in ("train_network", "train")
+
+    @property
+    def full(self) -> bool:
+        return self.command == "train"
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.height // 16) * (self.width // 16)
+
+    @property
+    def text_tokens(self) -> int:
+        return int(K("prompt_tokens")) + self.controls * self.vl_tokens_per_control
+
+    @property
+    def dit_tokens(self) -> int:
+        """Tokens one DiT forward sees for the whole batch: target + control images + text."""
+        return self.batch * (self.image_tokens * (1 + self.controls) + self.text_tokens)
+
+
+DIM = P.DIT_CONFIG["num_attention_heads"] * P.DIT_CONFIG["attention_head_dim"]
+LAYERS = P.DIT_CONFIG["num_layers"]
+BLOCK_LINEARS = P.dit_block_linears()
+BLOCK_WEIGHTS = sum(l.n_in * l.n_out for l in BLOCK_LINEARS)
+BLOCK_BIASES = sum(l.n_out for l in BLOCK_LINEARS)
+BLOCK_NORMS = P.dit_block_norm_params()
+LARGEST_LINEAR = max(l.n_in * l.n_out for l in BLOCK_LINEARS)
+
+
+# ------------------------------------------------------------------ DiT weights
+
+def dit_param_bytes(w: Workload) -> int:
+    """Bytes per parameter the DiT is stored in (before fp8)."""
+    if w.full:
+        return BF16 if w.full_bf16 else FP32  # musubi's finetuner keeps fp32 weights unless --full_bf16
+    return BF16  # LoRA training and inference compute in bf16
+
+
+def uses_fp8(w: Workload) -> bool:
+    return w.fp8 and not w.full  # the finetuner refuses fp8 (musubi forces it off)
+
+
+def block_bytes(w: Workload) -> tuple[int, int]:
+    """(bytes of one block, of which the part block swap moves: the Linear modules)."""
+    pb = dit_param_bytes(w)
+    if uses_fp8(w) and w.fp8_scaled:
+        scales = BLOCK_WEIGHTS // int(K("fp8_scale_block")) * BF16
+        linear = BLOCK_WEIGHTS * FP8 + scales + BLOCK_BIASES * BF16
+        return linear + BLOCK_NORMS * BF16, linear
+    if uses_fp8(w):  # plain --fp8_base casts the whole model
+        return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * FP8, (BLOCK_WEIGHTS + BLOCK_BIASES) * FP8
+    return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * pb, (BLOCK_WEIGHTS + BLOCK_BIASES) * pb
+
+
+def outer_bytes(w: Workload) -> int:
+    per = FP8 if uses_fp8(w) and not w.fp8_scaled else dit_param_bytes(w)
+    return P.dit_outer_params() * per
+
+
+def dit_bytes(w: Workload) -> int:
+    return outer_bytes(w) + LAYERS * block_bytes(w)[0]
+
+
+def dit_resident_bytes(w: Workload) -> int:
+    """DiT bytes on the GPU: swapped blocks leave only their norms behind (musubi swaps Linear weights)."""
+    full, moved = block_bytes(w)
+    return outer_bytes(w) + LAYERS * full - w.blocks_to_swap * moved
+
+
+def swapped_bytes(w: Workload) -> int:
+    return w.blocks_to_swap * block_bytes(w)[1]
+
+
+def swap_staging_bytes(w: Workload) -> int:
+    """Two pinned host buffers the block exchange stages through (the GPU side is swapped in place)."""
+    return 2 * block_bytes(w)[1] if w.blocks_to_swap else 0
+
+
+def resident_fraction(w: Workload) -> float:
+    return (LAYERS - w.blocks_to_swap) / LAYERS
+
+
+# ------------------------------------------------------------------ trainable parameters and optimiser
+
+def trainable_shapes(w: Workload) -> list[tuple[int, ...]]:
+    """Shapes of the trained tensors: LoRA down/up pairs (and alpha) or the whole DiT."""
+    if not w.full:
+        r = w.network_dim
+        return [s for l in BLOCK_LINEARS for s in ((r, l.n_in), (l.n_out, r), ())] * LAYERS
+    shapes = []
+    for l in BLOCK_LINEARS:
+        shapes += [(l.n_out, l.n_in), (l.n_out,)]
+    shapes = shapes * LAYERS + [(P.DIT_CONFIG["attention_head_dim"],)] * 4 * LAYERS
+    for l in P.dit_outer_linears():
+        shapes += [(l.n_out, l.n_in), (l.n_out,)]
+    return shapes + [(P.DIT_CONFIG["joint_attention_dim"],)]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def trainable_params(w: Workload) -> int:
+    return sum(numel(s) for s in trainable_shapes(w))
+
+
+def trainable_param_bytes(w: Workload) -> int:
+    """LoRA weights are fp32 (musubi's network dtype under bf16 mixed precision)."""
+    return FP32 if not w.full else dit_param_bytes(w)
+
+
+def optimizer_state_bytes(w: Workload) -> int:
+    opt = w.optimizer.lower()
+    pb = trainable_param_bytes(w)
+    total = 0
+    for shape in trainable_shapes(w):
+        n = numel(shape)
+        if "8bit" in opt:  # bitsandbytes: two uint8 states + one fp32 absmax per block; small tensors stay 32-bit
+            total += 2 * (n + 4 * -(-n // int(K("bnb_block")))) if n >= K("bnb_min_8bit_size") else 2 * FP32 * n
+        elif "adafactor" in opt:  # factored second moment in fp32 (row + column) for matrices, no momentum
+            total += FP32 * (shape[0] + shape[1]) if len(shape) == 2 else FP32 * n
+        elif opt in ("sgd", "torch.optim.sgd"):
+            total += 0
+        else:  # AdamW and unknown classes: exp_avg and exp_avg_sq in the parameter's dtype
+            total += 2 * pb * n
+    return total
+
+
+def gradient_bytes(w: Workload) -> int:
+    if w.full and w.fused_backward_pass:
+        # the fused step frees each gradient as soon as it is applied: about one block's worth is alive
+        return (BLOCK_WEIGHTS + BLOCK_BIASES) * dit_param_bytes(w)
+    return trainable_params(w) * trainable_param_bytes(w)
+
+
+def autocast_cache_bytes(w: Workload) -> int:
+    """torch.autocast keeps a bf16 copy of each fp32 trainable leaf for the whole forward/backward."""
+    if w.mixed_precision in ("bf16", "fp16") and trainable_param_bytes(w) == FP32:
+        return trainable_params(w) * BF16
+    return 0
+
+
+# ------------------------------------------------------------------ activations
+
+def act_bytes(w: Workload) -> int:
+    if w.full and w.mixed_precision == "no" and not w.full_bf16:
+        return FP32
+    return BF16
+
+
+def width_unit(w: Workload) -> int:
+    """One (tokens × model width) tensor of the whole batch in the activation dtype."""
+    return w.dit_tokens * DIM * act_bytes(w)
+
+
+def training_activation_bytes(w: Workload) -> tuple[int, int]:
+    """(GPU bytes, RAM bytes) of the activations at the peak of a training step (end of forward + backward)."""
+    unit = width_unit(w)
+    lora_saved = 0 if w.full else len(BLOCK_LINEARS) * w.network_dim * w.dit_tokens * act_bytes(w)
+    if not w.gradient_checkpointing:
+        saved = LAYERS * (K("act_saved_units") * unit + lora_saved)
+        return int(saved + K("act_backward_units") * unit), 0
+    kept = LAYERS * K("ckpt_saved_units") * unit
+    step = K("ckpt_backward_units") * unit + lora_saved
+    if w.gc_cpu_offload:  # block inputs wait in RAM; one block's worth is on the GPU at a time
+        return int(step + 2 * K("ckpt_saved_units") * unit), int(kept)
+    return int(kept + step), 0
+
+
+def fp8_dequant_bytes(w: Workload) -> int:
+    """bf16 copies of fp8 weights: kept for backward (grad wrt input needs W) plus one in-flight copy."""
+    if not uses_fp8(w):
+        return 0
+    in_flight = 2 * LARGEST_LINEAR * BF16  # .to(bf16) then × scale
+    if not w.training:
+        return in_flight
+    blocks_in_backward = 1 if w.gradient_checkpointing else LAYERS
+    return blocks_in_backward * BLOCK_WEIGHTS * BF16 + in_flight
+
+
+def optimizer_step_bytes(w: Workload) -> int:
+    """Transient fp32 copies the optimiser makes of one parameter (update, grad, param in fp32)."""
+    return 3 * LARGEST_LINEAR * FP32 if w.full else 0
+
+
+def inference_activation_bytes(w: Workload) -> int:
+    unit = width_unit(w)
+    return int((K("infer_forward_units") + 2) * unit)  # + the residual streams entering and leaving a block
+
+
+# ------------------------------------------------------------------ text encoder and VAE
+
+def text_encoder_bytes(fp8_vl: bool) -> int:
+    n = P.text_encoder_params()
+    if not fp8_vl:
+        return n * BF16
+    embed = P.TEXT_CONFIG["vocab_size"] * P.TEXT_CONFIG["hidden_size"]
+    return n * FP8 + embed  # --fp8_vl keeps the embedding in bf16
+
+
+def text_encoder_activation_bytes(w: Workload) -> int:
+    """Per encoded prompt: all hidden states (output_hidden_states), one layer's MLP, and the logits."""
+    t, v = P.TEXT_CONFIG, P.VISION_CONFIG
+    per_token = ((t["num_hidden_layers"] + 1 + 4) * t["hidden_size"] + 3 * t["intermediate_size"]
+                 + t["vocab_size"]) * BF16
+    vision_patches = w.controls * w.vl_tokens_per_control * v["spatial_merge_size"] ** 2
+    per_patch = (6 * v["hidden_size"] + 3 * v["intermediate_size"]) * BF16
+    return w.batch * w.text_tokens * per_token + w.batch * vision_patches * per_patch
+
+
+def vae_bytes() -> int:
+    return P.vae_params() * BF16
+
+
+def vae_activation_bytes(w: Workload, decode: bool) -> int:
+    pixels = w.width * w.height
+    if decode and w.vae_tiling:  # diffusers tiles of 256 px: one tile's activations + the full output image
+        return int(K("vae_decode_units") * 256 * 256 * P.VAE_CONFIG["base_dim"] * BF16 + 3 * pixels * FP32)
+    units = K("vae_decode_units") if decode else K("vae_encode_units")
+    return int(units * pixels * P.VAE_CONFIG["base_dim"] * BF16 * (1 if decode else w.batch))
