@@ -137,8 +137,19 @@ def test_transformers_folder_sharded(tmp_path, original, inputs):
     original.save_pretrained(folder, max_shard_size="100KB")
     assert (folder / "model.safetensors.index.json").is_file()
     assert_same_outputs(te.load_text_encoder(folder, "cpu"), original, inputs)
-    # a pipeline folder holding text_encoder/ works as well
+    # a pipeline folder holding text_encoder/ works as well, and so does the first shard (musubi's convention),
+    # whose sibling config.json is used because it is a Qwen2.5-VL config
     assert_same_outputs(te.load_text_encoder(tmp_path, "cpu"), original, inputs)
+    first = sorted(folder.glob("model-00001-of-*.safetensors"))[0]
+    assert_same_outputs(te.load_text_encoder(first, "cpu"), original, inputs)
+
+
+def test_foreign_sibling_config_is_ignored(tmp_path, original):
+    """A ComfyUI file next to another model's config.json: that config is not used (the file's metadata is)."""
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage", "z_dim": 16}))
+    path = save_file_atomic(old_layout(original), tmp_path / "te.safetensors",
+                            {"config": json.dumps(original.config.to_dict())})
+    assert te.text_encoder_files(path) == ([path], None)
 
 
 def test_dtype_argument(tmp_path, original, inputs):
@@ -202,12 +213,18 @@ def _file(tmp_path, tensors: dict, name="x.safetensors", metadata=None):
 @pytest.mark.parametrize("keys, match", [
     ({"shared.weight": (8, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4)}, "T5"),
     ({"text_model.encoder.layers.0.self_attn.q_proj.weight": (4, 4)}, "CLIP"),
-    ({"model.layers.0.self_attn.q_norm.weight": (4,), "model.layers.0.self_attn.q_proj.weight": (4, 4)}, "Qwen3"),
-    ({"transformer_blocks.0.img_mod.1.weight": (4, 4)}, "diffusion transformer"),
-    ({"model.diffusion_model.transformer_blocks.0.attn.to_q.weight": (4, 4)}, "diffusion transformer"),
-    ({"encoder.down.0.block.0.conv1.weight": (4, 4)}, "VAE"),
-    ({"model.layers.0.self_attn.q_proj.weight": (4, 4), "model.norm.weight": (4,)}, "without a vision tower"),
-], ids=["t5", "clip", "qwen3", "dit", "comfy_dit", "vae", "text_only_qwen"])
+    ({"model.embed_tokens.weight": (8, 4), "model.layers.0.self_attn.q_norm.weight": (4,),
+      "model.layers.0.self_attn.q_proj.weight": (4, 4)}, "without a vision tower"),       # Qwen3
+    ({"img_in.weight": (4, 4), "txt_in.weight": (4, 4), "transformer_blocks.0.img_mod.1.weight": (4, 4)},
+     "Qwen-Image DiT"),
+    ({"model.diffusion_model.img_in.weight": (4, 4), "model.diffusion_model.txt_in.weight": (4, 4),
+      "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": (4, 4)}, "Qwen-Image DiT"),
+    ({"double_blocks.0.img_attn.qkv.weight": (4, 4)}, "Flux"),
+    ({"encoder.conv_in.weight": (8, 3, 3, 3), "encoder.down.0.block.0.conv1.weight": (8, 8, 3, 3),
+      "decoder.conv_in.weight": (8, 4, 3, 3)}, "2-D image VAE"),
+    ({"model.embed_tokens.weight": (8, 4), "model.layers.0.self_attn.q_proj.weight": (4, 4),
+      "model.layers.0.self_attn.q_proj.bias": (4,)}, "without a vision tower"),
+], ids=["t5", "clip", "qwen3", "dit", "comfy_dit", "flux", "sd_vae", "text_only_qwen"])
 def test_wrong_family_is_refused(tmp_path, keys, match):
     err = _refused(_file(tmp_path, keys), match)
     assert "qwen_2.5_vl_7b.safetensors" in err.hint

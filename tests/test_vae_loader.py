@@ -133,6 +133,8 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path, original, codec):
     assert (tmp_path / "vae" / "config.json").is_file()
     assert_same_codec(V.load_vae(tmp_path / "vae", "cpu"), codec)
     assert_same_codec(V.load_vae(tmp_path, "cpu"), codec)   # pipeline folder with vae/
+    # the file itself: its sibling config.json is an AutoencoderKLQwenImage config, so it is used
+    assert_same_codec(V.load_vae(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", "cpu"), codec)
 
 
 def test_diffusers_single_file(tmp_path, original, codec):
@@ -202,21 +204,21 @@ def _file(tmp_path, shapes: dict, name="vae.safetensors"):
 
 def test_sd_flux_vae_is_refused(tmp_path):
     err = _refused(_file(tmp_path, {"encoder.down.0.block.0.conv1.weight": (8, 8, 3, 3),
-                                    "encoder.conv_in.weight": (8, 3, 3, 3), "quant_conv.weight": (32, 32, 1, 1)},
-                         "ae.safetensors"), "SD/SDXL/Flux")
+                                    "encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_in.weight": (8, 16, 3, 3),
+                                    "quant_conv.weight": (32, 32, 1, 1)}, "ae.safetensors"), "SD / SDXL / Flux")
     assert "qwen_image" in err.hint.lower() or "Qwen/Qwen-Image" in err.hint
 
 
 def test_wan22_vae_is_refused(tmp_path):
     _refused(_file(tmp_path, {"conv1.weight": (96, 96, 1, 1, 1), "conv1.bias": (96,),
-                              "encoder.conv1.weight": (160, 12, 3, 3, 3),
+                              "encoder.conv1.weight": (160, 12, 3, 3, 3), "decoder.conv1.weight": (1024, 48, 3, 3, 3),
                               "encoder.downsamples.0.downsamples.0.residual.0.gamma": (160, 1, 1, 1)},
-                         "wan2.2_vae.safetensors"), "Wan2.2")
+                         "wan2.2_vae.safetensors"), "48 latent channels")
 
 
 def test_48_channel_diffusers_vae_is_refused(tmp_path):
-    _refused(_file(tmp_path, {"quant_conv.weight": (96, 96, 1, 1, 1), "encoder.conv_in.weight": (160, 12, 3, 3, 3)}),
-             "48 latent channels")
+    _refused(_file(tmp_path, {"quant_conv.weight": (96, 96, 1, 1, 1), "encoder.conv_in.weight": (160, 12, 3, 3, 3),
+                              "decoder.conv_in.weight": (1024, 48, 3, 3, 3)}), "48 latent channels")
 
 
 def test_layered_rgba_vae_is_refused(tmp_path):
@@ -226,10 +228,13 @@ def test_layered_rgba_vae_is_refused(tmp_path):
     _refused(path, "Layered RGBA")
 
 
-@pytest.mark.parametrize("key, match", [("transformer_blocks.0.img_mod.1.weight", "DiT"),
-                                        ("model.layers.0.self_attn.q_proj.weight", "text encoder")])
-def test_other_components_are_refused(tmp_path, key, match):
-    _refused(_file(tmp_path, {key: (4, 4)}), match)
+@pytest.mark.parametrize("keys, match", [
+    (("img_in.weight", "txt_in.weight", "transformer_blocks.0.img_mod.1.weight"), "Qwen-Image DiT"),
+    (("model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight"), "text encoder"),
+    (("some.random.weight",), "unknown layout"),
+], ids=["dit", "text_encoder", "unknown"])
+def test_other_components_are_refused(tmp_path, keys, match):
+    _refused(_file(tmp_path, {k: (4, 4) for k in keys}), match)
 
 
 def test_shape_mismatch_against_published_config(tmp_path, original):

@@ -16,6 +16,7 @@ computed in float32 (musubi-tuner's --fp8_vl, reference §1.5).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import types
@@ -82,20 +83,6 @@ PUBLISHED_TE_PARAMS = 8_292_166_656       # incl. vision tower and lm_head
 LM_HEAD = "lm_head.weight"
 EMBED = "model.language_model.embed_tokens.weight"
 
-# Key fragments of other model families, to name what a wrong file is (checked on headers only).
-_OTHER_FAMILIES = (
-    ("transformer_blocks.", "a diffusion transformer (DiT), not a text encoder"),
-    ("double_blocks.", "a Flux-style diffusion transformer, not a text encoder"),
-    ("encoder.down", "a VAE, not a text encoder"),
-    ("decoder.up", "a VAE, not a text encoder"),
-    ("encoder.block.", "a T5 text encoder (used by Flux/Wan/SD3), not Qwen2.5-VL"),
-    ("shared.weight", "a T5 text encoder (used by Flux/Wan/SD3), not Qwen2.5-VL"),
-    ("text_model.encoder.layers.", "a CLIP text encoder, not Qwen2.5-VL"),
-    ("self_attn.q_norm.", "a Qwen3 language model (q_norm/k_norm keys), not Qwen2.5-VL-7B"),
-    ("lora_", "a LoRA, not a text encoder"),
-)
-
-
 def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                       fp8_vl: bool = False):
     """Load Qwen2.5-VL as `Qwen2_5_VLForConditionalGeneration` on `device`, in eval mode, frozen.
@@ -137,12 +124,25 @@ def model_class():
 
 
 def text_encoder_files(path: str | os.PathLike) -> tuple[list[Path], Path | None]:
-    """(safetensors files, config.json next to them or None) for a file, shard, folder or pipeline folder."""
+    """(safetensors files, config.json next to them or None) for a file, shard, folder or pipeline folder.
+    A file's sibling config.json counts only when it is a Qwen2.5-VL config (not some other model's)."""
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
         path = path / "text_encoder"   # a whole diffusers pipeline folder
     files = expand_shards(path)
-    return files, (path / "config.json" if path.is_dir() else None)
+    if path.is_dir():
+        return files, path / "config.json"
+    return files, sibling_config(path, "model_type", "qwen2_5_vl")
+
+
+def sibling_config(file: Path, key: str, value: str) -> Path | None:
+    """The config.json next to a weights file when its `key` is `value` (a ComfyUI file may sit next to some
+    other model's config.json, which must not be used)."""
+    sibling = file.parent / "config.json"
+    try:
+        return sibling if json.loads(sibling.read_text(encoding="utf-8")).get(key) == value else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def make_config(config_dict: dict, source: str):
@@ -158,21 +158,18 @@ def make_config(config_dict: dict, source: str):
 
 
 def check_is_qwen25vl(tensors: common.TensorMap, first: Path) -> None:
-    """Refuse a file that is not a Qwen2.5-VL text encoder, naming what it looks like (headers only)."""
-    keys = list(tensors)
-    for fragment, what in _OTHER_FAMILIES:
-        hit = next((k for k in keys if fragment in k), None)
-        if hit is not None:
-            raise ModelFileError(f"{first}: this is not the Qwen2.5-VL text encoder; it looks like {what} "
-                                 f"(key {hit!r}).", f"Pass the text encoder to --text_encoder. "
-                                 f"{downloads.hint('text_encoder')}")
-    has_lm = any(k.startswith(("model.layers.", "model.language_model.layers.")) for k in keys)
-    has_vision = any(k.startswith(("visual.", "model.visual.")) for k in keys)
-    if not (has_lm and has_vision):
-        found = "a language model without a vision tower (no visual.* keys)" if has_lm else \
-            f"no Qwen2.5-VL layout (e.g. {', '.join(keys[:3]) or 'no tensors'})"
-        raise ModelFileError(f"{first}: this is not the Qwen2.5-VL text encoder: {found}.",
-                             f"Qwen-Image needs Qwen2.5-VL-7B with its vision tower. {downloads.hint('text_encoder')}")
+    """Refuse a file that is not a Qwen2.5-VL text encoder with its vision tower, naming what it looks like
+    (headers only; the identification is inspect_model's)."""
+    from engine.models.inspect import identify_tensors
+
+    ident = identify_tensors(tensors)
+    if ident.component == "text_encoder" and ident.family == "qwen2.5-vl" and not ident.problems:
+        return
+    problems = f" ({'; '.join(ident.problems)})" if ident.problems else ""
+    raise ModelFileError(f"{first}: this is not the Qwen2.5-VL text encoder; it looks like "
+                         f"{ident.description or 'no known model layout'}{problems}.",
+                         f"Pass the Qwen-Image text encoder (Qwen2.5-VL-7B with its vision tower) to --text_encoder. "
+                         f"{downloads.hint('text_encoder')}")
 
 
 def key_mapping(tensors: common.TensorMap):

@@ -21,6 +21,7 @@ import torch
 from engine.errors import ModelFileError
 from engine.models import common, downloads
 from engine.models.safetensors_io import expand_shards, read_headers
+from engine.models.text_encoder import sibling_config
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,6 @@ _MIDDLE_RE = re.compile(r"^(encoder|decoder)\.middle\.(\d+)(?:\.(.*))?$")
 _DOWN_RE = re.compile(r"^encoder\.downsamples\.(\d+)\.(.*)$")
 _UP_RE = re.compile(r"^decoder\.upsamples\.(\d+)\.(.*)$")
 
-# Key fragments of other model families, to name what a wrong file is (headers only).
-_OTHER_FAMILIES = (
-    ("encoder.down.", "an SD/SDXL/Flux-style 2-D VAE (encoder.down.N.block keys), not the Qwen-Image VAE"),
-    ("decoder.up.", "an SD/SDXL/Flux-style 2-D VAE (decoder.up.N.block keys), not the Qwen-Image VAE"),
-    ("downsamples.0.downsamples.", "the Wan2.2 VAE (48 latent channels), not the Qwen-Image VAE"),
-    ("transformer_blocks.", "a diffusion transformer (DiT), not a VAE"),
-    ("model.diffusion_model.", "a diffusion transformer (DiT), not a VAE"),
-    ("layers.0.self_attn.", "a text encoder, not a VAE"),
-    ("lora_", "a LoRA, not a VAE"),
-)
-
-
 def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Load the Qwen-Image VAE as diffusers' `AutoencoderKLQwenImage` on `device`, in eval mode, frozen.
 
@@ -100,36 +89,41 @@ def model_class():
 
 
 def vae_files(path: str | os.PathLike) -> tuple[list[Path], Path | None]:
-    """(safetensors files, config.json next to them or None) for a file, vae/ folder or pipeline folder."""
+    """(safetensors files, config.json next to them or None) for a file, vae/ folder or pipeline folder.
+    A file's sibling config.json counts only when it is an AutoencoderKLQwenImage config."""
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
         path = path / "vae"   # a whole diffusers pipeline folder
     files = expand_shards(path)
-    return files, (path / "config.json" if path.is_dir() else None)
+    if path.is_dir():
+        return files, path / "config.json"
+    return files, sibling_config(path, "_class_name", PUBLISHED_VAE_CONFIG["_class_name"])
 
 
 def check_is_qwen_vae(tensors: common.TensorMap, first: Path, comfy: bool) -> None:
-    """Refuse files that are not a 16-channel RGB Qwen-Image VAE, naming what they look like (headers only)."""
+    """Refuse files that are not a 16-channel RGB Qwen-Image VAE, naming what they look like (headers only; the
+    identification is inspect_model's)."""
+    from engine.models.inspect import identify_tensors
+
     def refuse(what: str):
         raise ModelFileError(f"{first}: this is not the Qwen-Image VAE; it looks like {what}.",
                              f"Pass the Qwen-Image VAE to --vae. {downloads.hint('vae')}")
 
-    for fragment, what in _OTHER_FAMILIES:
-        hit = next((k for k in tensors if fragment in k), None)
-        if hit is not None:
-            refuse(f"{what} (key {hit!r})")
+    ident = identify_tensors(tensors)
+    if ident.component != "vae" or ident.family != "qwen-image":
+        refuse(ident.description or "no known model layout")
     quant, conv_in = ("conv1.weight", "encoder.conv1.weight") if comfy else ("quant_conv.weight",
                                                                              "encoder.conv_in.weight")
     if quant not in tensors or conv_in not in tensors:
-        refuse(f"no known VAE layout (no {quant!r} / {conv_in!r}; e.g. {', '.join(list(tensors)[:3]) or 'empty'})")
+        refuse(f"an incomplete VAE (no {quant!r} / {conv_in!r})")
     z_channels = tensors[quant][1].shape[0] // 2
     if z_channels != LATENT_CHANNELS:
         refuse(f"a VAE with {z_channels} latent channels (the Wan2.2 VAE has 48); Qwen-Image uses 16")
     image_channels = tensors[conv_in][1].shape[1]
     if image_channels == 4:
         refuse("the Qwen-Image-Layered RGBA VAE (4 image channels); Qwen-Image, Edit, 2509 and 2511 use the RGB VAE")
-    if image_channels != 3:
-        refuse(f"a VAE for {image_channels}-channel images; the Qwen-Image VAE takes RGB")
+    if image_channels != 3 or ident.problems:
+        refuse(f"a VAE for {image_channels}-channel images ({'; '.join(ident.problems)}); the Qwen-Image VAE takes RGB")
 
 
 def wan_key_rename(num_res_blocks: int):
