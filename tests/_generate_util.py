@@ -154,3 +154,23 @@ def shrink_official_area(monkeypatch, side: int = 64, vl_side: int = 32):
     monkeypatch.setattr(variants, "VAE_AREA", area)
     for name in ("edit-2509", "edit-2511"):
         monkeypatch.setitem(variants.VARIANTS, name, dataclasses.replace(variants.VARIANTS[name], vl_area=vl_area))
+
+
+def run_generate(argv: list[str], events_path: Path) -> tuple[int, list[dict]]:
+    """`python -m engine generate_image ...` in this process (so monkeypatches apply); (exit code, events)."""
+    import json
+
+    from engine.__main__ import main
+
+    events_path = Path(events_path)
+    rc = main(["generate_image", *argv, "--events_file", str(events_path)])
+    lines = [json.loads(x) for x in events_path.read_text().splitlines()] if events_path.exists() else []
+    return rc, lines
+
+
+def outputs_of(events: list[dict]) -> list[str]:
+    return next(e for e in events if e["type"] == "done")["outputs"]
+
+
+def error_of(events: list[dict]) -> dict:
+    return next(e for e in events if e["type"] == "error")
