@@ -175,11 +175,16 @@ def test_processor_matches_transformers(tokenizer, reference_processor, case):
         assert n_pad == int(ours["image_grid_thw"].prod(-1).sum()) // 4
 
 
-def test_processor_drops_alpha_like_rgb(tokenizer):
-    text = [VARIANTS["edit"].prompt_text("p", 1)]
-    rgba = _image(50, 50, 5, "RGBA")
-    ours = VisionProcessor(tokenizer)(text, [rgba])
-    assert torch.equal(ours["pixel_values"], VisionProcessor(tokenizer)(text, [rgba.convert("RGB")])["pixel_values"])
+def test_processor_converts_rgba_and_grey_like_transformers(tokenizer, reference_processor):
+    texts = [VARIANTS["edit-2509"].prompt_text("p", 2)]
+    images = [_image(50, 50, 5, "RGBA"), _image(40, 60, 6, "RGB").convert("L")]
+    ours = VisionProcessor(tokenizer)(texts, images)
+    _assert_same(ours, reference_processor(text=list(texts), images=images, padding=True, return_tensors="pt"))
+    # RGBA is composited on white (not alpha dropped): the first image's patches equal those of that composite
+    white = Image.alpha_composite(Image.new("RGBA", (50, 50), "white"), images[0]).convert("RGB")
+    n_patches = int(ours["image_grid_thw"][0].prod())
+    single = VisionProcessor(tokenizer)([VARIANTS["edit"].prompt_text("p", 1)], [white])
+    assert torch.equal(ours["pixel_values"][:n_patches], single["pixel_values"])
 
 
 def test_processor_uses_published_pixel_limits(tokenizer):

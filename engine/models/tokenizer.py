@@ -147,7 +147,8 @@ class VisionProcessor:
                              "were given; they must match one to one")
         out = {}
         if images:
-            vision = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+            # Non-RGB images are converted by the image processor as transformers does (RGBA: composited on white).
+            vision = self.image_processor(images, return_tensors="pt")
             out["pixel_values"] = vision["pixel_values"]
             out["image_grid_thw"] = vision["image_grid_thw"]
             texts = self._expand_image_pads(texts, out["image_grid_thw"])
