@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from engine.config import atomic_write_text
-from engine.errors import OptionError
+from engine.errors import EngineError, OptionError
 from engine.variants import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,20 @@ def _install(tmp: Path, root: Path, force: bool) -> dict:
     if root.exists():
         old = root.parent / f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(root, old)
-    os.replace(tmp, root)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        # A concurrent build put its folder there between our check and our rename: use it if complete.
+        if (manifest := load_manifest(root)) is None:
+            raise
+        return manifest
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return load_manifest(root)
+    if (manifest := load_manifest(root)) is None:
+        raise EngineError(f"the demo built in {root} does not check out as complete ({MANIFEST} or a file is "
+                          "missing).", "Run `python -m engine make_demo DIR --force` again; if it repeats, "
+                          "this is a bug.")
+    return manifest
 
 
 def _fsync_tree(folder: Path) -> None:

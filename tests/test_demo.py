@@ -243,6 +243,14 @@ def test_partial_or_moved_builds_are_not_taken_for_a_demo(demo_dir, tmp_path):
     demo.make_demo(target)
     assert missing.is_file() and demo.load_manifest(target) is not None
 
+    # --force rebuilds a complete demo (same seeds, same weights, new files).
+    before = missing.stat().st_mtime_ns, missing.stat().st_ino
+    forced = demo.make_demo(target, force=True)
+    assert (missing.stat().st_mtime_ns, missing.stat().st_ino) != before
+    assert forced["files"] == manifest["files"]
+    (new, new_meta), (old, old_meta) = read_safetensors(missing), read_safetensors(demo_dir / "models" / missing.name)
+    assert new_meta == old_meta and new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
+
 
 def test_refuses_to_replace_an_unrelated_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
@@ -252,6 +260,12 @@ def test_refuses_to_replace_an_unrelated_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- command line
+
+def test_manifest_reading_needs_no_torch():
+    """The app checks for a demo at start-up, where torch must not be imported (it costs seconds)."""
+    code = "import sys, engine.demo; engine.demo.load_manifest('/nonexistent'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 def test_cli_make_demo_emits_start_and_done(tmp_path, demo_dir):
     target = tmp_path / "cli_demo"
