@@ -81,6 +81,13 @@ def test_folder_without_special_tokens_is_refused(tmp_path):
         load_tokenizer(folder)
 
 
+@pytest.mark.parametrize("content", ['{"broken": ', '{"model": {"type": "BPE"}}'], ids=["bad_json", "not_qwen"])
+def test_damaged_tokenizer_json_is_refused(tmp_path, content):
+    (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(ModelFileError, match="cannot be read as a Qwen2 tokenizer"):
+        load_tokenizer(tmp_path)
+
+
 def test_missing_folder_and_file_paths(tmp_path):
     with pytest.raises(ModelFileError, match="no such folder"):
         load_tokenizer(tmp_path / "nope")

@@ -46,7 +46,13 @@ def load_tokenizer(path_or_id: str | os.PathLike | None = None, cache_dir: str |
     check_tokenizer_folder(folder)
     from transformers import Qwen2Tokenizer
 
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
+    try:
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as exc:   # a damaged or foreign tokenizer file
+        raise ModelFileError(f"tokenizer folder {folder}: its files cannot be read as a Qwen2 tokenizer "
+                             f"({type(exc).__name__}: {exc})",
+                             f"download the files again from https://huggingface.co/{HUB_REPO}/tree/main/"
+                             f"{HUB_SUBFOLDER}") from exc
     _check_special_tokens(tokenizer, folder)
     return tokenizer
 
