@@ -11,7 +11,6 @@ import logging
 
 import torch
 
-from engine.errors import OptionError
 from engine.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -61,25 +60,64 @@ def lora_merger(cfg):
 
 
 def load_transformer(cfg, variant: Variant, device: torch.device, dtype: torch.dtype):
+    """Load the DiT once: LoRA merged while reading, then fp8 (--fp8 / --fp8_scaled), block swap, attention."""
     from engine.models.dit import load_dit
 
-    check_memory_options(cfg, device)
     merger = lora_merger(cfg)
-    dit = load_dit(cfg.dit, model_version=variant.name, device=device, dtype=dtype,
-                   transform=merger.transform if merger else None)
+    fp8 = Fp8Hook(scaled=cfg.fp8_scaled) if (cfg.fp8 or cfg.fp8_scaled) else None
+    hooks = [h for h in (merger.transform if merger else None, fp8.transform if fp8 else None) if h]
+    transform = (lambda key, t: _chain(hooks, key, t)) if hooks else None
+    swap = cfg.blocks_to_swap > 0
+    # with block swap the model is built in host RAM and the swapper places it (non-block parts on the device)
+    dit = load_dit(cfg.dit, model_version=variant.name, device="cpu" if swap else device, dtype=dtype,
+                   transform=transform)
     if merger is not None:
         merger.check_all_used()
+    if fp8 is not None:
+        fp8.finish(dit)
     dit.eval().requires_grad_(False)
+    if swap:
+        from engine.models.block_swap import enable_block_swap
+
+        enable_block_swap(dit, cfg.blocks_to_swap, device, supports_backward=False)
+        log.info("block swap: %d of %d blocks stream from host RAM", cfg.blocks_to_swap, len(dit.transformer_blocks))
     backend = attention_backend(cfg.attn_mode, device)
     if backend != "native":
         dit.set_attention_backend(backend)
     return dit
 
 
-def check_memory_options(cfg, device: torch.device) -> None:
-    """--fp8 / --fp8_scaled / --blocks_to_swap need the fp8 and block-swap modules; refuse clearly without them."""
-    wanted = [name for name, on in (("--fp8", cfg.fp8), ("--fp8_scaled", cfg.fp8_scaled),
-                                    ("--blocks_to_swap", cfg.blocks_to_swap > 0)) if on]
-    if wanted:
-        raise OptionError(f"{', '.join(wanted)}: not available in generate_image yet",
-                          "run without it (needs ~41 GB of VRAM for the DiT in bf16)")
+def _chain(hooks, key, tensor):
+    for hook in hooks:
+        tensor = hook(key, tensor)
+    return tensor
+
+
+class Fp8Hook:
+    """fp8 storage of the block Linear weights while loading (engine.models.fp8): each weight is quantised as it
+    is read; the block-wise scales are attached after loading (load_dit builds the plain model, which has no
+    scale buffers for a strict load to fill)."""
+
+    def __init__(self, scaled: bool):
+        self.scaled = scaled
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def transform(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        from engine.models.fp8 import is_target, quantize_weight
+
+        if not is_target(key) or tensor.dim() == 1:
+            return tensor
+        q, scale = quantize_weight(tensor, self.scaled, key)
+        if scale is not None:
+            self.scales[key] = scale
+        return q
+
+    def finish(self, dit) -> None:
+        from engine.models.fp8 import patch_fp8_linears
+
+        modules = dict(dit.named_modules())
+        for key, scale in self.scales.items():
+            modules[key[: -len(".weight")]].register_buffer("scale_weight", scale)
+        patched = patch_fp8_linears(dit, self.scaled)
+        log.info("fp8%s: %d block Linear weights stored as float8_e4m3fn", " (block-wise scaled)" * self.scaled,
+                 len(patched))
