@@ -168,3 +168,27 @@ def test_attention_fallback_warns_once_and_matches_sdpa(demo_manifest, tmp_path)
     assert len(warnings) == 1 and "SDPA" in warnings[0]["message"]
     a, b = (np.asarray(Image.open(outputs_of(x)[0])) for x in (sdpa, flash))
     assert np.array_equal(a, b)
+
+
+def test_edit_dit_without_edit_mode_refused_before_loading(demo_manifest, tmp_path):
+    m = demo_manifest
+    rc, events = run_generate(["--dit", m["dit"]["edit-2509"], "--vae", m["vae"], "--text_encoder",
+                               m["text_encoder"], "--tokenizer", m["tokenizer"], "--prompt", "p", "--save_path",
+                               str(tmp_path)], tmp_path / "e.jsonl")
+    assert rc == 2 and "no edit mode was given" in error_of(events)["message"]
+    assert not any(e["type"] == "phase" for e in events)
+
+
+def test_prompt_line_options():
+    from engine.infer.jobs import Job, parse_prompt_line
+
+    base = Job("x", None, 256, 256, 1, 25, 4.0, None)
+    job = parse_prompt_line("a cat --w 512 --h 384 --d 9 --s 10 --l 3.5 --fs 2.0 --n bad --ci a.png --ci b.png "
+                            "--m m.png --rcm_th 0.2 --rcm_rel_th yes --rcm_ks 5 --rcm_ds 1", base, 3)
+    assert (job.prompt, job.width, job.height, job.seed, job.steps, job.guidance_scale, job.flow_shift) == \
+        ("a cat", 512, 384, 9, 10, 3.5, 2.0)
+    assert job.negative_prompt == "bad" and job.control_paths == ["a.png", "b.png"] and job.mask_path == "m.png"
+    assert (job.rcm_threshold, job.rcm_relative, job.rcm_kernel_size, job.rcm_dilate_size) == (0.2, True, 5, 1)
+    assert parse_prompt_line("--w 64", base, 1).prompt == "" and base.width == 256
+    with pytest.raises(Exception, match="unknown option --zz"):
+        parse_prompt_line("p --zz 1", base, 4)

@@ -52,6 +52,7 @@ def run(cfg, events) -> list[str]:
 
     events.phase("loading", model="vae")
     vae = load_vae_model(cfg.vae, device)
+    enable_tiling(vae, cfg.vae_enable_tiling)
     if cfg.latent_path:
         return decode_latent_files(cfg, vae, device, events, save_dir)
 
@@ -88,6 +89,11 @@ def load_vae_model(path, device):
 
     # float32 on every device: bf16 decoding can give NaN/black images (diffusers-transformers.md §1.3)
     return load_vae(path, device=device, dtype=torch.float32)
+
+
+def enable_tiling(vae, on: bool) -> None:
+    if on:
+        vae.enable_tiling()
 
 
 def free_memory(device: torch.device) -> None:

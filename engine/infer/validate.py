@@ -31,11 +31,26 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
         return
     _require_file(cfg.dit, "--dit", "the Qwen-Image DiT (.safetensors file, shard or transformer/ folder)")
     _require_file(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (qwen_2.5_vl_7b.safetensors or a folder)")
+    check_dit_headers(cfg.dit, variant)
     check_loras(cfg)
     if not cfg.from_file and not cfg.prompt and cfg.prompt != "":
         raise OptionError("no prompt: give --prompt or --from_file", "e.g. --prompt \"a red fox in the snow\"")
     for job in jobs:
         check_job(job, variant, cfg)
+
+
+def check_dit_headers(path: str, variant: Variant) -> None:
+    """The DiT's kind and edit evidence from its headers (milliseconds), so a wrong file or a missing edit mode
+    fails now rather than after the text encoder has run."""
+    from engine.models import common
+    from engine.models.dit import check_edit_evidence, check_is_qwen_dit, dit_files
+    from engine.models.safetensors_io import read_headers
+
+    files, _ = dit_files(path)
+    tensors = read_headers(files)
+    check_is_qwen_dit(tensors, files[0])
+    common.check_not_prequantized(tensors, "dit", variant.name)
+    check_edit_evidence(tensors, Path(path), variant)
 
 
 def check_loras(cfg) -> None:
