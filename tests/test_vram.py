@@ -281,3 +281,10 @@ def test_estimator_and_presets_do_not_import_torch():
            " assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_constants_doc_lists_every_constant_with_its_value():
+    from engine.vram.constants import markdown_table
+
+    doc = (ROOT / "docs/vram-constants.md").read_text(encoding="utf-8")
+    assert markdown_table() in doc, "docs/vram-constants.md: paste engine.vram.constants.markdown_table() output"

@@ -77,3 +77,10 @@ CONSTANTS: dict[str, Constant] = {
 
 def value(name: str) -> float:
     return CONSTANTS[name].value
+
+
+def markdown_table() -> str:
+    """The constants table of docs/vram-constants.md (a test keeps the doc equal to this)."""
+    rows = ["| constant | value | unit | source | how it was obtained |", "|---|---|---|---|---|"]
+    rows += [f"| `{name}` | {c.value:g} | {c.unit} | {c.source} | {c.note} |" for name, c in CONSTANTS.items()]
+    return "\n".join(rows)
