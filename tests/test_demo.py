@@ -294,7 +294,7 @@ def test_cli_make_demo_emits_start_and_done(tmp_path, demo_dir):
 
 # ---------------------------------------------------------------------------------------------- conftest fixtures
 
-def test_diffusers_edit_pipelines_run_on_the_demo_files(demo_manifest, patch_edit_pipeline_area):
+def test_diffusers_edit_pipelines_run_on_the_demo_files(demo_manifest, patch_edit_pipeline_area, tmp_path):
     """The processor patch and the area fixture together: diffusers' own Edit and EditPlus pipelines, built
     from the demo files with diffusers/transformers classes, run at 64 px."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,
@@ -306,6 +306,9 @@ def test_diffusers_edit_pipelines_run_on_the_demo_files(demo_manifest, patch_edi
     tokenizer = Qwen2Tokenizer.from_pretrained(demo_manifest["tokenizer"])
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16),
                                  tokenizer=tokenizer)
+    processor.save_pretrained(str(tmp_path / "processor"))
+    reloaded = Qwen2VLProcessor.from_pretrained(str(tmp_path / "processor"))
+    assert reloaded.image_processor.size["longest_edge"] == 28 * 28 * 16
     tensors, meta = read_safetensors(demo_manifest["text_encoder"])
     te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**json.loads(meta["config"])))
     to_current = {demo.comfy_text_encoder_key(k): k for k in te.state_dict()}
