@@ -251,6 +251,12 @@ def test_wrong_model_type_in_config_is_refused(tmp_path, original):
     _refused(path, "'qwen3' model, not Qwen2.5-VL")
 
 
+def test_invalid_config_metadata_is_refused(tmp_path, original):
+    path = save_file_atomic(old_layout(original), tmp_path / "te.safetensors",
+                            {"config": json.dumps({"model_type": "qwen2_5_vl", "text_config": "oops"})})
+    _refused(path, "not a valid Qwen2.5-VL config")
+
+
 def test_not_safetensors_is_refused(tmp_path):
     path = tmp_path / "qwen_2.5_vl_7b.safetensors"
     path.write_bytes(b"PK\x03\x04" + b"\x00" * 100)

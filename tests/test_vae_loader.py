@@ -249,6 +249,12 @@ def test_prequantized_fp8_vae_is_refused(tmp_path, original):
              "pre-quantized fp8")
 
 
+def test_invalid_config_metadata_is_refused(tmp_path, original):
+    bad = {**json.loads(config_json(original)), "dim_mult": "x"}
+    _refused(save_file_atomic(wan_state_dict(original), tmp_path / "vae.safetensors", {"config": json.dumps(bad)}),
+             "not a valid AutoencoderKLQwenImage config")
+
+
 def test_not_safetensors_is_refused(tmp_path):
     path = tmp_path / "qwen_image_vae.safetensors"
     path.write_text("<html>sign in</html>")

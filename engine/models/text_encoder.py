@@ -148,13 +148,19 @@ def sibling_config(file: Path, key: str, value: str) -> Path | None:
 def make_config(config_dict: dict, source: str):
     """A `Qwen2_5_VLConfig` from the current nested layout or the transformers-4 flat one (whose top-level
     text fields the config class routes into text_config)."""
+    from huggingface_hub.errors import StrictDataclassError   # transformers 5 configs validate field types
     from transformers import Qwen2_5_VLConfig
 
     model_type = config_dict.get("model_type", "qwen2_5_vl")
     if model_type != "qwen2_5_vl":
         raise ModelFileError(f"{source} describes a {model_type!r} model, not Qwen2.5-VL ('qwen2_5_vl').",
                              f"Use the Qwen-Image text encoder. {downloads.hint('text_encoder')}")
-    return Qwen2_5_VLConfig(**config_dict)
+    try:
+        return Qwen2_5_VLConfig(**config_dict)
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as exc:
+        raise ModelFileError(f"{source} is not a valid Qwen2.5-VL config ({type(exc).__name__}: {exc}).",
+                             "Store the transformers config dict of the model there, or remove it to use the "
+                             "published Qwen2.5-VL-7B config.") from exc
 
 
 def check_is_qwen25vl(tensors: common.TensorMap, first: Path) -> None:

@@ -72,7 +72,12 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
     config, source = common.resolve_config(files, PUBLISHED_VAE_CONFIG, folder_config)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     rename = wan_key_rename(config.get("num_res_blocks", 2)) if comfy else None
-    model = common.build_empty(model_class(), config)
+    try:
+        model = common.build_empty(model_class(), config)
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise ModelFileError(f"{source} is not a valid AutoencoderKLQwenImage config ({type(exc).__name__}: {exc}).",
+                             "Store the diffusers config dict of the VAE there, or remove it to use the published "
+                             "Qwen-Image VAE config.") from exc
     common.check_shapes(model, tensors, source, rename=rename, what="Qwen-Image VAE")
 
     dtype = common.choose_dtype(device, tensors, dtype)
