@@ -106,3 +106,66 @@ def test_header_problems_are_refused(tmp_path):
         load_preset(_write(tmp_path, HEADER.format(kind="train").replace("[1024, 1024]", "[1000, 1024]")))
     with pytest.raises(OptionError, match="unknown \\[preset\\] key"):
         load_preset(_write(tmp_path, HEADER.format(kind="train") + "fp8 = true\n"))
+
+
+# ------------------------------------------------------------------ the GUI component (app/presets_ui.py)
+
+def test_cards_show_budget_flags_and_estimate():
+    from app import presets_ui
+
+    card = presets_ui.preset_card(load_preset(PRESET_DIR / "lora-24gb.toml"))
+    assert card["budget_gib"] == 24 and "--blocks_to_swap" in card["flags"] and card["vram_gib"] <= 24
+    text = presets_ui.card_markdown(card)
+    assert "LoRA · 24 GB" in text and "--fp8_scaled" in text and f"{card['vram_gib']:.1f} GiB VRAM" in text
+
+
+def test_live_estimate_follows_the_form_and_warns_when_it_does_not_fit():
+    from app import presets_ui
+
+    cfg = C.TrainNetworkConfig(mixed_precision="bf16", gradient_checkpointing=True)
+    big = presets_ui.estimate_for("train_network", cfg, (1024, 1024))
+    small = presets_ui.estimate_for("train_network", cfg, (512, 512))
+    assert small["vram_gib"] < big["vram_gib"]
+    assert "Will not fit" in presets_ui.fit_message(big, gpu_gib=24.0, ram_gib=64.0)
+    assert "Fits this GPU" in presets_ui.fit_message(big, gpu_gib=80.0, ram_gib=64.0)
+    swapped = apply_preset(load_preset(PRESET_DIR / "lora-12gb.toml"), cfg)
+    message = presets_ui.fit_message(presets_ui.estimate_for("train_network", swapped, (1024, 1024)), 12.0, 8.0)
+    assert "Fits this GPU" in message and "more RAM" in message
+    assert "No NVIDIA GPU" in presets_ui.fit_message(big, None, None)
+
+
+def test_component_applies_a_preset_to_the_form_by_name():
+    import gradio as gr
+
+    from app import presets_ui
+    from app.forms import build_form
+
+    with gr.Blocks():
+        form = build_form(C.TrainNetworkConfig, include=["mixed_precision", "gradient_checkpointing", "fp8_base",
+                                                         "fp8_scaled", "blocks_to_swap", "network_dim", "fp8_vl"])
+        presets_ui.build("train_network", form, elem_prefix="t", gpu_gib=16.0, ram_gib=32.0)
+    preset = load_preset(PRESET_DIR / "lora-16gb.toml")
+    applied, missing = presets_ui.apply_to_form(preset, C.TrainNetworkConfig(network_dim=8), form.names)
+    assert (applied.blocks_to_swap, applied.fp8_scaled, applied.network_dim, missing) == (36, True, 8, [])
+    values = presets_ui._applier(preset, form)(*form.values(C.TrainNetworkConfig(network_dim=8)))
+    assert values[:-1] == form.values(applied) and values[-1] == f"Applied **{preset.name}**."
+    text = presets_ui.live_estimate("train_network", form, form.values(applied), (1024, 1024), 16.0, 32.0)
+    assert "Estimated peak" in text and "Fits this GPU (16 GiB)" in text
+    # a form without --fp8_vl cannot take the whole preset: it says which option is missing, and the estimate
+    # (bf16 text encoder for caching) says it will not fit
+    names = [n for n in form.names if n != "fp8_vl"]
+    applied, missing = presets_ui.apply_to_form(preset, C.TrainNetworkConfig(), names)
+    assert missing == ["fp8_vl"]
+    text = presets_ui.fit_message(presets_ui.estimate_for("train_network", dataclasses.replace(applied, fp8_vl=False),
+                                                          (1024, 1024)), 16.0, 32.0)
+    assert "Will not fit" in text and "caching text" in text
+
+
+def test_presets_ui_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, app.presets_ui; assert 'torch' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=PRESET_DIR.parent)
+    assert proc.returncode == 0, proc.stderr

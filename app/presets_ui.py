@@ -1,0 +1,155 @@
+"""VRAM presets as a reusable Gradio component: preset cards + a live VRAM/RAM estimate of the form.
+
+    form = build_form(TrainNetworkConfig, ...)                 # the tab's own form (app/forms.py)
+    presets_ui.build("train_network", form, elem_prefix="train")
+
+Each card shows a preset's name, budget, the options it sets and the estimator's VRAM/RAM; its button applies
+those options to the form (by option name; options the form does not show are listed, not silently dropped).
+Every change of the form re-runs the estimator (pure Python, engine/vram; no torch) and compares the result
+with this machine's GPU memory (nvidia-smi, when present) and RAM (psutil).
+
+The functions above `build` are plain Python so tests cover them without a browser.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+from engine import config as C
+from engine.errors import EngineError
+from engine.presets import Preset, apply_preset, estimate_preset, list_presets, preset_argv
+from engine.vram import estimate_config
+
+TRAIN_KINDS = ("train_network", "train")
+
+
+# ------------------------------------------------------------------ this machine
+
+def detect_gpu_memory_gib() -> float | None:
+    """Total memory of the first GPU by nvidia-smi, or None when there is no NVIDIA GPU/driver."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+    return round(values[0] / 1024, 1) if values else None  # MiB → GiB
+
+
+def system_ram_gib() -> float:
+    import psutil
+
+    return round(psutil.virtual_memory().total / 1024 ** 3, 1)
+
+
+# ------------------------------------------------------------------ cards
+
+def preset_card(preset: Preset) -> dict:
+    est = estimate_preset(preset)
+    return {"name": preset.name, "budget_gib": preset.vram_budget_gib, "flags": preset_argv(preset),
+            "vram_gib": est["vram_gib"], "ram_gib": est["ram_gib"], "peak_phase": est["peak_phase"],
+            "description": preset.description, "resolution": preset.resolution, "file": preset.path.name}
+
+
+def card_markdown(card: dict) -> str:
+    w, h = card["resolution"]
+    flags = " ".join(card["flags"]) or "(defaults)"
+    return (f"**{card['name']}** — fits {card['budget_gib']:g} GB\n\n{card['description']}\n\n"
+            f"`{flags}`\n\nEstimate at {w}×{h}: **{card['vram_gib']:.1f} GiB VRAM**, {card['ram_gib']:.0f} GiB RAM "
+            f"(peak: {card['peak_phase'].replace('_', ' ')})")
+
+
+def apply_to_form(preset: Preset, cfg, form_names: list[str]) -> tuple[Any, list[str]]:
+    """The config after applying the preset, and the preset options the form does not show."""
+    return apply_preset(preset, cfg), [n for n in preset.fields if n not in form_names]
+
+
+# ------------------------------------------------------------------ live estimate
+
+def estimate_for(kind: str, cfg, resolution: tuple[int, int] | None = None) -> dict:
+    """The estimate of a tab's config; `resolution` (W, H) for training (the dataset decides it)."""
+    values = {k: v for k, v in C.to_dict(cfg).items() if k != "config_file"}
+    values["for_command"] = kind
+    if kind in TRAIN_KINDS and resolution:
+        values["resolution"] = [int(resolution[0]), int(resolution[1])]
+    return estimate_config(C.from_dict(C.EstimateVramConfig, values, source="form"))
+
+
+def fit_message(est: dict, gpu_gib: float | None, ram_gib: float | None) -> str:
+    """One line per resource: what the run needs and whether this machine has it."""
+    lines = [f"**Estimated peak: {est['vram_gib']:.1f} GiB VRAM** ({est['peak_phase'].replace('_', ' ')}), "
+             f"**{est['ram_gib']:.1f} GiB RAM**."]
+    if gpu_gib is None:
+        lines.append("No NVIDIA GPU detected (nvidia-smi not found): cannot check the VRAM fit here.")
+    elif est["vram_gib"] > gpu_gib:
+        lines.append(f"⚠️ Will not fit: this GPU has {gpu_gib:g} GiB. Pick a smaller preset, swap more blocks or "
+                     "use fp8.")
+    else:
+        lines.append(f"Fits this GPU ({gpu_gib:g} GiB).")
+    if ram_gib is not None and est["ram_gib"] > ram_gib:
+        lines.append(f"⚠️ Needs more RAM than this machine has ({ram_gib:g} GiB): swap fewer blocks or add RAM.")
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in est["parts"].items() if v)
+    lines.append(f"Parts (GiB): {parts}.")
+    lines += [f"_Note: {n}_" for n in est.get("notes", [])]
+    return "\n\n".join(lines)
+
+
+def live_estimate(kind: str, form, values: list, resolution: tuple[int, int] | None,
+                  gpu_gib: float | None, ram_gib: float | None) -> str:
+    try:
+        cfg = form.to_config(*values)
+        return fit_message(estimate_for(kind, cfg, resolution), gpu_gib, ram_gib)
+    except (C.ConfigError, EngineError) as e:
+        return f"⚠️ Cannot estimate: {e}"
+
+
+# ------------------------------------------------------------------ the component
+
+def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None = None,
+          ram_gib: float | None = None):
+    """Cards + estimate inside the current gr.Blocks. Returns the estimate Markdown component."""
+    import gradio as gr
+
+    gpu_gib = detect_gpu_memory_gib() if gpu_gib is None else gpu_gib
+    ram_gib = system_ram_gib() if ram_gib is None else ram_gib
+    presets = list_presets(kind)
+    with gr.Accordion("VRAM presets", open=True, elem_id=f"{elem_prefix}-presets"):
+        res_inputs = []
+        if kind in TRAIN_KINDS:
+            with gr.Row():
+                res_inputs = [gr.Number(value=1024, precision=0, label="Estimate at width", elem_id=f"{elem_prefix}-w"),
+                              gr.Number(value=1024, precision=0, label="height", elem_id=f"{elem_prefix}-h")]
+        status = gr.Markdown(elem_id=f"{elem_prefix}-preset-status")
+        with gr.Row():
+            for preset in presets:
+                with gr.Column(min_width=220):
+                    gr.Markdown(card_markdown(preset_card(preset)), elem_id=f"{elem_prefix}-card-{preset.path.stem}")
+                    button = gr.Button(f"Apply {preset.vram_budget_gib:g} GB", size="sm",
+                                       elem_id=f"{elem_prefix}-apply-{preset.path.stem}")
+                    button.click(_applier(preset, form), inputs=form.inputs, outputs=[*form.inputs, status])
+        estimate_md = gr.Markdown(elem_id=f"{elem_prefix}-estimate")
+
+    def recompute(*values):
+        n = len(form.inputs)
+        res = tuple(values[n:]) if res_inputs else None
+        return live_estimate(kind, form, list(values[:n]), res, gpu_gib, ram_gib)
+
+    for component in [*form.inputs, *res_inputs]:
+        component.change(recompute, inputs=[*form.inputs, *res_inputs], outputs=estimate_md)
+    return estimate_md
+
+
+def _applier(preset: Preset, form):
+    def apply(*values):
+        applied, missing = apply_to_form(preset, form.to_config(*values), form.names)
+        note = f"Applied **{preset.name}**."
+        if missing:
+            note += " Not on this form (set them in the run TOML or on the command line): " + \
+                    ", ".join(f"`--{m}`" for m in missing) + "."
+        return [*form.values(applied), note]
+    return apply
