@@ -207,10 +207,11 @@ class JobManager:
         return job
 
     def list(self) -> list[dict]:
-        """Newest first."""
+        """Newest first; the records with phase and progress (get() has the tail, metrics and outputs too)."""
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: j.queued_at, reverse=True)
-            return [_view(j) for j in jobs]
+            return [{**j.record(), "phase": j.state.phase, "progress": j.state.progress, "cmdline": j.cmdline}
+                    for j in jobs]
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:
@@ -259,14 +260,6 @@ class JobManager:
                 job.stop_requested = True
                 self._save()
                 self._kill_tree(job)
-            return _view(job)
-
-    def mark_stopped(self, job_id: str) -> dict:
-        """The escape hatch for a row that claims to run but whose process is not ours to signal any more."""
-        with self._lock:
-            job = self._jobs[job_id]
-            if job.status not in FINAL and not self._alive(job):
-                self._settle(job, "stopped", None)
             return _view(job)
 
     def close(self) -> None:

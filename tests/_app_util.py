@@ -78,13 +78,16 @@ def kill_jobs(data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def studio(tmp_path_factory):
-    """A running Studio: dict(url, data_dir, manifest)."""
+def studio(tmp_path_factory, demo_dir):
+    """A running Studio: dict(url, data_dir, manifest). Its data dir links the session's demo set (conftest's
+    `demo_dir`), which the app finds complete, so it is not built a second time."""
     base = tmp_path_factory.mktemp("studio")
     fake_dir = base / "fake"
     fake_dir.mkdir()
     (fake_dir / "qis_fake_engine.py").write_text(FAKE_ENGINE)
     data_dir = base / "data"
+    data_dir.mkdir()
+    (data_dir / "demo").symlink_to(demo_dir, target_is_directory=True)
     port = free_port()
     env = {**os.environ, "QIS_ENGINE_MODULE": "qis_fake_engine", "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONPATH": os.pathsep.join([str(fake_dir), str(REPO)]), "GRADIO_TEMP_DIR": str(base / "gradio")}

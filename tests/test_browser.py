@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -65,10 +66,14 @@ def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page):
     page.get_by_text("Run an engine command").click()
     page.locator("#jobs-run-command textarea, #jobs-run-command input").first.fill("slow_job 1000")
     page.locator("#jobs-run").click()
-    expect(page.locator("#jobs-status")).to_contain_text("Started", timeout=30_000)
+    running = page.locator("#jobs-table").get_by_role("row").filter(has_text="slow_job").filter(has_text="running")
+    expect(running).to_have_count(1, timeout=30_000)
     page.reload()                                   # the browser session ends; the job does not
     page.get_by_role("tab", name="Jobs").click()
-    expect(page.locator("#jobs-table")).to_contain_text("running", timeout=30_000)
-    expect(page.locator("#jobs-status")).to_contain_text("running", timeout=30_000)
+    expect(running).to_have_count(1, timeout=30_000)
+    expect(page.locator("#jobs-status")).to_contain_text("running", timeout=30_000)   # shown by default
+    expect(page.locator("#jobs-command input, #jobs-command textarea").first).to_have_value(
+        re.compile(r"-m qis_fake_engine slow_job 1000$"))
     page.locator("#jobs-stop").click()
-    expect(page.locator("#jobs-table")).to_contain_text("stopped", timeout=30_000)
+    expect(running).to_have_count(0, timeout=30_000)
+    expect(page.locator("#jobs-status")).to_contain_text("stopped", timeout=30_000)

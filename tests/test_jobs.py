@@ -125,7 +125,8 @@ def test_real_engine_command_runs_as_argument_list(manager, tmp_path):
     view = manager.wait(job.id, timeout=60)
     raw = manager.log_path(job.id).read_text()
     assert '"type": "start"' in raw     # QIS_EVENTS=json reached the engine: events, not terminal text
-    assert view["status"] == "failed" and view["error"]["message"]
+    assert view["status"] == "done" and view["exit_code"] == 0 and view["done"] is not None
+    assert json.dumps(str(missing)) in raw    # the engine got the path as one argument and reported on it
 
 
 def test_exclusive_jobs_queue_and_cheap_jobs_run_beside(manager, script):

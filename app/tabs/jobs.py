@@ -45,7 +45,7 @@ def build(ctx) -> None:
             if job_id not in {c[1] for c in choices}:
                 job_id = default_job(views)
             menu = gr.update(choices=choices, value=job_id) if sig != seen else gr.skip()
-            return (table_rows(views), menu, sig, *detail(jobs, job_id, views))
+            return (table_rows(views), menu, sig, *detail(jobs, job_id))
 
         outputs = [table, selected, signature, status, cmdline, log]
         timer.tick(refresh, [selected, signature], outputs, show_progress="hidden", concurrency_limit=None,
@@ -76,8 +76,8 @@ def pick_row(evt: gr.SelectData) -> str:
     return evt.row_value[0]
 
 
-def detail(jobs, job_id: str | None, views: list[dict]) -> tuple[str, str, str]:
-    view = next((v for v in views if v["id"] == job_id), None)
+def detail(jobs, job_id: str | None) -> tuple[str, str, str]:
+    view = jobs.get(job_id) if job_id else None
     if view is None:
         return "No job yet. Jobs started from the other tabs appear here.", "", ""
     return status_text(view, jobs.log_path(view["id"])), view["cmdline"], "\n".join(view["tail"])
