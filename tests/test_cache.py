@@ -197,6 +197,8 @@ def test_stale_detection_and_skip_existing(models, dataset, tmp_path):
     other = _states(dataset, "edit-2511", models)
     assert other[("b", "text")] == ("stale", "made for --model_version edit-2509, now edit-2511")
     assert other[("b", "latents")] == ("ok", "")
+    rep = CF.staleness_report(dataset, "edit-2511", vae=models["vae"])     # the Cache tab's JSON view
+    assert rep["text"] == {"ok": 0, "missing": 0, "stale": 2} and rep["latents"] == {"ok": 1, "missing": 0, "stale": 1}
 
     # --skip_existing re-encodes exactly the stale entries
     rc, events = cache_latents(models, dataset, "edit-2509", "--skip_existing")

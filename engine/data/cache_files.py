@@ -301,3 +301,19 @@ def summarize(statuses: list[EntryStatus]) -> dict[str, int]:
     for s in statuses:
         counts[s.state] += 1
     return counts
+
+
+def staleness_report(dataset_config: str | os.PathLike, model_version: str, vae: str | None = None,
+                     text_encoder: str | None = None, tokenizer: str | None = None) -> dict:
+    """JSON-ready report for the Cache tab: dataset problems, per-entry state with reason, counts per kind.
+
+    Reads headers and source files only (no model is loaded; torch is not imported)."""
+    from engine.data.plan import build_plan
+
+    plan = build_plan(dataset_config, model_version)
+    statuses = cache_status(plan, model_version, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return {"model_version": model_version,
+            "dataset_errors": [p.as_dict() for p in plan.errors],
+            "entries": [s.as_dict() for s in statuses],
+            "latents": summarize([s for s in statuses if s.kind == "latents"]),
+            "text": summarize([s for s in statuses if s.kind == "text"])}

@@ -49,7 +49,7 @@ def run(cfg, events) -> list[str]:
         return CF.entry_status(item, CF.text_cache_path(item, variant.cache_arch), expected, variant.is_edit)
 
     remove_leftover_temps(plan, variant.cache_arch)
-    todo = pending(items, status, cfg.skip_existing, events)
+    todo = pending(items, status, cfg.skip_existing)
     events.phase("caching", total=len(todo))
     progress = Progress(events, len(todo), "caption")
     written = []

@@ -45,8 +45,8 @@ def remove_leftover_temps(plan: Plan, arch: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def pending(items: list[PlannedItem], status: Callable[[PlannedItem], EntryStatus], skip_existing: bool,
-            events) -> list[PlannedItem]:
+def pending(items: list[PlannedItem], status: Callable[[PlannedItem], EntryStatus],
+            skip_existing: bool) -> list[PlannedItem]:
     """Items to encode: all of them, or with --skip_existing only those missing or stale (reason logged)."""
     if not skip_existing:
         return list(items)
