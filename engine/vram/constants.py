@@ -66,7 +66,7 @@ CONSTANTS: dict[str, Constant] = {
         "CUDA context + kernels of a PyTorch process (CUDA 12 lazy loading); outside torch's allocator"),
     "cublas_workspace_gib": Constant(0.03, "GiB", "derived", "cuBLAS workspace on Hopper (32 MiB)"),
     "allocator_reserve_gib": Constant(
-        2.86, "GiB", "calibrated",
+        2.53, "GiB", "calibrated",
         "memory the caching allocator holds reserved but unallocated during a training step (fragmentation "
         "from activation churn); fitted once, least maximum relative error, on the seed's 4-row LoRA table"),
     "process_ram_gib": Constant(

@@ -85,15 +85,15 @@ def uses_fp8(w: Workload) -> bool:
 
 
 def block_bytes(w: Workload) -> tuple[int, int]:
-    """(bytes of one block, of which the part block swap moves: the Linear modules)."""
+    """(bytes of one block, of which the part block swap moves: the Linear weights; biases, norms and fp8
+    scales stay on the GPU, in musubi and in engine/models/block_swap.py alike)."""
     pb = dit_param_bytes(w)
     if uses_fp8(w) and w.fp8_scaled:
         scales = BLOCK_WEIGHTS // int(K("fp8_scale_block")) * BF16
-        linear = BLOCK_WEIGHTS * FP8 + scales + BLOCK_BIASES * BF16
-        return linear + BLOCK_NORMS * BF16, linear
+        return BLOCK_WEIGHTS * FP8 + scales + (BLOCK_BIASES + BLOCK_NORMS) * BF16, BLOCK_WEIGHTS * FP8
     if uses_fp8(w):  # plain --fp8_base casts the whole model
-        return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * FP8, (BLOCK_WEIGHTS + BLOCK_BIASES) * FP8
-    return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * pb, (BLOCK_WEIGHTS + BLOCK_BIASES) * pb
+        return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * FP8, BLOCK_WEIGHTS * FP8
+    return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * pb, BLOCK_WEIGHTS * pb
 
 
 def outer_bytes(w: Workload) -> int:
@@ -106,7 +106,7 @@ def dit_bytes(w: Workload) -> int:
 
 
 def dit_resident_bytes(w: Workload) -> int:
-    """DiT bytes on the GPU: swapped blocks leave only their norms behind (musubi swaps Linear weights)."""
+    """DiT bytes on the GPU: swapped blocks leave their biases, norms and fp8 scales behind."""
     full, moved = block_bytes(w)
     return outer_bytes(w) + LAYERS * full - w.blocks_to_swap * moved
 
@@ -116,8 +116,9 @@ def swapped_bytes(w: Workload) -> int:
 
 
 def swap_staging_bytes(w: Workload) -> int:
-    """Two pinned host buffers the block exchange stages through (the GPU side is swapped in place)."""
-    return 2 * block_bytes(w)[1] if w.blocks_to_swap else 0
+    """One spare pinned host block the exchange copies into (engine/models/block_swap.py; the GPU side is
+    swapped in place, so it needs no extra device buffer)."""
+    return block_bytes(w)[1] if w.blocks_to_swap else 0
 
 
 def resident_fraction(w: Workload) -> float:
