@@ -82,6 +82,14 @@ class AppContext:
         save_settings(self.data_dir, self.settings)
 
     # ---- engine ----------------------------------------------------------------------------------
+    def submit_config(self, command: str, cfg, title: str = "", exclusive: bool | None = None):
+        """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.config.to_argv).
+        Returns the Job; its `cmdline` is the exact command, for the tab to show."""
+        from engine.config import check_choices, to_argv
+
+        check_choices(cfg)
+        return self.jobs.submit(command, to_argv(cfg), title=title, exclusive=exclusive)
+
     def run_engine_json(self, command: str, args: list[str], timeout: float = 120.0) -> Any:
         return run_engine_json(command, args, timeout)
 

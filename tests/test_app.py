@@ -4,9 +4,11 @@ and the start-up rules (no torch at import, no public bind without a login)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -174,3 +176,45 @@ def test_build_form_groups_fields_and_hides_advanced_ones():
     assert accordion.label == "Memory: advanced" and accordion.open is False
     cfg = form.to_config("a dog", "256 256", 7, "sdpa", False, True)
     assert cfg.prompt == "a dog" and cfg.infer_steps == 7 and cfg.vae_enable_tiling is True
+
+
+def test_context_submits_a_config_as_its_exact_argument_list(tmp_path):
+    from app.context import AppContext
+    from app.jobs import JobManager
+
+    ctx = AppContext(data_dir=tmp_path, jobs=JobManager(tmp_path / "jobs"))
+    cfg = C.InspectModelConfig(files=[str(tmp_path / "a b.safetensors")], json=True)
+    job = ctx.submit_config("inspect_model", cfg)
+    try:
+        assert job.argv[3:] == ["inspect_model", str(tmp_path / "a b.safetensors"), "--json"]
+        assert ctx.jobs.wait(job.id, timeout=60)["status"] == "done"
+    finally:
+        ctx.jobs.close()
+
+
+def test_listen_with_a_login_serves_only_after_login(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
+
+    from _app_util import free_port, wait_http
+
+    (tmp_path / "settings.json").write_text(json.dumps({"models": {"dit": "/models/dit.safetensors"}}))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "launch.py", "--listen", "--no-browser", "--port", str(port),
+                             "--data_dir", str(tmp_path)], cwd=REPO, env={**os.environ,
+                            "QIS_AUTH": "ann:secret", "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_http(url, proc, timeout=120)
+        with pytest.raises(AuthenticationError):
+            Client(url, verbose=False)                 # no login: the app's config is not served
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(url + "config")
+        assert denied.value.code == 401
+        client = Client(url, auth=("ann", "secret"), verbose=False)
+        table, _ = client.predict("", "", "", "", "", "", "", api_name="/models_inspect")
+        assert table["data"] == []
+        assert not (tmp_path / "demo").exists()        # a configured DiT: no demo was built
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
