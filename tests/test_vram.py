@@ -288,3 +288,15 @@ def test_constants_doc_lists_every_constant_with_its_value():
 
     doc = (ROOT / "docs/vram-constants.md").read_text(encoding="utf-8")
     assert markdown_table() in doc, "docs/vram-constants.md: paste engine.vram.constants.markdown_table() output"
+
+
+def test_commands_own_configs_estimate_directly():
+    # train_network / train / generate_image can call engine.vram.estimate_config(cfg) on their own config
+    lora = estimate_config(C.TrainNetworkConfig(mixed_precision="bf16", gradient_checkpointing=True))
+    assert lora["command"] == "train_network" and lora["inputs"]["width"] == 1024
+    full = estimate_config(C.TrainConfig(full_bf16=True, mixed_precision="bf16", gradient_checkpointing=True,
+                                         optimizer_type="Adafactor", fused_backward_pass=True))
+    assert full["command"] == "train" and full["inputs"]["trainable_params"] == P.dit_params()
+    gen = estimate_config(C.GenerateImageConfig(image_size=[768, 1024], fp8=True, fp8_scaled=True))
+    assert gen["command"] == "generate_image" and gen["inputs"]["image_tokens"] == 48 * 64
+    assert gen == est(for_command="generate_image", image_size=[768, 1024], fp8_base=True, fp8_scaled=True)
