@@ -277,8 +277,9 @@ def test_cli_error_is_an_error_event_and_exit_2():
 
 
 def test_estimator_and_presets_do_not_import_torch():
-    code = "import sys, engine.vram, engine.presets; engine.presets.estimate_preset(engine.presets.list_presets()[0]);" \
-           " assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, engine.vram, engine.presets\n"
+            "engine.presets.estimate_preset(engine.presets.list_presets()[0])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
 

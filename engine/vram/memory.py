@@ -233,7 +233,7 @@ def optimizer_step_bytes(w: Workload) -> int:
 
 def inference_activation_bytes(w: Workload) -> int:
     unit = width_unit(w)
-    return int((K("infer_forward_units") + 2) * unit)  # + the residual streams entering and leaving a block
+    return int((K("infer_forward_units") + 1) * unit)  # + the block's inputs (the measurement counts above them)
 
 
 # ------------------------------------------------------------------ text encoder and VAE
