@@ -115,11 +115,13 @@ class Job:
     stop_requested: bool = False
     error: dict | None = None
     last_lines: list[str] = field(default_factory=list)
+    final_progress: dict | None = None    # progress when it ended, for the list without reading its log
+    replayed: bool = field(default=True, repr=False)   # False: state/tail not read from the log yet
     state: JobState = field(default_factory=JobState, repr=False)
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES), repr=False)
 
     RECORD = ("id", "command", "argv", "title", "exclusive", "status", "pid", "create_time", "queued_at",
-              "started", "ended", "exit_code", "stop_requested", "error", "last_lines")
+              "started", "ended", "exit_code", "stop_requested", "error", "last_lines", "final_progress")
 
     def record(self) -> dict:
         return {k: getattr(self, k) for k in self.RECORD}
@@ -210,13 +212,17 @@ class JobManager:
         """Newest first; the records with phase and progress (get() has the tail, metrics and outputs too)."""
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: j.queued_at, reverse=True)
-            return [{**j.record(), "phase": j.state.phase, "progress": j.state.progress, "cmdline": j.cmdline}
-                    for j in jobs]
+            return [{**j.record(), "phase": j.state.phase, "progress": j.state.progress or j.final_progress,
+                     "cmdline": j.cmdline} for j in jobs]
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:
             job = self._jobs.get(job_id)
-            return _view(job) if job else None
+            if job is None:
+                return None
+            if not job.replayed:
+                self._replay(job)
+            return _view(job)
 
     def log_path(self, job_id: str) -> Path:
         return self.root / job_id / "log.txt"
@@ -350,6 +356,7 @@ class JobManager:
     def _settle(self, job: Job, status: str, code: int | None, error: dict | None = None) -> None:
         job.status, job.exit_code, job.ended = status, code, time.time()
         job.error = error or job.state.error
+        job.final_progress = job.state.progress
         if status in ("failed", "stopped"):
             job.last_lines = list(job.tail)[-LAST_LINES:]
         if status == "failed":
@@ -427,8 +434,8 @@ class JobManager:
         for rec in data.get("jobs", []):
             job = Job(**{k: rec[k] for k in Job.RECORD if k in rec})
             self._jobs[job.id] = job
-            if job.status != "running":   # a running one is re-read from the start by its watcher
-                self._replay(job)
+            # a running job's watcher re-reads its log; a finished one is read on demand (get), not at start-up
+            job.replayed = job.status in ("running", "queued")
         with self._lock:
             for job in self._jobs.values():
                 if job.status == "running":
@@ -436,8 +443,9 @@ class JobManager:
 
     def _replay(self, job: Job) -> None:
         """Rebuild state and tail from the log file (the file is the source of truth)."""
-        follower = LogFollower(self.log_path(job.id))
-        for line in follower.read(final=True):
+        job.state, job.replayed = JobState(), True
+        job.tail.clear()
+        for line in LogFollower(self.log_path(job.id)).read(final=True):
             job.feed(line)
 
     def _reattach(self, job: Job) -> None:
@@ -447,6 +455,7 @@ class JobManager:
         else:
             self._replay(job)
             self._finish(job, None)
+
 
 def _view(job: Job) -> dict:
     return job.view()

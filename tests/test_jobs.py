@@ -218,3 +218,19 @@ def test_a_recycled_pid_is_not_taken_for_our_job(tmp_path, script):
     again = JobManager(tmp_path / "jobs")
     assert again.get(job_id)["status"] == "done"   # settled from its log, never followed as "running"
     again.close()
+
+
+def test_finished_jobs_are_read_back_from_their_logs_on_demand(tmp_path, script):
+    first = JobManager(tmp_path / "jobs")
+    job_id = fake(first, script, "ok", n=3)
+    first.wait(job_id, timeout=30)
+    first.close()
+    second = JobManager(tmp_path / "jobs")
+    try:
+        listed = next(v for v in second.list() if v["id"] == job_id)
+        assert listed["status"] == "done" and listed["progress"]["step"] == 3   # from jobs.json, no log read
+        view = second.get(job_id)
+        assert [m["step"] for m in view["metrics"]] == [1, 2, 3] and "bar 3/3" in view["tail"]
+        assert second.get(job_id)["metrics"] == view["metrics"]             # read once, not appended twice
+    finally:
+        second.close()
