@@ -47,6 +47,7 @@ TAIL_LINES = 500          # lines kept in memory per job (the file keeps everyth
 LAST_LINES = 20           # lines kept with a failed job in jobs.json
 MAX_METRICS = 4000        # chart points kept per job; older ones are thinned 2:1 beyond this
 POLL_S = 0.2
+READ_CHUNK = 4 << 20      # bytes per watcher pass, so a long log re-read after a restart never holds the lock long
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -159,7 +160,7 @@ class LogFollower:
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(self.offset)
-                data = fh.read()
+                data = fh.read(-1 if final else READ_CHUNK)
         except FileNotFoundError:
             return []
         self.offset += len(data)
@@ -317,6 +318,8 @@ class JobManager:
             with self._lock:
                 for line in lines:
                     job.feed(line)
+            if len(lines) > 1000:   # catching up on a long log: read on before sleeping
+                continue
             ended, code = self._poll(job)
             if ended:
                 lines = reader.read(final=True)
