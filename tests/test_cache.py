@@ -222,7 +222,8 @@ def test_unused_cache_files_removed_only_ours(models, dataset, tmp_path):
     ours_old = [cache / "gone_0032x0032_qie.safetensors", cache / "gone_qie_te.safetensors"]
     for p in ours_old:
         p.write_bytes(b"old")
-    keep = [cache / "notes.txt", cache / "gone.png", cache / "model.safetensors", cache / "gone_0032x0032_qi.safetensors"]
+    keep = [cache / "notes.txt", cache / "gone.png", cache / "model.safetensors",
+            cache / "gone_0032x0032_qi.safetensors"]
     for p in keep:
         p.write_bytes(b"user file")
     assert cache_latents(models, dataset, "edit-2509", "--keep_cache")[0] == 0

@@ -82,6 +82,15 @@ def file_fingerprint(path: Path, known: dict | None = None) -> dict:
     return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
 
 
+def read_with_fingerprint(path: Path) -> tuple[dict, bytes]:
+    """The file's bytes and the fingerprint of exactly those bytes (so a file edited while caching runs can
+    never be recorded with the fingerprint of its new content and the tensors of its old one)."""
+    st = path.stat()
+    data = path.read_bytes()
+    return {"name": path.name, "size": len(data), "mtime_ns": st.st_mtime_ns,
+            "sha256": hashlib.sha256(data).hexdigest()}, data
+
+
 def latent_source(item: PlannedItem, known: dict | None = None) -> dict:
     known = known or {}
     controls = known.get("controls") or []
@@ -273,8 +282,8 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
     """One status per item and cache kind (the Cache tab and training use it).
 
     latent_expected / text_expected: settings the caller knows (e.g. {"dtype": "bfloat16"}); latents always
-    compare the dataset-derived settings (bucket, control sizes, resize keys). vae / text_encoder (+ tokenizer): when given, files made with
-    other weights are stale.
+    compare the dataset-derived settings (bucket, control sizes, resize keys).
+    vae / text_encoder (+ tokenizer): when given, files made with other weights are stale.
     """
     from engine.variants import get_variant
 

@@ -11,7 +11,7 @@ metadata of `engine.data.cache_files`. Targets of one bucket are encoded togethe
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from PIL import Image
 
 from engine.data import cache_files as CF
 from engine.data.buckets import resize_to_bucket
-from engine.data.caching import (Progress, batches_by_shape, is_text_file, pending, prepare,
+from engine.data.caching import (Progress, batches_by_shape, is_text_file, open_rgb, pending, prefetch, prepare,
                                  remove_leftover_temps, remove_unused)
 from engine.data.plan import PlannedItem
 
@@ -49,10 +49,9 @@ def run(cfg, events) -> list[str]:
     events.phase("caching", total=len(todo))
     progress = Progress(events, len(todo), "image")
     written = []
-    for batch in batches_by_shape(todo, cfg.batch_size):
-        for item, tensors in zip(batch, encode_batch(vae, encode_pixels, batch, device)):
-            meta = CF.make_metadata("latents", variant.name, CF.latent_source(item),
-                                    CF.latent_settings(item, dtype), encoder,
+    for batch, loaded in prefetch(batches_by_shape(todo, cfg.batch_size), load_batch, cfg.num_workers):
+        for item, (source, tensors) in zip(batch, encode_batch(vae, encode_pixels, loaded, device)):
+            meta = CF.make_metadata("latents", variant.name, source, CF.latent_settings(item, dtype), encoder,
                                     {"width": str(item.size[0]), "height": str(item.size[1])})
             written.append(save_file_atomic(tensors, CF.latent_cache_path(item, variant.cache_arch), meta))
         progress.advance(len(batch))
@@ -63,17 +62,38 @@ def run(cfg, events) -> list[str]:
     return [str(p) for p in written]
 
 
-def encode_batch(vae, encode_pixels, batch: list[PlannedItem], device) -> list[dict[str, torch.Tensor]]:
-    """One dict of cache tensors per item."""
-    targets = torch.cat([pixels(load_rgb(it.item.image_path), it.bucket) for it in batch])
-    latents = _encode(vae, encode_pixels, targets, device)
+@dataclass
+class Loaded:
+    """One item's pixels, with the fingerprints of exactly the bytes they were decoded from."""
+    source: dict
+    target: torch.Tensor             # (1, 3, H, W) in [-1, 1] at the bucket size
+    controls: list[torch.Tensor]     # (1, 3, Hc, Wc) each, at its cached size
+
+
+def load_batch(batch: list[PlannedItem]) -> list[Loaded]:
     out = []
-    for item, lat in zip(batch, latents):
+    for item in batch:
+        fp, data = CF.read_with_fingerprint(item.item.image_path)
+        source = {"image": fp, "controls": []}
+        controls = []
+        for path, size in zip(item.item.control_paths, item.control_buckets):
+            cfp, cdata = CF.read_with_fingerprint(path)
+            source["controls"].append(cfp)
+            controls.append(pixels(open_rgb(cdata), size))
+        out.append(Loaded(source, pixels(open_rgb(data), item.bucket), controls))
+    return out
+
+
+def encode_batch(vae, encode_pixels, loaded: list[Loaded], device) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """(source fingerprint, cache tensors) per item. Targets of a batch share a bucket: one forward."""
+    latents = _encode(vae, encode_pixels, torch.cat([x.target for x in loaded]), device)
+    out = []
+    for x, lat in zip(loaded, latents):
         tensors = {latent_key("latents", lat): lat}
-        for i, (path, size) in enumerate(zip(item.item.control_paths, item.control_buckets)):
-            c = _encode(vae, encode_pixels, pixels(load_rgb(path), size), device)[0]
+        for i, control in enumerate(x.controls):
+            c = _encode(vae, encode_pixels, control, device)[0]   # one by one: control sizes may differ
             tensors[latent_key(f"latents_control_{i}", c)] = c
-        out.append(tensors)
+        out.append((x.source, tensors))
     return out
 
 
@@ -93,11 +113,6 @@ def latent_key(prefix: str, lat: torch.Tensor) -> str:
     """musubi's key: `<prefix>_{F}x{H}x{W}_{dtype}` for a (16, F, h, w) tensor."""
     _, f, h, w = lat.shape
     return f"{prefix}_{f}x{h}x{w}_{_dtype_name(lat.dtype)}"
-
-
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
 def pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:

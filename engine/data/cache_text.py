@@ -10,14 +10,14 @@ from the original control file. fp8 outputs (--fp8_vl) are stored as bfloat16 (m
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
 from engine.data import cache_files as CF
-from engine.data.caching import (Progress, batches_by_shape, is_text_file, pending, prepare,
+from engine.data.caching import (Progress, batches_by_shape, is_text_file, open_rgb, pending, prefetch, prepare,
                                  remove_leftover_temps, remove_unused)
-from engine.data.cache_latents import load_rgb
 from engine.data.plan import PlannedItem
 from engine.infer import controls
 from engine.variants import Variant
@@ -53,14 +53,14 @@ def run(cfg, events) -> list[str]:
     events.phase("caching", total=len(todo))
     progress = Progress(events, len(todo), "caption")
     written = []
-    for batch in batches_by_shape(todo, cfg.batch_size):
-        images = [vl_images(it, variant) for it in batch] if variant.is_edit else None
-        embeds = encode_prompts(te, tokenizer, processor, [it.item.caption for it in batch], images, variant)
-        for item, emb in zip(batch, embeds):
+    load = functools.partial(load_batch, variant=variant)
+    for batch, (sources, images) in prefetch(batches_by_shape(todo, cfg.batch_size), load, cfg.num_workers):
+        captions = [it.item.caption for it in batch]
+        embeds = encode_prompts(te, tokenizer, processor, captions, images, variant)
+        for item, source, emb in zip(batch, sources, embeds):
             emb = emb.detach().to("cpu", dtype=_dtype(dtype))
-            meta = CF.make_metadata("text", variant.name, CF.text_source(item, variant.is_edit),
-                                    text_settings(item, variant, cfg.fp8_vl, dtype), encoder,
-                                    {"caption1": item.item.caption})
+            meta = CF.make_metadata("text", variant.name, source, text_settings(item, variant, cfg.fp8_vl, dtype),
+                                    encoder, {"caption1": item.item.caption})
             path = CF.text_cache_path(item, variant.cache_arch)
             written.append(save_file_atomic({f"varlen_vl_embed_{dtype}": emb}, path, meta))
         progress.advance(len(batch))
@@ -76,11 +76,21 @@ def vl_sizes(item: PlannedItem, variant: Variant) -> list[tuple[int, int]]:
     return [controls.control_sizes(variant, size, size, official=True).vl for size in item.control_sizes]
 
 
-def vl_images(item: PlannedItem, variant: Variant) -> list:
-    out = []
-    for path, size in zip(item.item.control_paths, vl_sizes(item, variant)):
-        out.append(controls.resize(load_rgb(path), size, exact=True))
-    return out
+def load_batch(batch: list[PlannedItem], variant: Variant) -> tuple[list[dict], list[list] | None]:
+    """(source fingerprints, vision-encoder images per item or None for text-to-image). The control images are
+    fingerprinted from exactly the bytes they are decoded from."""
+    sources, images = [], []
+    for item in batch:
+        source = CF.text_source(item, edit=False)
+        if variant.is_edit:
+            source["controls"], imgs = [], []
+            for path, size in zip(item.item.control_paths, vl_sizes(item, variant)):
+                fp, data = CF.read_with_fingerprint(path)
+                source["controls"].append(fp)
+                imgs.append(controls.resize(open_rgb(data), size, exact=True))
+            images.append(imgs)
+        sources.append(source)
+    return sources, images if variant.is_edit else None
 
 
 def text_settings(item: PlannedItem, variant: Variant, fp8_vl: bool, dtype: str) -> dict:

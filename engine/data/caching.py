@@ -8,10 +8,16 @@ just what is missing or stale. Temp files a killed run left behind are removed a
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from PIL import Image
 
 from engine.data.cache_files import EntryStatus, is_our_cache_file
 from engine.data.plan import Plan, PlannedItem, build_plan
@@ -96,6 +102,33 @@ def is_text_file(path: Path) -> bool:
 
 def _cache_dirs(plan: Plan) -> list[Path]:
     return [d.spec.cache_directory for d in plan.datasets if d.spec.cache_directory.is_dir()]
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to RGB (alpha dropped, palette/grey converted), as musubi does for qi/qie."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetch(batches: list[T], load: Callable[[T], R], workers: int | None) -> Iterator[tuple[T, R]]:
+    """Yield (batch, load(batch)) in order while up to `workers` later batches load in threads (image decoding
+    and hashing overlap the encoder). Bounded, so a large dataset is never held in memory at once."""
+    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queue: deque = deque()
+        it = iter(batches)
+        for batch in it:
+            queue.append((batch, pool.submit(load, batch)))
+            if len(queue) > workers:
+                done, future = queue.popleft()
+                yield done, future.result()
+        while queue:
+            done, future = queue.popleft()
+            yield done, future.result()
 
 
 def batches_by_shape(items: list[PlannedItem], batch_size: int | None) -> list[list[PlannedItem]]:
