@@ -86,6 +86,15 @@ def test_casts_floats_only_and_applies_rename_keys_transform(tmp_path):
     assert set(read) == set(sample_tensors())          # rename saw every key; unselected ones were not read
 
 
+def test_big_tensors_read_exactly_and_convert(tmp_path):
+    # Above 4 MiB the reader asks for huge pages and converts into a fresh buffer: same bits either way.
+    big = torch.randn(1536, 1024, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    path = sio.save_file_atomic({"pad": torch.ones(3, dtype=torch.bfloat16), "big": big}, tmp_path / "b.safetensors")
+    got = dict(sio.iter_tensors([path]))
+    assert same_bits(got["big"], big)
+    assert torch.equal(dict(sio.iter_tensors([path], dtype=torch.float32))["big"], big.float())
+
+
 def write_shards(folder: Path, n: int = 3, with_index: bool = False) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files, weight_map = [], {}
