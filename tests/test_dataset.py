@@ -202,6 +202,8 @@ enable_bucket = false
     ('[general]\ncaption_extention = ".txt"\n[[datasets]]\nimage_directory = "x"\n',
      r"d.toml:2: unknown key 'caption_extention' in \[general\].*Did you mean 'caption_extension'"),
     ('[[datasets]]\nimage_directory = "x"\nnum_repeat = 2\n', r"d.toml:3: unknown key 'num_repeat'.*num_repeats"),
+    ('[[datasets]]\nimage_directory = "x"\nbatch_size = 2\n\n[[datasets]]\nimage_directory = "y"\nbatch_size = 0\n',
+     r"d.toml:7: 'batch_size' must be at least 1"),
     ('[general]\nimage_directory = "x"\n[[datasets]]\nimage_directory = "x"\n', r"belongs in \[\[datasets\]\]"),
     ('[[datasets]]\nimage_directory = "x\nresolution = 5\n', r"not valid TOML.*line 2"),
     ('[[datasets]]\nimage_directory = "x"\nresolution = [64]\n', r"d.toml:3: 'resolution' must be"),
@@ -284,3 +286,34 @@ def test_checking_loads_no_model_library(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_musubi_documentation_example_loads_unchanged(tmp_path):
+    """reference §3.5 (docs/dataset_config.md, Qwen-Image-Edit section), keys and values as published."""
+    for name in ("images", "controls"):
+        (tmp_path / name).mkdir()
+    _png(tmp_path / "images" / "image1.png", (1328, 1024)), (tmp_path / "images" / "image1.txt").write_text("x")
+    _png(tmp_path / "controls" / "image1_0.png", (800, 600)), _png(tmp_path / "controls" / "image1_1.png", (512, 512))
+    cfg = _toml(tmp_path / "musubi.toml", f"""
+# general configurations
+[general]
+resolution = [1024, 1024]
+caption_extension = ".txt"
+batch_size = 1
+enable_bucket = true
+bucket_no_upscale = false
+
+[[datasets]]
+image_directory = "{tmp_path / 'images'}"
+control_directory = "{tmp_path / 'controls'}"
+cache_directory = "{tmp_path / 'cache'}"
+control_resolution = [1024, 1024]
+no_resize_control = false
+num_repeats = 1
+""")
+    plan = build_plan(cfg, "edit-2509")
+    assert not plan.errors
+    assert {Path(p.file).name for p in plan.warnings} == {"image1_0.png", "image1_1.png"}   # upscaled to ~1 MP
+    item = plan.items()[0]
+    assert item.bucket == B.BucketSelector((1024, 1024), True, False).select((1328, 1024))
+    assert item.control_buckets == [B.area_bucket((800, 600), (1024, 1024)), (1024, 1024)]

@@ -100,7 +100,8 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
         if key not in ("general", "datasets"):
             raise DatasetError(f"{where(key)}: unknown top-level key '{key}'.",
                                "A dataset config has only a [general] table and [[datasets]] entries.")
-    general = _section(data.get("general", {}), "[general]", where, warnings, allowed=SHARED_KEYS)
+    general = _section(data.get("general", {}), "[general]", where.section("[general]"), warnings,
+                       allowed=SHARED_KEYS)
     entries = data.get("datasets")
     if not isinstance(entries, list) or not entries:
         raise DatasetError(f"{path}: no [[datasets]] entry.",
@@ -109,8 +110,9 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise DatasetError(f"{path}: datasets[{i}] is not a table.", "Write it as a [[datasets]] table.")
-        section = _section(entry, f"datasets[{i}]", where, warnings, allowed={**SHARED_KEYS, **DATASET_KEYS})
-        specs.append(_make_spec(i, {**general, **section}, path, where))
+        local = where.section("[[datasets]]", i)
+        section = _section(entry, f"datasets[{i}]", local, warnings, allowed={**SHARED_KEYS, **DATASET_KEYS})
+        specs.append(_make_spec(i, {**general, **section}, path, local))
     _check_unique_cache_dirs(specs, path)
     return DatasetConfig(path=path, datasets=specs, warnings=warnings)
 
@@ -144,17 +146,29 @@ def _parse(path: Path, text: str) -> dict:
 
 
 class _KeyLocator:
-    """Finds the line a key is written on, so messages can say `file:line`."""
+    """Finds the line a key is written on (within one section when narrowed), so messages say `file:line`."""
 
-    def __init__(self, path: Path, text: str):
-        self.path, self.lines = path, text.splitlines()
+    def __init__(self, path: Path, text: str, start: int = 0, end: int | None = None):
+        self.path, self.text, self.lines = path, text, text.splitlines()
+        self.start, self.end = start, len(self.lines) if end is None else end
 
     def __call__(self, key: str) -> str:
         pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
-        for n, line in enumerate(self.lines, 1):
+        for n in range(self.start, self.end):
+            line = self.lines[n]
             if pattern.match(line) or line.strip() in (f"[{key}]", f"[[{key}]]"):
-                return f"{self.path}:{n}"
+                return f"{self.path}:{n + 1}"
         return str(self.path)
+
+    def section(self, header: str, occurrence: int = 0) -> "_KeyLocator":
+        """The lines of the `occurrence`-th `header` table (e.g. "[[datasets]]", 2)."""
+        starts = [n for n, line in enumerate(self.lines) if line.strip().replace(" ", "") == header]
+        if occurrence >= len(starts):
+            return self
+        first = starts[occurrence]
+        nxt = next((n for n in range(first + 1, len(self.lines)) if self.lines[n].lstrip().startswith("[")
+                    and self.lines[n].strip().endswith("]") and "=" not in self.lines[n]), len(self.lines))
+        return _KeyLocator(self.path, self.text, first, nxt)
 
 
 def _section(values: dict, name: str, where: _KeyLocator, warnings: list[str], allowed: dict) -> dict:
