@@ -36,6 +36,8 @@ def page():
 def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
     from playwright.sync_api import expect
 
+    outside = []     # the app must work air-gapped: no fonts, scripts or analytics from the internet
+    page.on("request", lambda r: None if r.url.startswith((studio["url"], "data:", "blob:")) else outside.append(r.url))
     page.goto(studio["url"])
     page.get_by_role("tab", name="Models").click()
     dit_box = page.locator("#model-dit textarea, #model-dit input").first
@@ -49,6 +51,8 @@ def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
     expect(dit.get_by_role("gridcell", name="original", exact=True)).to_be_visible()
     vae = rows.filter(has_text="qwen_image_vae_demo.safetensors")
     expect(vae.get_by_role("gridcell", name="vae", exact=True)).to_be_visible()
+
+    assert outside == []
 
     shot = tmp_path / "screenshot-models.png"
     page.screenshot(path=str(shot), full_page=True)

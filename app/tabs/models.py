@@ -26,6 +26,7 @@ def build(ctx) -> None:
             inspect_btn = gr.Button("Inspect", variant="primary", elem_id="models-inspect")
             save_btn = gr.Button("Save as defaults", elem_id="models-save")
         table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True,
+                             column_widths=["21%", "27%", "11%", "9%", "6%", "10%", "9%", "7%"],
                              elem_id="models-table", label="What the files are")
         report = gr.Markdown(elem_id="models-report")
         with gr.Accordion("Where to download the models", open=ctx.demo is None):
@@ -68,7 +69,7 @@ def inspect(ctx, paths: tuple[str, ...]) -> tuple[list[list], str]:
             rows.append([role.label, Path(path).name, info.get("component"), info.get("variant") or "",
                          info.get("dtype") or "", fmt_count(info.get("params")), fmt_size(info.get("size_bytes")),
                          len(problems)])
-            notes += [f"- **{role.label}** (`{path}`): {p}" for p in problems]
+            notes += [f"- **{role.label}** (`{Path(path).name}`): {p}" for p in problems]
     notes = [n for n in notes if n]
     if not chosen:
         return [], "Fill at least one path."
