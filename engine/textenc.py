@@ -51,6 +51,8 @@ def encode_prompts(text_encoder, tokenizer, processor, prompts: Sequence[str],
     if len(images_per_prompt) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images_per_prompt)} image lists; give one per prompt")
     step = batch_size or max(len(prompts), 1)
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        step = 1    # left padding would shift the valid tokens' positions; one prompt per pass is always exact
     out: list[torch.Tensor] = []
     for start in range(0, len(prompts), step):
         chunk = prompts[start:start + step]
@@ -112,7 +114,9 @@ def _forward(text_encoder, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     kwargs = {k: inputs[k].to(device) for k in keys if inputs.get(k) is not None}
     if "pixel_values" in kwargs:
         kwargs["pixel_values"] = kwargs["pixel_values"].to(_dtype_of(text_encoder))
-    outputs = text_encoder(**kwargs, output_hidden_states=True)
+    # logits_to_keep=1: the LM head's (B, L, 152064) logits are never used; computing one position saves time and
+    # memory without touching the hidden states
+    outputs = text_encoder(**kwargs, output_hidden_states=True, logits_to_keep=1)
     return outputs.hidden_states[-1], kwargs["attention_mask"]
 
 

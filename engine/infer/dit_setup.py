@@ -84,6 +84,7 @@ def load_transformer(cfg, variant: Variant, device: torch.device, dtype: torch.d
     backend = attention_backend(cfg.attn_mode, device)
     if backend != "native":
         dit.set_attention_backend(backend)
+    dit.qis_attention_backend = backend    # sampling batches cond + uncond only where masks are supported
     return dit
 
 

@@ -149,17 +149,22 @@ def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, 
     text_encoder = load_text_encoder(cfg.text_encoder, device=te_device, dtype=te_dtype)
     cache: dict = {}
 
-    def embed(prompt: str, p: Prepared) -> torch.Tensor:
-        key = (prompt, tuple(p.job.control_paths), p.job.width, p.job.height)
-        if key not in cache:
-            images = [p.vl_images] if variant.is_edit else None
-            cache[key] = encode_prompts(text_encoder, tokenizer, processor, [prompt], images, variant)[0]
-        return cache[key].to(device, dtype)
+    def embed(prompts: list[str], p: Prepared) -> list[torch.Tensor]:
+        """The job's prompt and negative in one text-encoder pass (cached by prompt, controls and size)."""
+        keys = [(text, tuple(p.job.control_paths), p.job.width, p.job.height) for text in prompts]
+        todo = [text for text, key in zip(prompts, keys) if key not in cache]
+        if todo:
+            images = [p.vl_images] * len(todo) if variant.is_edit else None
+            for text, emb in zip(todo, encode_prompts(text_encoder, tokenizer, processor, todo, images, variant)):
+                cache[(text, *keys[0][1:])] = emb
+        return [cache[key].to(device, dtype) for key in keys]
 
     for p in prepared:
-        p.positive = embed(p.job.prompt, p)
         neg = negative_text(p.job)
-        p.negative = embed(neg, p) if neg is not None else None
+        texts = [p.job.prompt] + ([neg] if neg is not None and neg != p.job.prompt else [])
+        embeds = embed(texts, p)
+        p.positive = embeds[0]
+        p.negative = None if neg is None else embeds[-1]
     del text_encoder
     free_memory(te_device)
 
@@ -174,7 +179,8 @@ def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, ind
         positive=Conditioning(p.positive[None]),
         negative=Conditioning(p.negative[None]) if p.negative is not None else None,
         control_latents=None if p.control_latents is None else p.control_latents.to(device),
-        control_shapes=p.control_shapes, flow_shift=job.flow_shift)
+        control_shapes=p.control_shapes, flow_shift=job.flow_shift,
+        batch_cfg=batch_cfg_ok(dit, p))
     started = time.time()
 
     def on_step(step: int, total: int) -> None:
@@ -182,6 +188,12 @@ def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, ind
         events.progress(step, total, unit="step", eta_s=round(eta, 1), index=index)
 
     return denoise(dit, request, blend=make_blend(p, cfg, noise, events, save_dir, index), on_step=on_step)
+
+
+def batch_cfg_ok(dit, p: Prepared) -> bool:
+    """One batch-2 pass for cond + uncond needs a text mask when their lengths differ: SDPA only."""
+    equal = p.negative is not None and p.negative.shape[0] == p.positive.shape[0]
+    return getattr(dit, "qis_attention_backend", "native") == "native" or equal
 
 
 def make_blend(p: Prepared, cfg, noise: torch.Tensor, events, save_dir: Path, index: int):

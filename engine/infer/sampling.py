@@ -72,6 +72,7 @@ class DenoiseRequest:
     control_latents: torch.Tensor | None = None    # (1, sum S_c, 64) packed references, in order
     control_shapes: tuple = ()                     # ((1, h_c/16... as tokens), ...) one per reference
     flow_shift: float | None = None
+    batch_cfg: bool = True       # one batch-2 pass for cond + uncond (SDPA only: the padded text needs a mask)
 
     @property
     def use_cfg(self) -> bool:
@@ -94,19 +95,33 @@ def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: Ste
     n_target = latents.shape[1]
     timesteps = set_timesteps(scheduler, req.steps, n_target, latents.device)
     img_shapes = req.img_shapes()
+    joint = _joint(req.positive, req.negative) if req.use_cfg and req.batch_cfg else None
     for i, t in enumerate(timesteps):
         model_in = latents if req.control_latents is None else torch.cat([latents, req.control_latents], dim=1)
         timestep = (t.expand(latents.shape[0]) / 1000).to(torch.float32)
-        pred = _predict(dit, model_in, timestep, req.positive, img_shapes)[:, :n_target]
-        if req.use_cfg:
-            neg = _predict(dit, model_in, timestep, req.negative, img_shapes)[:, :n_target]
+        if joint is not None:
+            both = _predict(dit, torch.cat([model_in, model_in]), timestep.repeat(2), joint, img_shapes * 2)
+            pred, neg = both[:, :n_target].chunk(2)
             pred = cfg_combine(pred, neg, req.guidance_scale)
+        else:
+            pred = _predict(dit, model_in, timestep, req.positive, img_shapes)[:, :n_target]
+            if req.use_cfg:
+                neg = _predict(dit, model_in, timestep, req.negative, img_shapes)[:, :n_target]
+                pred = cfg_combine(pred, neg, req.guidance_scale)
         if blend is not None:
             latents = blend(i, t, latents)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
+
+
+def _joint(pos: Conditioning, neg: Conditioning) -> Conditioning:
+    """cond and uncond text as one batch of 2, zero-padded to the longer one with a mask (None if equal)."""
+    from engine.textenc import pad_embeddings
+
+    embeds, mask = pad_embeddings([pos.embeds[0], neg.embeds[0]])
+    return Conditioning(embeds, mask)
 
 
 def _predict(dit, hidden, timestep, cond: Conditioning, img_shapes) -> torch.Tensor:
