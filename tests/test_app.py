@@ -81,16 +81,29 @@ def test_a_job_outlives_the_browser_session_and_stops(studio):
     while time.monotonic() < deadline and not (row := job_row(second, job_id))[3]:
         time.sleep(0.3)
     assert row[1] == "running" and row[3].startswith(tuple(f"{i}/1000" for i in range(1, 1000)))
-    _, _, status, cmdline, log = second.predict(job_id, api_name="/jobs_refresh")
+    _, _, status, cmdline, log, plot = second.predict(job_id, api_name="/jobs_refresh")
     assert "**running**" in status and cmdline.endswith("-m qis_fake_engine slow_job 1000")
     assert "progress" in log
+    data = plot["value"]["data"]                        # the loss chart follows the job's metric events
+    assert plot["visible"] and data[0] == [1, 1.0, "loss"] and data[3] == [2, 0.95, "EMA 0.9"]
     second.predict(job_id, api_name="/jobs_stop")
     while time.monotonic() < deadline and job_row(second, job_id)[1] == "running":
         time.sleep(0.3)
     assert job_row(second, job_id)[1] == "stopped"
-    _, _, status, _, _ = second.predict(job_id, api_name="/jobs_refresh")
+    _, _, status, *_ = second.predict(job_id, api_name="/jobs_refresh")
     assert "interrupted" in status
     second.close()
+
+
+def test_loss_frame_smooths_then_thins():
+    from app.tabs.jobs import loss_frame
+
+    metrics = [{"step": i, "loss": float(i % 2), "lr": 1e-4} for i in range(1, 10_001)] + [{"step": 10_001}]
+    frame = loss_frame(metrics, max_points=1000)
+    raw = frame[frame.series == "loss"]
+    assert len(raw) == 1001 and raw.step.iloc[0] == 1 and raw.step.iloc[-1] == 10_000
+    ema = frame[frame.series == "EMA 0.9"].loss
+    assert 0.4 < ema.iloc[-1] < 0.6            # the smoothed value of an alternating 0/1 series
 
 
 def test_app_import_does_not_load_torch():

@@ -27,6 +27,8 @@ def build(ctx) -> None:
             stop_btn = gr.Button("Stop", elem_id="jobs-stop", scale=1)
             kill_btn = gr.Button("Force kill", variant="stop", elem_id="jobs-kill", scale=1)
         status = gr.Markdown(elem_id="jobs-status")
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", height=260, label="Loss", visible=False,
+                                buttons=["fullscreen", "export"], elem_id="jobs-loss")
         cmdline = gr.Textbox(label="Command line (exactly what runs; copy it to run it in a terminal)",
                              interactive=False, buttons=["copy"], elem_id="jobs-command")
         log = gr.Textbox(label="Log (last lines; the full log is in the file named above)", lines=18, max_lines=18,
@@ -35,22 +37,27 @@ def build(ctx) -> None:
             command_box = gr.Textbox(label="Engine command and options", elem_id="jobs-run-command",
                                      placeholder="inspect_model /path/to/model.safetensors --json")
             run_btn = gr.Button("Run", elem_id="jobs-run")
-        signature = gr.State("")
+        signature = gr.State("")      # what this browser already has: resend the menu / plot only on change
+        plotted = gr.State("")
         timer = gr.Timer(POLL_S)
 
-        def refresh(job_id, seen):
+        def refresh(job_id, seen, seen_plot):
             views = jobs.list()
             choices = job_choices(views)
             sig = repr(choices)
             if job_id not in {c[1] for c in choices}:
                 job_id = default_job(views)
             menu = gr.update(choices=choices, value=job_id) if sig != seen else gr.skip()
-            return (table_rows(views), menu, sig, *detail(jobs, job_id))
+            view = jobs.get(job_id) if job_id else None
+            plot_sig = f"{job_id}:{len(view['metrics']) if view else 0}"
+            plot = gr.skip() if plot_sig == seen_plot else plot_update(view)
+            return (table_rows(views), menu, sig, *detail(jobs, view), plot, plot_sig)
 
-        outputs = [table, selected, signature, status, cmdline, log]
-        timer.tick(refresh, [selected, signature], outputs, show_progress="hidden", concurrency_limit=None,
-                   api_name="jobs_refresh")
-        selected.input(refresh, [selected, gr.State("")], outputs, show_progress="hidden", api_visibility="private")
+        outputs = [table, selected, signature, status, cmdline, log, loss_plot, plotted]
+        timer.tick(refresh, [selected, signature, plotted], outputs, show_progress="hidden",
+                   concurrency_limit=None, api_name="jobs_refresh")
+        selected.input(refresh, [selected, gr.State(""), gr.State("")], outputs, show_progress="hidden",
+                       api_visibility="private")
         table.select(pick_row, None, selected, api_visibility="private")
         stop_btn.click(lambda j: act(jobs.stop, j, "stop requested"), selected, status, api_name="jobs_stop")
         kill_btn.click(lambda j: act(jobs.kill, j, "killed"), selected, status, api_name="jobs_kill")
@@ -76,11 +83,29 @@ def pick_row(evt: gr.SelectData) -> str:
     return evt.row_value[0]
 
 
-def detail(jobs, job_id: str | None) -> tuple[str, str, str]:
-    view = jobs.get(job_id) if job_id else None
+def detail(jobs, view: dict | None) -> tuple[str, str, str]:
     if view is None:
         return "No job yet. Jobs started from the other tabs appear here.", "", ""
     return status_text(view, jobs.log_path(view["id"])), view["cmdline"], "\n".join(view["tail"])
+
+
+def plot_update(view: dict | None):
+    frame = loss_frame(view["metrics"]) if view else None
+    return gr.update(value=frame, visible=frame is not None and len(frame) > 0)
+
+
+def loss_frame(metrics: list[dict], max_points: int = 2000, ema_beta: float = 0.9):
+    """Raw loss and its EMA per step, thinned to at most `max_points` steps (the EMA is taken before thinning)."""
+    import pandas as pd
+
+    points = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+    rows, ema = [], None
+    stride = max(1, len(points) // max_points)
+    for i, (step, loss) in enumerate(points):
+        ema = loss if ema is None else ema_beta * ema + (1 - ema_beta) * loss
+        if i % stride == 0 or i == len(points) - 1:
+            rows += [(step, loss, "loss"), (step, ema, f"EMA {ema_beta:g}")]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def status_text(v: dict, log_path) -> str:
@@ -94,7 +119,12 @@ def status_text(v: dict, log_path) -> str:
         parts.append(progress)
     if v["exit_code"] is not None:
         parts.append(f"exit code {v['exit_code']}")
+    if v.get("vram") and v["status"] == "running":
+        parts.append("VRAM {allocated_gib:.1f} / peak {peak_gib:.1f} GiB, RAM {ram_gib:.1f} GiB".format(**v["vram"]))
     text = " · ".join(parts) + f"\n\nFull log: `{log_path}`"
+    outputs = (v.get("done") or {}).get("outputs") or []
+    if outputs:
+        text += "\n\nOutputs:\n" + "\n".join(f"- `{o}`" for o in outputs)
     err = v.get("error")
     if err and v["status"] != "running":
         text += f"\n\n**Error [{err.get('kind')}]:** {err.get('message')}"
