@@ -57,6 +57,9 @@ def run(cfg, events) -> list[str]:
         return decode_latent_files(cfg, vae, device, events, save_dir)
 
     prepared = [Prepared(job) for job in jobs]
+    if variant.zero_cond_t and not cfg.resize_control_to_official_size:
+        log.warning("%s was trained with the official control sizes; --resize_control_to_official_size is "
+                    "recommended (musubi-tuner's docs call it mandatory for 2511)", variant.title)
     if variant.is_edit:
         events.phase("encoding", what="control images")
         for p in prepared:
@@ -159,6 +162,8 @@ def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, 
                 cache[(text, *keys[0][1:])] = emb
         return [cache[key].to(device, dtype) for key in keys]
 
+    if any(p.job.negative_prompt is None and p.job.guidance_scale != 1.0 for p in prepared):
+        log.info("true CFG without --negative_prompt: using \" \" as the negative prompt (as the official examples)")
     for p in prepared:
         neg = negative_text(p.job)
         texts = [p.job.prompt] + ([neg] if neg is not None and neg != p.job.prompt else [])
