@@ -60,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.context import open_context   # imported late: --help and the checks above stay instant
+    from app.jobs import JobDirBusy
     from app.main import launch
 
-    ctx = open_context(args.data_dir, demo=args.demo)
+    try:
+        ctx = open_context(args.data_dir, demo=args.demo)
+    except JobDirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         launch(ctx, host=host, port=args.port, inbrowser=args.browser, auth=auth)
     finally:

@@ -177,6 +177,28 @@ def clean_line(text: str) -> str:
     return text.rsplit("\r", 1)[-1]
 
 
+class JobDirBusy(RuntimeError):
+    """Another Studio process manages this jobs folder: two managers would start and settle the same jobs."""
+
+
+def _claim(root: Path):
+    """An exclusive lock on root/.lock, held while this manager lives (POSIX flock; released if we die).
+    Jobs do not inherit it (Popen closes other fds), so a job outliving the GUI does not keep the folder."""
+    try:
+        import fcntl
+    except ImportError:        # Windows: no flock; one Studio per data dir is then up to the user
+        return None
+    fh = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise JobDirBusy(f"another Qwen-Image Studio is already running with the jobs folder {root}. "
+                         "Use that one (its address is in its terminal), or start this one with another "
+                         "--data_dir.") from None
+    return fh
+
+
 class JobManager:
     def __init__(self, root: str | os.PathLike, stop_timeout_s: float = 30.0, cwd: str | None = None):
         self.root = Path(root)
@@ -189,6 +211,7 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._procs: dict[str, Any] = {}     # id -> Popen (our child) or psutil.Process (re-attached)
         self._threads: dict[str, threading.Thread] = {}
+        self._owner = _claim(self.root)
         self._load()
         self._schedule()
 
@@ -274,6 +297,9 @@ class JobManager:
         self._closing.set()
         for t in list(self._threads.values()):
             t.join(timeout=5)
+        if self._owner is not None:
+            self._owner.close()    # releases the claim on the folder
+            self._owner = None
 
     # ---- starting and following --------------------------------------------------------------------
     def _schedule(self) -> None:

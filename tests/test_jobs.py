@@ -234,3 +234,13 @@ def test_finished_jobs_are_read_back_from_their_logs_on_demand(tmp_path, script)
         assert second.get(job_id)["metrics"] == view["metrics"]             # read once, not appended twice
     finally:
         second.close()
+
+
+def test_one_manager_per_jobs_folder(tmp_path):
+    from app.jobs import JobDirBusy
+
+    first = JobManager(tmp_path / "jobs")
+    with pytest.raises(JobDirBusy, match="already running"):
+        JobManager(tmp_path / "jobs")
+    first.close()
+    JobManager(tmp_path / "jobs").close()     # free again once the first lets go
