@@ -190,3 +190,24 @@ def test_prompt_line_options():
     assert parse_prompt_line("--w 64", base, 1).prompt == "" and base.width == 256
     with pytest.raises(Exception, match="unknown option --zz"):
         parse_prompt_line("p --zz 1", base, 4)
+
+
+def test_real_command_line_subprocess(demo_manifest, tmp_path):
+    """The actual `python -m engine generate_image` process: exit 0, a PNG with its parameters, JSON events."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    m = demo_manifest
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "engine", "generate_image", "--dit", m["dit"]["original"], "--vae", m["vae"],
+            "--text_encoder", m["text_encoder"], "--tokenizer", m["tokenizer"], "--device", "cpu", "--prompt",
+            "a lighthouse", "--image_size", "32", "32", "--infer_steps", "2", "--seed", "42", "--save_path",
+            str(tmp_path / "out")]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    png = outputs_of(events)[0]
+    assert Path(png).name.endswith("_42_000.png")
+    params = read_parameters(png)
+    assert params["prompt"] == "a lighthouse" and params["seed"] == 42 and params["model_version"] == "original"
