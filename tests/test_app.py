@@ -231,3 +231,27 @@ def test_listen_with_a_login_serves_only_after_login(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_demo_is_used_until_a_dit_is_configured(tmp_path, demo_dir, demo_manifest):
+    from app.context import open_context
+
+    (tmp_path / "demo").symlink_to(demo_dir, target_is_directory=True)   # complete: found, not rebuilt
+    ctx = open_context(tmp_path)                                         # no settings at all
+    try:
+        assert ctx.demo is not None and ctx.dit_path("edit-2509") == demo_manifest["dit"]["edit-2509"]
+        assert ctx.model_path("tokenizer") == demo_manifest["tokenizer"]
+        ctx.save_model_paths({"dit": "/models/qwen_image_bf16.safetensors"})
+    finally:
+        ctx.jobs.close()
+    ctx = open_context(tmp_path)                                         # a DiT is configured now
+    try:
+        assert ctx.demo is None and ctx.dit_path("original") == "/models/qwen_image_bf16.safetensors"
+        assert ctx.model_path("vae") == ""
+    finally:
+        ctx.jobs.close()
+    ctx = open_context(tmp_path, demo=True)                              # --demo: the demo's paths win
+    try:
+        assert ctx.dit_path("original") == demo_manifest["dit"]["original"]
+    finally:
+        ctx.jobs.close()
