@@ -223,7 +223,8 @@ class JobManager:
     def submit_argv(self, argv: list[str], command: str, title: str = "", exclusive: bool | None = None) -> Job:
         if exclusive is None:
             exclusive = command not in CHEAP_COMMANDS
-        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{secrets.token_hex(2)}"
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", command).strip("._")[:40] or "job"   # the id names a folder
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}-{secrets.token_hex(2)}"
         job = Job(id=job_id, command=command, argv=[str(a) for a in argv], title=title or command,
                   exclusive=exclusive, queued_at=time.time())
         with self._lock:

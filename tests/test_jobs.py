@@ -244,3 +244,9 @@ def test_one_manager_per_jobs_folder(tmp_path):
         JobManager(tmp_path / "jobs")
     first.close()
     JobManager(tmp_path / "jobs").close()     # free again once the first lets go
+
+
+def test_job_ids_are_safe_folder_names(manager):
+    job = manager.submit("../../etc/x", [])          # typed into "Run an engine command"
+    assert "/" not in job.id and manager.log_path(job.id).parent.parent == manager.root
+    assert manager.wait(job.id, timeout=60)["status"] == "failed"     # the engine: unknown command
