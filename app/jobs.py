@@ -15,7 +15,8 @@ Decisions (gui-anchors.md §0 goals 1-4):
   process has gone is settled from its log: a `done` event without an error means it finished while the GUI
   was closed, anything else marks it failed, keeping its last log lines.
 - Stop is graceful first (SIGINT to the process group: the engine raises KeyboardInterrupt, may save, and emits
-  an error event "interrupted"), then the whole process tree is killed if it has not ended after a timeout.
+  an error event "interrupted"), then the whole process tree is killed if it has not ended after a timeout
+  (120 s by default: a full-finetune save can take that long; "Force kill" does not wait).
 - One exclusive (GPU) job at a time; later ones queue and start when it ends. Cheap commands run beside it.
 """
 
@@ -200,7 +201,7 @@ def _claim(root: Path):
 
 
 class JobManager:
-    def __init__(self, root: str | os.PathLike, stop_timeout_s: float = 30.0, cwd: str | None = None):
+    def __init__(self, root: str | os.PathLike, stop_timeout_s: float = 120.0, cwd: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stop_timeout_s = stop_timeout_s
