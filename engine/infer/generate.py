@@ -71,10 +71,12 @@ def run(cfg, events) -> list[str]:
     from engine.infer.dit_setup import load_transformer
 
     dit = load_transformer(cfg, variant, device, dtype)
+    report_memory(events, device, "dit loaded")
     results = []
     for index, p in enumerate(prepared):
         events.phase("sampling", index=index, total=len(prepared), seed=p.job.seed)
         results.append(sample_job(p, cfg, dit, device, dtype, events, save_dir, index))
+    report_memory(events, device, "sampling done")
     del dit
     free_memory(device)
 
@@ -97,6 +99,18 @@ def load_vae_model(path, device):
 def enable_tiling(vae, on: bool) -> None:
     if on:
         vae.enable_tiling()
+
+
+def report_memory(events, device: torch.device, phase: str) -> None:
+    """A `vram` event (CUDA only): what the GUI's memory readout shows."""
+    if device.type != "cuda":
+        return
+    import resource
+
+    gib = 1024 ** 3
+    ram = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib      # peak RSS (Linux reports KiB)
+    events.vram(round(torch.cuda.memory_allocated(device) / gib, 2), round(torch.cuda.memory_reserved(device) / gib, 2),
+                round(torch.cuda.max_memory_allocated(device) / gib, 2), round(ram, 2), phase=phase)
 
 
 def free_memory(device: torch.device) -> None:
