@@ -210,9 +210,15 @@ def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, ind
 
 
 def batch_cfg_ok(dit, p: Prepared) -> bool:
-    """One batch-2 pass for cond + uncond needs a text mask when their lengths differ: SDPA only."""
-    equal = p.negative is not None and p.negative.shape[0] == p.positive.shape[0]
-    return getattr(dit, "qis_attention_backend", "native") == "native" or equal
+    """One batch-2 pass for cond + uncond. When their text lengths differ it needs a text mask: SDPA only, and on
+    CUDA a mask rules out SDPA's flash kernel (likely slower than two passes at real sizes, unmeasured here), so
+    there it is used only for equal lengths."""
+    if p.negative is None:
+        return False
+    if p.negative.shape[0] == p.positive.shape[0]:
+        return True
+    device = next(dit.parameters()).device
+    return getattr(dit, "qis_attention_backend", "native") == "native" and device.type == "cpu"
 
 
 def make_blend(p: Prepared, cfg, noise: torch.Tensor, events, save_dir: Path, index: int):
