@@ -7,6 +7,7 @@ Both blend the current latents with the first control re-noised to the current t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,8 @@ from PIL import Image
 
 from engine.infer.controls import cover_crop
 from engine.latents import unpack
+
+log = logging.getLogger(__name__)
 
 
 def load_mask_tokens(path: str | Path, width: int, height: int) -> torch.Tensor:
@@ -80,8 +83,9 @@ def rcm_mask_name(s: RcmSettings, step: int) -> str:
             f"_rcm_mask_{step:02d}.png")
 
 
-def rcm_mask(latents: torch.Tensor, ref_t: torch.Tensor, height: int, width: int, s: RcmSettings) -> torch.Tensor:
-    """(1, 1, H/16, W/16) mask: 1 where the latents moved away from the noisy reference (keep generating)."""
+def rcm_difference(latents: torch.Tensor, ref_t: torch.Tensor, height: int, width: int,
+                   s: RcmSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, th): the channel-mean |blurred latents − blurred reference| on the latent grid, and the threshold."""
     lat = unpack(latents, height, width)[:, :, 0].float()
     ref = unpack(ref_t, height, width)[:, :, 0].float()
     if s.kernel_size > 1:
@@ -89,6 +93,16 @@ def rcm_mask(latents: torch.Tensor, ref_t: torch.Tensor, height: int, width: int
         lat, ref = gaussian_blur(lat, k), gaussian_blur(ref, k)
     d = (lat - ref).abs().mean(dim=1, keepdim=True)
     th = s.threshold * d.max() if s.relative else torch.tensor(s.threshold)
+    return d, th
+
+
+def rcm_mask(latents: torch.Tensor, ref_t: torch.Tensor, height: int, width: int, s: RcmSettings,
+             step: int | None = None) -> torch.Tensor:
+    """(1, 1, H/16, W/16) mask: 1 where the latents moved away from the noisy reference (keep generating)."""
+    d, th = rcm_difference(latents, ref_t, height, width, s)
+    if s.debug_dir is not None:
+        log.info("RCM step %s: difference min %.6f max %.6f mean %.6f, threshold %.6f", step, d.min().item(),
+                 d.max().item(), d.mean().item(), float(th))
     mask = (d >= th).to(latents.dtype)
     mask = F.interpolate(mask, size=(height // 16, width // 16), mode="bilinear", align_corners=False)
     if s.dilate_size > 0:
@@ -105,7 +119,7 @@ def rcm_blend(settings: RcmSettings, ref0: torch.Tensor, noise0: torch.Tensor, h
         if i == 0:
             return latents
         ref_t = noisy_reference(ref0, noise0, t)
-        mask = rcm_mask(latents, ref_t, height, width, settings)
+        mask = rcm_mask(latents, ref_t, height, width, settings, step=i)
         if settings.debug_dir is not None:
             path = Path(settings.debug_dir) / rcm_mask_name(settings, i)
             save_mask_png(mask, path)
