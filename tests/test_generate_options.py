@@ -40,8 +40,8 @@ def test_fp8_close_to_plain(t2i, plain, tmp_path, flag):
     out, events = _run(t2i, tmp_path, flag.strip("-"), flag)
     mad = np.abs(out - plain).mean()
     print(f"{flag}: mean |diff| vs bf16-exact plain = {mad:.2f}/255")
-    # e4m3 keeps 3 mantissa bits: stated tolerance 4/255 mean on the tiny random model (scaled is tighter)
-    assert mad < 4.0
+    # e4m3 keeps 3 mantissa bits: stated tolerance 1/255 mean on the tiny random model (measured ~0.04)
+    assert 0 < mad < 1.0
     assert any("float8_e4m3fn" in e.get("message", "") for e in events)
 
 
