@@ -87,7 +87,7 @@ def test_casts_floats_only_and_applies_rename_keys_transform(tmp_path):
 
 
 def test_big_tensors_read_exactly_and_convert(tmp_path):
-    # Above 4 MiB the reader asks for huge pages and converts into a fresh buffer: same bits either way.
+    # Several MiB: read through the chunked readinto loop and converted; same bits either way.
     big = torch.randn(1536, 1024, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     path = sio.save_file_atomic({"pad": torch.ones(3, dtype=torch.bfloat16), "big": big}, tmp_path / "b.safetensors")
     got = dict(sio.iter_tensors([path]))

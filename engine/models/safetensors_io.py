@@ -21,12 +21,10 @@ Errors are `engine.errors.ModelFileError` naming the file, what was found and th
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
@@ -300,7 +298,7 @@ def read_tensor(f, header: Header, name: str) -> "torch.Tensor":
     info = header.tensors[name]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    buf = empty_cpu(info.nbytes, torch.uint8)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy()).cast("B")
     f.seek(header.data_start + info.start)
     done = 0
@@ -311,38 +309,6 @@ def read_tensor(f, header: Header, name: str) -> "torch.Tensor":
                                  "The file changed or is truncated; download it again.")
         done += n
     return buf.view(info.torch_dtype).reshape(info.shape)
-
-
-def empty_cpu(shape, dtype) -> "torch.Tensor":
-    """torch.empty on CPU, asking Linux for transparent huge pages when it is big: filling fresh memory
-    4 KiB page fault by page fault costs more than the copy itself (measured 2x slower reads)."""
-    import torch
-
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes >= _HUGE_MIN and _madvise is not None:
-        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)   # a hint: the result does not depend on it
-    return t
-
-
-def _libc_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
-
-
-_madvise = _libc_madvise()
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 2 << 20
-_HUGE_MIN = 4 << 20
 
 
 Transform = Callable[[str, "torch.Tensor"], "torch.Tensor | Mapping[str, torch.Tensor] | None"]
@@ -381,7 +347,7 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         if device is not None and torch.device(device).type != "cpu":
             return t.to(device).to(dtype)  # convert on the GPU: faster, and no second CPU copy
-        t = empty_cpu(t.shape, dtype).copy_(t)
+        t = t.to(dtype)
     return t.to(device) if device is not None else t
 
 
