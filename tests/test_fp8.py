@@ -66,7 +66,7 @@ def _rel(a, b):
 
 def test_dit_output_close_to_plain():
     """Tolerance: relative L2 error of the DiT output below 3 % for --fp8_scaled, 10 % for plain --fp8_base
-    (measured on this tiny model: about 1 % and 4 %)."""
+    (measured on this tiny model: 0.26 % and 0.24 %; its weights sit in e4m3's normal range, real ones less so)."""
     dit = tiny_dit()
     with torch.no_grad():
         ref = run(dit, dit_inputs())
