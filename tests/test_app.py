@@ -84,6 +84,9 @@ def test_a_job_outlives_the_browser_session_and_stops(studio):
     _, _, status, cmdline, log, plot = second.predict(job_id, api_name="/jobs_refresh")
     assert "**running**" in status and cmdline.endswith("-m qis_fake_engine slow_job 1000")
     assert "progress" in log
+    while "value" not in plot and time.monotonic() < deadline:   # resent only when new metrics arrived
+        time.sleep(0.3)
+        plot = second.predict(job_id, api_name="/jobs_refresh")[-1]
     data = plot["value"]["data"]                        # the loss chart follows the job's metric events
     assert plot["visible"] and data[0] == [1, 1.0, "loss"] and data[3] == [2, 0.95, "EMA 0.9"]
     second.predict(job_id, api_name="/jobs_stop")
