@@ -9,6 +9,13 @@ def test_readme_cli_reference_matches_config():
         "README.md's CLI reference is out of date: run `python -m engine.docs --write`")
 
 
+def test_readme_download_table_matches_downloads_registry():
+    text = docs.README.read_text(encoding="utf-8")
+    table = docs.section(text, docs.DOWNLOADS_START, docs.DOWNLOADS_END)
+    assert table == docs.downloads_table(), "README.md's model table is out of date: run `python -m engine.docs --write`"
+    assert "qwen_image_edit_2511_bf16.safetensors" in table and "qwen_2.5_vl_7b.safetensors" in table
+
+
 def test_every_command_has_help_that_exits_zero():
     import subprocess
     import sys
