@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class AppContext:
     demo: dict | None = None          # the demo manifest (demo.json) when the demo is in use
     demo_dir: Path | None = None
     demo_first: bool = False          # --demo: the demo's paths win over saved settings
+    handoffs: dict = field(default_factory=dict)   # values one tab offers another (hand_off / take)
 
     # ---- models ----------------------------------------------------------------------------------
     def model_path(self, key: str) -> str:
@@ -82,16 +84,47 @@ class AppContext:
         save_settings(self.data_dir, self.settings)
 
     # ---- engine ----------------------------------------------------------------------------------
-    def submit_config(self, command: str, cfg, title: str = "", exclusive: bool | None = None):
-        """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.config.to_argv).
+    def submit_config(self, command: str, cfg, title: str = "", exclusive: bool | None = None,
+                      accelerate: list[str] | None = None):
+        """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.config.to_argv),
+        or `accelerate launch <accelerate options> -m engine <command> ...` when `accelerate` is given.
         Returns the Job; its `cmdline` is the exact command, for the tab to show."""
         from engine.config import check_choices, to_argv
 
         check_choices(cfg)
-        return self.jobs.submit(command, to_argv(cfg), title=title, exclusive=exclusive)
+        if accelerate is None:
+            return self.jobs.submit(command, to_argv(cfg), title=title, exclusive=exclusive)
+        argv = accelerate_argv(command, to_argv(cfg), accelerate)
+        return self.jobs.submit_argv(argv, command, title=title, exclusive=exclusive)
+
+    # ---- hand-offs between tabs ------------------------------------------------------------------
+    def hand_off(self, key: str, value: Any) -> None:
+        """Offer a value to another tab, e.g. "generate.lora_weight" (Train → Generate: a LoRA file) or
+        "train.dataset_config" (Dataset → Train). The receiving tab takes it when the user opens it (its
+        gr.Tab.select), so it does not matter which tab was built first. One local user: state is per server."""
+        self.handoffs[key] = value
+
+    def take(self, key: str) -> Any:
+        """The value offered under `key` (None when there is none); taking it clears it, so re-opening the tab
+        does not overwrite what the user typed since."""
+        return self.handoffs.pop(key, None)
 
     def run_engine_json(self, command: str, args: list[str], timeout: float = 120.0) -> Any:
         return run_engine_json(command, args, timeout)
+
+
+def accelerate_argv(command: str, args: list[str], options: list[str]) -> list[str]:
+    """`accelerate launch <options> -m engine <command> <args>` as an argument list, with this Python's accelerate
+    (the console script next to sys.executable) and the same engine module as engine_argv."""
+    module_argv = engine_argv(command, args)          # [python, -m, module, command, *args]
+    return [*accelerate_launcher(), *map(str, options), "-m", *module_argv[2:]]
+
+
+def accelerate_launcher() -> list[str]:
+    script = Path(sys.executable).with_name("accelerate")
+    if script.exists():
+        return [str(script), "launch"]
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
 
 
 def run_engine_json(command: str, args: list[str], timeout: float = 120.0) -> Any:
