@@ -216,6 +216,11 @@ def load_toml(cls, path: str | os.PathLike):
 
 def save_toml(cfg, path: str | os.PathLike, only_changed: bool = False) -> None:
     """Write the run TOML atomically, grouped by option group."""
+    atomic_write_text(path, toml_text(cfg, only_changed))
+
+
+def toml_text(cfg, only_changed: bool = False) -> str:
+    """The run TOML that save_toml writes, as text (the GUI shows it before launching)."""
     import tomli_w
 
     grouped: dict[str, dict[str, Any]] = {}
@@ -223,7 +228,7 @@ def save_toml(cfg, path: str | os.PathLike, only_changed: bool = False) -> None:
     for f in option_fields(type(cfg)):
         if f.name in values:
             grouped.setdefault(f.metadata["group"].lower().replace(" ", "_"), {})[f.name] = values[f.name]
-    atomic_write_text(path, tomli_w.dumps(grouped))
+    return tomli_w.dumps(grouped)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
