@@ -118,6 +118,7 @@ def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None =
     gpu_gib = detect_gpu_memory_gib() if gpu_gib is None else gpu_gib
     ram_gib = system_ram_gib() if ram_gib is None else ram_gib
     presets = list_presets(kind)
+    api = elem_prefix.replace("-", "_")      # api names: <prefix>_apply_<preset file stem>, <prefix>_estimate
     with gr.Accordion("VRAM presets", open=True, elem_id=f"{elem_prefix}-presets"):
         res_inputs = []
         if kind in TRAIN_KINDS:
@@ -131,16 +132,19 @@ def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None =
                     gr.Markdown(card_markdown(preset_card(preset)), elem_id=f"{elem_prefix}-card-{preset.path.stem}")
                     button = gr.Button(f"Apply {preset.vram_budget_gib:g} GB", size="sm",
                                        elem_id=f"{elem_prefix}-apply-{preset.path.stem}")
-                    button.click(_applier(preset, form), inputs=form.inputs, outputs=[*form.inputs, status])
-        estimate_md = gr.Markdown(elem_id=f"{elem_prefix}-estimate")
+                    button.click(_applier(preset, form), inputs=form.inputs, outputs=[*form.inputs, status],
+                                 api_name=f"{api}_apply_{preset.path.stem}".replace("-", "_"))
+        first = live_estimate(kind, form, [c.value for c in form.inputs],   # the form as built, before any change
+                              tuple(c.value for c in res_inputs) or None, gpu_gib, ram_gib)
+        estimate_md = gr.Markdown(first, elem_id=f"{elem_prefix}-estimate")
 
     def recompute(*values):
         n = len(form.inputs)
         res = tuple(values[n:]) if res_inputs else None
         return live_estimate(kind, form, list(values[:n]), res, gpu_gib, ram_gib)
 
-    for component in [*form.inputs, *res_inputs]:
-        component.change(recompute, inputs=[*form.inputs, *res_inputs], outputs=estimate_md)
+    gr.on([c.change for c in [*form.inputs, *res_inputs]], recompute, inputs=[*form.inputs, *res_inputs],
+          outputs=estimate_md, api_name=f"{api}_estimate", show_progress="hidden")
     return estimate_md
 
 
