@@ -35,6 +35,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("estimate_vram", C.EstimateVramConfig, "engine.vram:run",
             "Estimate peak VRAM and RAM of train_network / train / generate_image from their options (JSON).",
             result_on_stdout=True),
+    Command("train_network", C.TrainNetworkConfig, "engine.train.run:train_network",
+            "Train a LoRA on the cached dataset (accelerate; resumable; samples, checkpoints, TensorBoard)."),
+    Command("train", C.TrainConfig, "engine.train.run:train",
+            "Full finetune of the DiT (--full_bf16, --fused_backward_pass with Adafactor, --mem_eff_save)."),
     Command("generate_image", C.GenerateImageConfig, "engine.infer.generate:run",
             "Generate images: text-to-image, edit (one or more control images), inpaint mask, RCM."),
 )}

@@ -1,0 +1,192 @@
+"""Saving during training: model files, their pruning, and resumable states (musubi-tuner.md §5.7).
+
+Names (the reference's): final `<output_name>.safetensors`, per epoch `<output_name>-{epoch:06d}.safetensors`, per
+step `<output_name>-step{step:08d}.safetensors`; states `<name>-state`, `<name>-{epoch:06d}-state`,
+`<name>-step{step:08d}-state`. `--save_last_n_epochs/steps` prune the older intermediate files and states.
+
+Atomicity: model files go through a temp file + fsync + os.replace (safetensors_io.save_file_atomic, or the
+streaming writer below for --mem_eff_save). A state is written into a hidden temp folder (accelerate's
+save_state: model/optimizer/scheduler, every process's RNG states) plus our `train_state.json` (step, epoch,
+position in the epoch's batch order, seed) and renamed into place last, so a kill -9 at any moment leaves either
+the previous state or the complete new one, never a half state that --resume would trust.
+
+API:
+- `model_path(cfg, epoch=None, step=None)`, `state_path(cfg, epoch=None, step=None)`
+- `save_dit_file(dit, path, dtype, metadata, mem_eff=False, marker_2511=False)`   ComfyUI layout + config JSON
+- `write_streaming(items, path, metadata)`                                        tensor-by-tensor safetensors
+- `save_state(accelerator, path, progress)` / `load_state(accelerator, path) -> progress`
+- `prune(cfg, kind, current)`                                                      save_last_n_* policy
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from engine.errors import OptionError
+
+log = logging.getLogger(__name__)
+
+STATE_JSON = "train_state.json"
+COMFY_PREFIX = "model.diffusion_model."
+MARKER_2511 = "__index_timestep_zero__"
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+def model_path(cfg, epoch: int | None = None, step: int | None = None) -> Path:
+    return Path(cfg.output_dir) / f"{_stem(cfg, epoch, step)}.safetensors"
+
+
+def state_path(cfg, epoch: int | None = None, step: int | None = None) -> Path:
+    return Path(cfg.output_dir) / f"{_stem(cfg, epoch, step)}-state"
+
+
+def _stem(cfg, epoch, step) -> str:
+    if step is not None:
+        return f"{cfg.output_name}-step{step:08d}"
+    if epoch is not None:
+        return f"{cfg.output_name}-{epoch:06d}"
+    return cfg.output_name
+
+
+def prune(cfg, kind: str, current: int) -> list[Path]:
+    """Remove epoch (kind "epoch") or step ("step") saves older than the last N; returns what was removed.
+    musubi's rule: keep saves whose number is > current − N·every."""
+    keep = cfg.save_last_n_epochs if kind == "epoch" else cfg.save_last_n_steps
+    every = cfg.save_every_n_epochs if kind == "epoch" else cfg.save_every_n_steps
+    if not keep or not every:
+        return []
+    limit = current - keep * every
+    pattern = re.compile(re.escape(cfg.output_name) + (r"-(\d{6})" if kind == "epoch" else r"-step(\d{8})")
+                         + r"(\.safetensors|_diffusers\.safetensors|-state)$")
+    removed = []
+    for path in Path(cfg.output_dir).iterdir():
+        m = pattern.match(path.name)
+        if m and int(m.group(1)) <= limit:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- DiT files
+
+def save_dit_file(dit, path: Path, dtype: torch.dtype, metadata: dict[str, str], mem_eff: bool = False,
+                  marker_2511: bool = False) -> Path:
+    """The whole DiT in the ComfyUI layout (`model.diffusion_model.` keys, Edit-2511's marker key) with the
+    diffusers config as JSON in metadata `config`, so engine.models.dit.load_dit (and ComfyUI) read it back."""
+    config = {k: v for k, v in dict(dit.config).items() if not k.startswith("_")}
+    config["_class_name"] = type(dit).__name__
+    meta = {"format": "pt", "config": json.dumps(config), **metadata}
+
+    def items():
+        for name, tensor in dit.state_dict().items():
+            yield COMFY_PREFIX + name, tensor
+        if marker_2511:
+            yield COMFY_PREFIX + MARKER_2511, torch.zeros(0, dtype=dtype)
+
+    if mem_eff:
+        return write_streaming(dit.state_dict(), path, meta, dtype, prefix=COMFY_PREFIX,
+                               extra={MARKER_2511: torch.zeros(0, dtype=dtype)} if marker_2511 else None)
+    from engine.models.safetensors_io import save_file_atomic
+
+    return save_file_atomic({k: v.detach().to("cpu", dtype) for k, v in items()}, path, meta)
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+                torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], dtype: torch.dtype,
+                    prefix: str = "", extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """--mem_eff_save: the header is computed from shapes alone, then each tensor is converted to `dtype`,
+    copied to the host and written on its own, so at most one converted tensor exists in RAM at a time
+    (a full state-dict copy of the 20B DiT would be 40 GB). Temp file + fsync + os.replace, as every save."""
+    from engine.models.safetensors_io import _fsync_dir
+
+    entries = [(prefix + k, v) for k, v in state.items()] + [(prefix + k, v) for k, v in (extra or {}).items()]
+    entries.sort(key=lambda kv: kv[0])
+    out_dtype = lambda t: dtype if t.is_floating_point() else t.dtype            # noqa: E731
+    header, offset = {}, 0
+    for name, t in entries:
+        size = t.numel() * torch.empty(0, dtype=out_dtype(t)).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[out_dtype(t)], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)                       # safetensors aligns the data start to 8 bytes
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for _, t in entries:
+                host = t.detach().to("cpu", out_dtype(t)).contiguous()
+                if host.numel():
+                    f.write(host.view(-1).view(torch.uint8).numpy().tobytes())
+                del host
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- states
+
+def save_state(accelerator, path: Path, progress: dict) -> Path:
+    """All processes call this (accelerate saves each process's RNG state); the main process renames."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_JSON).write_text(json.dumps(progress, indent=1), encoding="utf-8")
+        _fsync_tree(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():                       # replace an older state of the same name: keep it until the end
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def read_progress(path: str | Path) -> dict:
+    state = Path(path) / STATE_JSON
+    if not state.is_file():
+        raise OptionError(f"--resume {path}: not a complete training state (no {STATE_JSON}).",
+                          "Pass a '<name>-state' folder written with --save_state (hidden '.tmp' folders are "
+                          "unfinished saves).")
+    return json.loads(state.read_text(encoding="utf-8"))
+
+
+def load_state(accelerator, path: str | Path) -> dict:
+    progress = read_progress(path)
+    accelerator.load_state(str(path))
+    return progress
+
+
+def _fsync_tree(folder: Path) -> None:
+    for item in folder.iterdir():
+        if item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+

@@ -1,0 +1,333 @@
+"""The training loop shared by `train_network` (LoRA) and `train` (full finetune), on accelerate.
+
+Runs the same under `python -m engine ...` (one process) and `accelerate launch [--multi_gpu | --num_processes N
+--cpu] -m engine ...`. Multi-process: each process takes every N-th batch of the epoch's (seeded) order, and the
+trained weights' gradients are averaged across processes before each optimizer step (an all-reduce per tensor;
+with --fused_backward_pass inside the per-parameter hook, before the update), which is what DDP computes. We do
+not wrap the model in DDP because the trained module is not what is called (LoRA wraps the DiT's Linears) and
+DDP cannot hold block-swapped weights. Only the main process writes model files, samples and logs; all take part
+in state saves (each keeps its own RNG state).
+
+Reproducibility: noise and timesteps of micro-step k on process r come from a generator seeded with (seed, k, r),
+and the batch order of an epoch from (seed + epoch), so --resume continues with the identical loss curve.
+
+API: `run_training(cfg, events, full) -> [output paths]`
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from engine.train import checkpoints as ckpt
+from engine.train import samples
+from engine.train.step import flow_loss, predict, prepare_inputs
+from engine.variants import get_variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    micro_per_epoch: int        # batches each process runs per epoch
+    steps_per_epoch: int        # optimizer steps per epoch
+    total_steps: int
+    epochs: int
+
+
+def make_schedule(cfg, num_batches: int, world: int) -> Schedule:
+    micro = math.ceil(num_batches / world)
+    per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
+    total = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+    return Schedule(micro, per_epoch, total, math.ceil(total / per_epoch))
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 1009 + rank) % (2 ** 63))
+
+
+def run_training(cfg, events, full: bool) -> list[str]:
+    from engine.infer.validate import check_dit_headers
+    from engine.train.validate import check_config, open_dataset
+
+    variant = get_variant(cfg.resolved_version())
+    cfg = replace(cfg, output_name=cfg.output_name or ("qwen_image_finetune" if full else "qwen_image_lora"),
+                  seed=cfg.seed if cfg.seed is not None else 42)
+    check_config(cfg, full)
+    check_dit_headers(cfg.dit, variant)
+    if cfg.sample_prompts:
+        samples.check_prompts(cfg, variant)
+    data = open_dataset(cfg, variant.name)
+    accelerator = make_accelerator(cfg)
+    run = Run(cfg, events, accelerator, variant, data, full)
+    return run.train()
+
+
+def make_accelerator(cfg):
+    logging.getLogger("accelerate").setLevel(logging.WARNING)     # its per-file save/load lines flood the job log
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from engine.errors import OptionError
+    from engine.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        raise OptionError("--mixed_precision fp16 needs a CUDA device.", "Use bf16 or no on the CPU.")
+    project = ProjectConfiguration(project_dir=cfg.logging_dir, logging_dir=cfg.logging_dir)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision, project_config=project,
+                       log_with=_trackers(cfg.log_with))
+
+
+def _trackers(log_with):
+    return {None: None, "tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard", "wandb"]}[log_with]
+
+
+class Run:
+    def __init__(self, cfg, events, accelerator, variant, data, full: bool):
+        self.cfg, self.events, self.acc, self.variant, self.data, self.full = cfg, events, accelerator, variant, data, full
+        self.main = accelerator.is_main_process
+        self.device = accelerator.device
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.schedule = make_schedule(cfg, data.num_batches, self.world)
+        self.outputs: list[str] = []
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
+        from engine.train.report import emit_estimate, write_run_config
+        from engine.train.timesteps import TimestepSampler
+        from engine.train.trainee import full_trainee, lora_trainee
+
+        cfg = self.cfg
+        if self.main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            self.outputs.append(str(write_run_config(cfg, "train" if self.full else "train_network")))
+            emit_estimate(cfg, self.data, self.events, self.full)
+        self.sampler = TimestepSampler.from_config(cfg)
+        if cfg.sample_prompts:
+            self.events.phase("loading", model="text encoder")
+        dtype_for_samples = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.prompts = samples.SamplePrompts.prepare(cfg, self.variant, self.device, dtype_for_samples,
+                                                     cfg.output_name) if self.main else None
+        self.events.phase("loading", model="dit")
+        torch.manual_seed(cfg.seed)                       # LoRA init: the same on every process
+        self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
+        self.params = [p for g in self.t.param_groups for p in g["params"]]
+        self._broadcast_weights()
+        self.optimizer, self.optimizer_text = create_optimizer(self.t.param_groups, cfg.optimizer_type,
+                                                               cfg.learning_rate, cfg.optimizer_args)
+        self.scheduler = create_scheduler(self.optimizer, cfg.lr_scheduler, self.schedule.total_steps,
+                                          cfg.lr_warmup_steps, cfg.lr_decay_steps, cfg.lr_scheduler_num_cycles,
+                                          cfg.lr_scheduler_power, cfg.lr_scheduler_min_lr_ratio)
+        self.fused = self.full and cfg.fused_backward_pass
+        if self.fused:
+            if self.world > 1:
+                for p in self.params:
+                    p.register_post_accumulate_grad_hook(self._reduce_grad)
+            enable_fused_backward(self.optimizer, cfg.max_grad_norm)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+        self.acc.register_for_checkpointing(self.t.module, self.optimizer, self.scheduler)
+        if cfg.log_with and self.main:
+            self.acc.init_trackers(f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+
+    def _broadcast_weights(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+    def _reduce_grad(self, param) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(param.grad, op=dist.ReduceOp.AVG if param.grad.device.type == "cuda" else dist.ReduceOp.SUM)
+        if param.grad.device.type != "cuda":           # gloo has no AVG
+            param.grad.div_(self.world)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> list[str]:
+        cfg, sch = self.cfg, self.schedule
+        self.setup()
+        self.step, start_epoch, start_micro = 0, 0, 0
+        if cfg.resume:
+            progress = ckpt.load_state(self.acc, cfg.resume)
+            self.step, start_epoch, start_micro = progress["step"], progress["epoch"], progress["micro"]
+            self.losses = progress.get("losses", [])
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", cfg.resume, self.step, start_epoch + 1,
+                     start_micro)
+        log.info("training: %d steps, %d epoch(s) of %d step(s), %d process(es), %d batches per epoch",
+                 sch.total_steps, sch.epochs, sch.steps_per_epoch, self.world, self.data.num_batches)
+        if cfg.sample_at_first and self.step == 0:
+            self._sample(0, None)
+        self.events.phase("training", total=sch.total_steps)
+        self.started, self.start_step = time.time(), self.step
+        try:
+            for epoch in range(start_epoch, sch.epochs):
+                if self._run_epoch(epoch, start_micro if epoch == start_epoch else 0):
+                    break
+        except KeyboardInterrupt:
+            self._save_interrupted()
+            raise
+        self._finish()
+        return self.outputs
+
+    def _run_epoch(self, epoch: int, first_micro: int) -> bool:
+        """One epoch from batch `first_micro`; True when the step budget is used up."""
+        cfg, sch = self.cfg, self.schedule
+        batches = self.data.epoch_batches(epoch, cfg.seed)
+        mine = [batches[(j * self.world + self.rank) % len(batches)] for j in range(sch.micro_per_epoch)]
+        pending = 0
+        self.epoch = epoch
+        for i in range(first_micro, sch.micro_per_epoch):
+            loss = self._forward_backward(mine[i], epoch * sch.micro_per_epoch + i)
+            pending += 1
+            if pending < cfg.gradient_accumulation_steps and i + 1 < sch.micro_per_epoch:
+                continue
+            self._optimizer_step()
+            pending = 0
+            self.step += 1
+            self.micro_next = (epoch, i + 1)
+            self._after_step(self._mean_loss(loss))
+            if self.step >= sch.total_steps:
+                return True
+        self._after_epoch(epoch + 1)
+        return False
+
+    def _forward_backward(self, batch, micro_step: int) -> torch.Tensor:
+        gen = step_generator(self.cfg.seed, micro_step, self.rank)
+        inputs = prepare_inputs(self.data.load_batch(batch), self.sampler, gen, self.device, self.t.dtype)
+        with self.acc.autocast():
+            pred = predict(self.t.dit, inputs, self.cfg.split_attn)
+        loss = flow_loss(pred, inputs)
+        scaled = loss / self.cfg.gradient_accumulation_steps
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.fused:                       # already stepped parameter by parameter during backward
+            self.scheduler.step()
+            return
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is not None:
+                    self._reduce_grad(p)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _mean_loss(self, loss: torch.Tensor) -> float:
+        if self.world > 1:
+            loss = self.acc.reduce(loss.to(self.device), reduction="mean")
+        return float(loss)
+
+    # ------------------------------------------------------------------------------------------ reporting
+    def _after_step(self, loss: float) -> None:
+        from engine.train.report import report_memory
+
+        cfg, sch = self.cfg, self.schedule
+        self.losses.append(loss)
+        recent = self.losses[-sch.steps_per_epoch:]
+        done = self.step - self.start_step
+        elapsed = time.time() - self.started
+        lrs = {f"lr/{g.get('name', i)}": float(lr) for i, (g, lr) in
+               enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))}
+        if self.main:
+            self.events.progress(self.step, sch.total_steps, unit="step",
+                                 eta_s=round(elapsed / done * (sch.total_steps - self.step), 1), epoch=self.epoch + 1)
+            self.events.metric(self.step, loss=round(loss, 6), lr=next(iter(lrs.values())),
+                               avg_loss=round(sum(recent) / len(recent), 6), it_s=round(done / elapsed, 4),
+                               epoch=self.epoch + 1)
+            if cfg.log_with:
+                self.acc.log({"loss/current": loss, "loss/average": sum(recent) / len(recent), **lrs}, step=self.step)
+            if self.step == 1 or self.step % 10 == 0 or self.step == sch.total_steps:
+                report_memory(self.events, self.device, "training")
+        if self.step < sch.total_steps:
+            if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
+                self._save(ckpt.model_path(cfg, step=self.step), ckpt.state_path(cfg, step=self.step), "step")
+            if samples.is_due(cfg, step=self.step):
+                self._sample(self.step, None)
+
+    def _after_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        if self.main and cfg.log_with:
+            recent = self.losses[-self.schedule.steps_per_epoch:]
+            self.acc.log({"loss/epoch": sum(recent) / len(recent)}, step=epoch)
+        if epoch >= self.schedule.epochs:
+            return
+        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
+            self._save(ckpt.model_path(cfg, epoch=epoch), ckpt.state_path(cfg, epoch=epoch), "epoch", epoch)
+        if samples.is_due(cfg, epoch=epoch):
+            self._sample(self.step, epoch)
+
+    def _sample(self, step: int, epoch: int | None) -> None:
+        if self.prompts is None:
+            return
+        self.events.phase("sampling", step=step)
+        self.outputs += self.prompts.generate(self.t.dit, step, epoch, self.events, self.t.eval_modules)
+        self.events.phase("training", total=self.schedule.total_steps)
+
+    # ------------------------------------------------------------------------------------------ saving
+    def _stats(self) -> dict:
+        return {"ss_steps": self.step, "ss_epoch": self.epoch + 1, "ss_num_epochs": self.schedule.epochs,
+                "ss_num_batches_per_epoch": self.data.num_batches, "ss_num_train_items": len(self.data.items),
+                "ss_optimizer": self.optimizer_text}
+
+    def _save(self, model_file: Path, state_dir: Path | None, kind: str | None, number: int | None = None,
+              with_state: bool | None = None) -> None:
+        cfg = self.cfg
+        self.acc.wait_for_everyone()
+        if self.main:
+            self.events.phase("saving", step=self.step)
+            for path in self.t.save(model_file, self._stats()):
+                self.outputs.append(str(path))
+                self.events.checkpoint(str(path), self.step, epoch=self.epoch + 1, kind="model")
+        if (cfg.save_state if with_state is None else with_state) and state_dir is not None:
+            epoch, micro = self.micro_next
+            if micro >= self.schedule.micro_per_epoch:          # the epoch is done: resume at the next one
+                epoch, micro = epoch + 1, 0
+            progress = {"step": self.step, "epoch": epoch, "micro": micro, "seed": cfg.seed,
+                        "total_steps": self.schedule.total_steps, "world": self.world, "losses": self.losses}
+            ckpt.save_state(self.acc, state_dir, progress)
+            if self.main:
+                self.events.checkpoint(str(state_dir), self.step, epoch=self.epoch + 1, kind="state")
+        if self.main and kind:
+            for path in ckpt.prune(cfg, kind, number if number is not None else self.step):
+                log.info("removed old save %s (--save_last_n_%ss)", path.name, kind)
+        if self.main and self.step < self.schedule.total_steps:
+            self.events.phase("training", total=self.schedule.total_steps)
+        self.acc.wait_for_everyone()
+
+    def _save_interrupted(self) -> None:
+        """Stopped (SIGINT from the Jobs tab or Ctrl-C): keep what was trained, at the last finished step."""
+        if self.step == 0 or not hasattr(self, "micro_next"):
+            return
+        log.info("stopped at step %d: saving a checkpoint first", self.step)
+        self._save(ckpt.model_path(self.cfg, step=self.step), ckpt.state_path(self.cfg, step=self.step), None)
+
+    def _finish(self) -> None:
+        cfg = self.cfg
+        end_state = cfg.save_state or cfg.save_state_on_train_end
+        self._save(ckpt.model_path(cfg), ckpt.state_path(cfg), None, with_state=end_state)
+        if self.main:
+            from engine.train.report import report_memory
+
+            report_memory(self.events, self.device, "end")
+            if cfg.log_with:
+                self.acc.end_training()
+            if self.losses:
+                log.info("loss: first %.5f, last %.5f (%d steps)", self.losses[0], self.losses[-1], self.step)

@@ -1,0 +1,115 @@
+"""Every check that can run before a model loads (train_network and train): files, option combinations, the
+caches, the sample prompt file, the resume folder. Each failure is one error naming the option, the cause and
+the fix (engine.errors)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from engine.errors import OptionError
+
+
+def check_config(cfg, full: bool) -> None:
+    _require(cfg.dit, "--dit", "the Qwen-Image DiT (.safetensors file, shard or transformer/ folder)")
+    _require(cfg.dataset_config, "--dataset_config", "the dataset TOML (the Dataset tab writes one)")
+    if not cfg.output_dir:
+        raise OptionError("--output_dir is missing.", "Give the folder for checkpoints, samples and the run config.")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1 and not cfg.max_train_epochs:
+        raise OptionError(f"--max_train_steps {cfg.max_train_steps}: must be at least 1.", "Give a positive number.")
+    if cfg.gradient_accumulation_steps < 1:
+        raise OptionError("--gradient_accumulation_steps must be at least 1.", "Use 1 to step every batch.")
+    _check_attention(cfg)
+    _check_memory(cfg, full)
+    _check_saving(cfg)
+    if cfg.sample_prompts or cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first:
+        _check_samples(cfg)
+    if cfg.log_with and not cfg.logging_dir:
+        raise OptionError(f"--log_with {cfg.log_with} needs --logging_dir.", "Give a folder for the TensorBoard logs.")
+    if cfg.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise OptionError(f"--log_with {cfg.log_with}: the 'wandb' package is not installed.",
+                          "pip install wandb, or use --log_with tensorboard.")
+    if not full and cfg.network_weights:
+        _require(cfg.network_weights, "--network_weights", "a LoRA file to continue from")
+
+
+def _check_attention(cfg) -> None:
+    if cfg.sage_attn:
+        raise OptionError("--sage_attn is for inference only (it has no backward pass).",
+                          "Use --sdpa (default), --xformers or --flash_attn for training.")
+    chosen = [n for n in ("sdpa", "xformers", "flash_attn") if getattr(cfg, n)]
+    if len(chosen) > 1:
+        raise OptionError(f"several attention kernels were chosen ({', '.join('--' + c for c in chosen)}).",
+                          "Choose one.")
+    package = {"xformers": "xformers", "flash_attn": "flash_attn"}.get(chosen[0] if chosen else "")
+    if package and importlib.util.find_spec(package) is None:
+        raise OptionError(f"--{chosen[0]}: the '{package}' package is not installed.",
+                          f"pip install {package}, or use --sdpa.")
+
+
+def _check_memory(cfg, full: bool) -> None:
+    if cfg.gradient_checkpointing_cpu_offload and not cfg.gradient_checkpointing:
+        raise OptionError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing.",
+                          "Add --gradient_checkpointing.")
+    if cfg.fp8_scaled and not cfg.fp8_base:
+        raise OptionError("--fp8_scaled was given without --fp8_base.",
+                          "Add --fp8_base (fp8_scaled only changes how the fp8 weights are scaled).")
+    if cfg.blocks_to_swap < 0:
+        raise OptionError("--blocks_to_swap must be 0 or more.", "Use 0 to keep every block on the GPU.")
+    if not full:
+        return
+    if cfg.fp8_base or cfg.fp8_scaled:
+        raise OptionError("--fp8_base/--fp8_scaled: fp8 weights cannot be finetuned (musubi turns them off).",
+                          "Drop them; use --full_bf16 to halve the weights' memory.")
+    if cfg.blocks_to_swap:
+        raise OptionError("--blocks_to_swap streams frozen weights only; a full finetune trains every block.",
+                          "Use --blocks_to_swap 0 with train, or train a LoRA (train_network).")
+    if cfg.full_bf16 and cfg.mixed_precision != "bf16":
+        raise OptionError("--full_bf16 needs --mixed_precision bf16.", "Add --mixed_precision bf16.")
+    if cfg.fused_backward_pass:
+        if cfg.optimizer_type.lower() != "adafactor":
+            raise OptionError(f"--fused_backward_pass works with --optimizer_type Adafactor only (got "
+                              f"{cfg.optimizer_type}).", "Use --optimizer_type Adafactor.")
+        if cfg.gradient_accumulation_steps > 1:
+            raise OptionError("--fused_backward_pass steps each weight during backward, so it cannot accumulate "
+                              "gradients.", "Use --gradient_accumulation_steps 1.")
+
+
+def _check_saving(cfg) -> None:
+    for name in ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps", "sample_every_n_epochs"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name} {value}: must be at least 1.", "Leave it out to turn it off.")
+    if cfg.resume:
+        from engine.train.checkpoints import read_progress
+
+        read_progress(cfg.resume)
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise OptionError(f"--output_dir {cfg.output_dir} is a file.", "Give a folder.")
+
+
+def _check_samples(cfg) -> None:
+    if not cfg.sample_prompts:
+        raise OptionError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need "
+                          "--sample_prompts.", "Give a prompt file (one prompt per line) or drop the sample options.")
+    _require(cfg.sample_prompts, "--sample_prompts", "a text file with one prompt per line")
+    _require(cfg.vae, "--vae", "the Qwen-Image VAE (samples are decoded with it)")
+    _require(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (sample prompts are encoded with it)")
+
+
+def _require(path, option: str, what: str) -> None:
+    if not path:
+        raise OptionError(f"{option} is missing.", f"Give {what}.")
+    if not Path(path).exists():
+        raise OptionError(f"{option} {path}: no such file or folder.", f"Give {what}.")
+
+
+def open_dataset(cfg, version: str):
+    """The cached dataset; missing or stale caches are one error naming the dataset and the commands to run.
+    Text caches are checked against --text_encoder only with --tokenizer given (the fingerprint covers both;
+    without it the check would download the default tokenizer just for that)."""
+    from engine.data.cached import CachedDataset
+
+    text_encoder = cfg.text_encoder if cfg.tokenizer else None
+    return CachedDataset.open(cfg.dataset_config, version, vae=cfg.vae, text_encoder=text_encoder,
+                              tokenizer=cfg.tokenizer)
