@@ -7,6 +7,8 @@
 
 Widget kinds follow the field type: Checkbox for bool, Dropdown for choices, Number for int/float, Textbox for
 str/path and lists (path and text lists one item per line; number lists separated by spaces or commas).
+An optional number (default None: "not set") is a Textbox too: gr.Number cannot be empty (the browser shows and
+sends 0 for None), and 0 is a real value for e.g. --flow_shift or --rcm_threshold.
 Fields are grouped by their metadata group; `advanced` ones sit in a closed Accordion inside their group.
 The conversion functions are plain Python, so round trips are tested without a browser.
 """
@@ -77,8 +79,10 @@ def from_widget(f, value: Any) -> Any:
         return value if value not in (None, "") else _empty(f)
     if kind == "number" and isinstance(value, float) and value.is_integer() and _base_type(f.type)[0] is int:
         return int(value)     # gr.Number may hand back 7.0 for 7
-    if kind == "number" and value is None:
+    if kind == "number" and (value is None or (isinstance(value, str) and not value.strip())):
         return _empty(f)
+    if kind == "number" and isinstance(value, str):
+        return value.strip()          # an optional number's text box; engine.config.from_dict checks the type
     return value
 
 
@@ -160,6 +164,8 @@ def make_widget(f, value: Any, elem_prefix: str = ""):
         if _base_type(f.type)[2]:
             choices.insert(0, (DEFAULT_CHOICE, ""))
         return gr.Dropdown(choices=choices, value=widget_value, **common)
+    if kind == "number" and _base_type(f.type)[2]:
+        return gr.Textbox(value="" if widget_value is None else str(widget_value), placeholder="(not set)", **common)
     if kind == "number":
         precision = 0 if _base_type(f.type)[0] is int else None
         return gr.Number(value=widget_value, precision=precision, **common)
