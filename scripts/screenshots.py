@@ -1,0 +1,79 @@
+"""Refresh the README's screenshots: start the Studio on the demo models and photograph every tab.
+
+    .venv/bin/python scripts/screenshots.py            # writes docs/screenshot-<tab>.png
+
+Needs Debian's chromium (`apt-get install -y chromium`). The Studio runs on a throw-away data folder, so the
+pictures show exactly what a newcomer sees after `./studio.sh --demo`.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the Studio exited with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit(f"the Studio did not answer at {url} within {timeout:.0f} s")
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def photograph(url: str, out_dir: Path) -> list[Path]:
+    from playwright.sync_api import sync_playwright
+
+    shots = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        tabs = page.get_by_role("tab")
+        tabs.first.wait_for()
+        for label in [t.inner_text().strip() for t in tabs.all()]:
+            page.get_by_role("tab", name=label, exact=True).click()
+            page.wait_for_timeout(1500)               # let the tab's first refresh land
+            shot = out_dir / f"screenshot-{slug(label)}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            shots.append(shot)
+        browser.close()
+    return shots
+
+
+def main() -> int:
+    port = 7960
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc = subprocess.Popen([sys.executable, "launch.py", "--demo", "--no-browser", "--port", str(port),
+                                 "--data_dir", data_dir], cwd=REPO)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            wait_http(url, proc)
+            for shot in photograph(url, REPO / "docs"):
+                print(shot.relative_to(REPO))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
