@@ -1,15 +1,19 @@
 """The training loop shared by `train_network` (LoRA) and `train` (full finetune), on accelerate.
 
-Runs the same under `python -m engine ...` (one process) and `accelerate launch [--multi_gpu | --num_processes N
---cpu] -m engine ...`. Multi-process: each process takes every N-th batch of the epoch's (seeded) order, and the
+Runs the same under `python -m engine ...` (one process) and `accelerate launch --multi_gpu --num_processes N -m
+engine ...` (docs/multi-gpu.md; `--cpu --num_processes N` starts ONE process). Multi-process: each process takes
+every N-th batch of the epoch's (seeded) order, and the
 trained weights' gradients are averaged across processes before each optimizer step (an all-reduce per tensor;
 with --fused_backward_pass inside the per-parameter hook, before the update), which is what DDP computes. We do
 not wrap the model in DDP because the trained module is not what is called (LoRA wraps the DiT's Linears) and
 DDP cannot hold block-swapped weights. Only the main process writes model files, samples and logs; all take part
 in state saves (each keeps its own RNG state).
 
-Reproducibility: noise and timesteps of micro-step k on process r come from a generator seeded with (seed, k, r),
-and the batch order of an epoch from (seed + epoch), so --resume continues with the identical loss curve.
+Reproducibility: noise and timesteps of a batch come from a generator seeded with (seed, the batch's place in the
+run's order of batches), whichever process runs it, and the batch order of an epoch from (seed + epoch). So
+--resume continues with the identical loss curve, and N processes × batch B equal one process with
+--gradient_accumulation_steps N on the same batches (tests/test_train_ddp.py). The logged loss of a step is the mean
+over its micro-batches and processes: the loss of the global batch whose gradient the step applies.
 
 API: `run_training(cfg, events, full) -> [output paths]`
 """
@@ -47,8 +51,9 @@ def make_schedule(cfg, num_batches: int, world: int) -> Schedule:
     return Schedule(micro, per_epoch, total, math.ceil(total / per_epoch))
 
 
-def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 1009 + rank) % (2 ** 63))
+def step_generator(seed: int, batch_index: int) -> torch.Generator:
+    """`batch_index`: the batch's place in the run (epoch × padded batches per epoch + place in the epoch)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index * 1009) % (2 ** 63))
 
 
 def run_training(cfg, events, full: bool) -> list[str]:
@@ -79,6 +84,11 @@ def make_accelerator(cfg):
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise OptionError("--mixed_precision fp16 needs a CUDA device.", "Use bf16 or no on the CPU.")
+    from accelerate.state import AcceleratorState
+
+    # A second run in the same process (tests, notebooks) may use another precision: accelerate keeps it in a
+    # singleton. The process-level state (distributed setup) is kept.
+    AcceleratorState._reset_state()
     project = ProjectConfiguration(project_dir=cfg.logging_dir, logging_dir=cfg.logging_dir)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision, project_config=project,
                        log_with=_trackers(cfg.log_with))
@@ -183,25 +193,26 @@ class Run:
         cfg, sch = self.cfg, self.schedule
         batches = self.data.epoch_batches(epoch, cfg.seed)
         mine = [batches[(j * self.world + self.rank) % len(batches)] for j in range(sch.micro_per_epoch)]
-        pending = 0
+        pending, loss_sum = 0, 0.0
         self.epoch = epoch
         for i in range(first_micro, sch.micro_per_epoch):
-            loss = self._forward_backward(mine[i], epoch * sch.micro_per_epoch + i)
+            batch_index = (epoch * sch.micro_per_epoch + i) * self.world + self.rank   # its place in the epoch (padded)
+            loss_sum = loss_sum + self._forward_backward(mine[i], batch_index)
             pending += 1
             if pending < cfg.gradient_accumulation_steps and i + 1 < sch.micro_per_epoch:
                 continue
             self._optimizer_step()
-            pending = 0
             self.step += 1
             self.micro_next = (epoch, i + 1)
-            self._after_step(self._mean_loss(loss))
+            self._after_step(self._mean_loss(loss_sum / pending))
+            pending, loss_sum = 0, 0.0
             if self.step >= sch.total_steps:
                 return True
         self._after_epoch(epoch + 1)
         return False
 
-    def _forward_backward(self, batch, micro_step: int) -> torch.Tensor:
-        gen = step_generator(self.cfg.seed, micro_step, self.rank)
+    def _forward_backward(self, batch, batch_index: int) -> torch.Tensor:
+        gen = step_generator(self.cfg.seed, batch_index)
         inputs = prepare_inputs(self.data.load_batch(batch), self.sampler, gen, self.device, self.t.dtype)
         with self.acc.autocast():
             pred = predict(self.t.dit, inputs, self.cfg.split_attn)
