@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import time
 
@@ -38,8 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stream = sys.stderr if cmd.result_on_stdout else None  # keep stdout for the command's one JSON result
-    events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
+    if launcher_rank() > 0:   # accelerate/torchrun worker: one voice per job (one start, one done, one events file);
+        events = EventWriter(stream=sys.stderr, json_stdout=False)    # the others' lines and errors go to stderr
+    else:
+        events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
     return run_command(cmd, cfg, events, rest)
+
+
+def launcher_rank() -> int:
+    """This process's rank under a multi-process launcher (torchrun, accelerate launch, mpirun); 0 otherwise."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def run_command(cmd, cfg, events: EventWriter, argv: list[str]) -> int:
