@@ -3,5 +3,6 @@
 
 TABS: list[str] = [
     "models",
+    "generate",
     "jobs",
 ]

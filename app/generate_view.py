@@ -1,0 +1,126 @@
+"""What the Generate / Edit tab shows about a job: its progress bar, its results, and the RCM / mask view.
+
+Everything is rebuilt from the job manager's view and the job's event log, so a refreshed browser (or a second
+one) sees the same thing. The view pictures (mask overlays, heatmap) are written once per job into
+`<data_dir>/generate/views/<job id>/` and reused on later ticks.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from app import generate_media as M
+from engine import config as C
+from engine.infer.controls import cover_crop
+
+
+@dataclass
+class RunView:
+    outputs: list[str] = field(default_factory=list)
+    strip: list[tuple[str, str]] = field(default_factory=list)     # (picture, caption) per RCM step
+    heatmap: str | None = None
+    markdown: str = ""
+
+
+def job_config(view: dict):
+    """The GenerateImageConfig a job ran with, parsed back from its argument list (None if it cannot be)."""
+    argv = view.get("argv") or []
+    if "generate_image" not in argv:
+        return None
+    try:
+        return C.parse_args(C.GenerateImageConfig, argv[argv.index("generate_image") + 1:], prog="generate_image")
+    except (C.ConfigError, SystemExit):
+        return None
+
+
+def progress_html(view: dict) -> str:
+    p = view.get("progress") or {}
+    status, phase = view["status"], view.get("phase") or ""
+    text = f"<b>{html.escape(status)}</b>" + (f" · {html.escape(phase)}" if phase and status == "running" else "")
+    bar = ""
+    if p.get("total"):
+        text += f" · step {p['step']}/{p['total']}"
+        if p.get("eta_s") is not None and status == "running":
+            text += f" · about {p['eta_s']:.0f} s left"
+        bar = f'<progress max="{p["total"]}" value="{p["step"]}" style="width:100%"></progress>'
+    done = view.get("done") or {}
+    if done.get("seconds") is not None and status == "done":
+        text += f" · {done['seconds']:.1f} s"
+    return f"<div>{bar}<div>{text}</div></div>"
+
+
+def run_view(ctx, view: dict) -> RunView:
+    run = M.read_run(ctx.jobs.log_path(view["id"]))
+    out = RunView(outputs=list(run.outputs))
+    cfg = job_config(view)
+    if cfg is None or not cfg.control_image_path or not Path(cfg.control_image_path[0]).is_file():
+        return out
+    folder = ctx.data_dir / "generate" / "views" / view["id"]
+    with Image.open(cfg.control_image_path[0]) as im:
+        control = im.convert("RGB")
+    size = _output_size(run, cfg)
+    base = cover_crop(control, size)
+    lines = []
+    if run.rcm_masks:
+        lines += ["| step | tokens still changing | mean difference | threshold |", "|---|---|---|---|"]
+    for step, path in run.rcm_masks:
+        if not Path(path).is_file():
+            continue
+        picture = folder / f"rcm_{step:03d}.png"
+        if not picture.exists():
+            M.save_png(M.overlay(base, M.load_mask_array(path, size)), picture)
+        share = M.changing_percent(path)
+        out.strip.append((str(picture), f"step {step}: {share:.1f}% changing"))
+        stats = run.rcm_stats.get(step, {})
+        lines.append(f"| {step} | {share:.1f}% | {_num(stats.get('mean'))} | {_num(stats.get('threshold'))} |")
+    if cfg.rcm_threshold is not None and not run.rcm_masks and view["status"] == "done":
+        lines.append("RCM ran without per-step masks: tick *Rcm debug save* to see them here.")
+    if run.outputs and Path(run.outputs[0]).is_file():
+        lines += _difference(out, run, cfg, control, folder)
+    out.markdown = "\n".join(lines)
+    return out
+
+
+def _output_size(run: M.RunFiles, cfg) -> tuple[int, int]:
+    if run.outputs and Path(run.outputs[0]).is_file():
+        with Image.open(run.outputs[0]) as im:
+            return im.size
+    return cfg.image_size[1], cfg.image_size[0]
+
+
+def _difference(out: RunView, run: M.RunFiles, cfg, control: Image.Image, folder: Path) -> list[str]:
+    """Heatmap of |output − control 1| and how much changed where the run was told to keep the control."""
+    with Image.open(run.outputs[0]) as im:
+        output = im.convert("RGB")
+    diff = M.difference(output, control)
+    picture = folder / "heatmap.png"
+    if not picture.exists():
+        M.save_png(M.heatmap(diff), picture)
+    out.heatmap = str(picture)
+    keep, source = None, ""
+    if cfg.mask_path and Path(cfg.mask_path).is_file():
+        keep, source = M.load_mask_array(cfg.mask_path, output.size) < 0.5, "the painted mask's black region"
+    elif run.rcm_masks and Path(run.rcm_masks[-1][1]).is_file():
+        keep, source = M.load_mask_array(run.rcm_masks[-1][1], output.size) < 0.5, "the last RCM step's kept region"
+    lines = ["", f"Pixels changed (channel-mean difference > {M.CHANGED_TOLERANCE}/255), "
+                 f"output `{Path(run.outputs[0]).name}` vs control 1:"]
+    everywhere = M.changed_percent(diff, diff >= 0)
+    lines.append(f"- whole image: **{everywhere:.1f}%**")
+    if keep is not None:
+        inside = M.changed_percent(diff, keep)
+        outside = M.changed_percent(diff, ~keep)
+        lines.append(f"- in {source} ({keep.mean() * 100:.1f}% of the image): **{_pct(inside)}**")
+        lines.append(f"- in the rest: **{_pct(outside)}**")
+    return lines
+
+
+def _num(x) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def _pct(x) -> str:
+    return "n/a (empty region)" if x is None else f"{x:.1f}%"

@@ -1,0 +1,366 @@
+"""Generate / Edit tab: text-to-image and image editing through `python -m engine generate_image`.
+
+The form is GenerateImageConfig (app/forms.py), in sections: essentials open, the rest folded. Control images are
+image inputs; control image 1 is a painter whose white-brush layer is the inpaint mask (its alpha, not a diff of
+the composite). A run copies the images into `<data_dir>/generate/inputs/<run>/`, pre-checks what it can without
+torch (engine/infer/validate.py's own checks), then goes through the job manager, so it outlives a browser
+refresh: the timer follows the newest generate job and rebuilds progress, results, errors and the RCM view from
+its event log (app/generate_media.py). VRAM preset cards and the live estimate come from app/presets_ui.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import secrets
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from app import generate_media as M
+from app import presets_ui
+from app.forms import Form, build_form, gui_fields
+from app.generate_view import progress_html, run_view
+from engine import config as C
+from engine.errors import EngineError, ModelFileError, OptionError
+from engine.variants import get_variant
+
+PREFIX = "generate"
+IMAGE_FIELDS = ("control_image_path", "mask_path")      # filled from the image inputs, not typed
+SECTIONS = (   # (accordion title or None for the groups' own, fields, open)
+    (None, ("prompt", "negative_prompt"), True),
+    (None, ("image_size", "infer_steps", "guidance_scale", "seed", "flow_shift"), True),
+    (None, ("model_version", "dit", "vae", "text_encoder", "tokenizer"), True),
+)
+EDIT_SECTIONS = (("resize_control_to_image_size", "resize_control_to_official_size", "append_original_name"),
+                 ("rcm_threshold", "rcm_relative_threshold", "rcm_kernel_size", "rcm_dilate_size", "rcm_debug_save"))
+LORA_FIELDS = ("lora_weight", "lora_multiplier")
+MEMORY_FIELDS = ("fp8", "fp8_scaled", "text_encoder_cpu", "blocks_to_swap", "vae_enable_tiling")
+EXTRA_CONTROLS = 2          # image slots after the painter; more go in the file box (Edit-2509/2511)
+POLL_S = 1.0
+
+
+def form_fields() -> list[str]:
+    """The form's option names in input order (what the run / load endpoints take first)."""
+    return [f.name for f in gui_fields(C.GenerateImageConfig, exclude=IMAGE_FIELDS)]
+
+
+def defaults(ctx) -> C.GenerateImageConfig:
+    version = "edit" if ctx.demo else "original"
+    cfg = C.GenerateImageConfig(model_version=version, dit=ctx.dit_path(version) or None,
+                                vae=ctx.model_path("vae") or None, text_encoder=ctx.model_path("text_encoder") or None,
+                                tokenizer=ctx.model_path("tokenizer") or None,
+                                save_path=str(ctx.data_dir / "outputs" / "generate"))
+    if ctx.demo:   # the demo works out of the box: its edit example, tiny size, few steps
+        ex = ctx.demo["examples"]
+        cfg = dataclasses.replace(cfg, prompt=ex["edit_prompt"], image_size=[ex["height"], ex["width"]],
+                                  infer_steps=8, seed=ex["seed"])
+    return cfg
+
+
+def build(ctx) -> None:
+    cfg = defaults(ctx)
+    parts: dict = {}
+    with gr.Tab("Generate / Edit", id="generate"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                for _, names, _ in SECTIONS:
+                    parts.update(_form(cfg, names).components)
+                with gr.Row():
+                    random_btn = gr.Button("🎲 Random seed", size="sm", elem_id=f"{PREFIX}-seed-random")
+                    reuse_btn = gr.Button("♻ Reuse the selected result's seed", size="sm",
+                                          elem_id=f"{PREFIX}-seed-reuse")
+                with gr.Accordion("Control images and mask (edit models)", open=True,
+                                  visible=get_variant(cfg.resolved_version()).is_edit,
+                                  elem_id=f"{PREFIX}-controls") as controls_box:
+                    w = control_widgets(ctx)
+                    for names in EDIT_SECTIONS:
+                        parts.update(_form(cfg, names).components)
+                parts.update(_form(cfg, LORA_FIELDS).components)
+                parts.update(_form(cfg, MEMORY_FIELDS).components)
+                rest = [n for n in form_fields() if n not in parts]
+                with gr.Accordion("More options", open=False, elem_id=f"{PREFIX}-more"):
+                    parts.update(_form(cfg, rest).components)
+                form = Form(C.GenerateImageConfig, {n: parts[n] for n in form_fields()})
+                presets_ui.build("generate_image", form, elem_prefix=PREFIX)
+            with gr.Column(scale=2):
+                out = result_widgets()
+        _wire(ctx, form, w, out, controls_box, random_btn, reuse_btn)
+
+
+def _form(cfg, names) -> Form:
+    form = build_form(C.GenerateImageConfig, include=names, values=cfg, elem_prefix=PREFIX)
+    if "prompt" in form.components:
+        form.components["prompt"].lines = form.components["negative_prompt"].lines = 3
+    return form
+
+
+def control_widgets(ctx) -> dict:
+    example = ctx.demo["examples"]["control"] if ctx.demo else None
+    w = {"editor": gr.ImageEditor(
+        value={"background": example, "layers": [], "composite": example} if example else None,
+        type="filepath", image_mode="RGBA", format="png", label="Control image 1 — paint the mask (white = change)",
+        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"), eraser=gr.Eraser(),
+        layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]), transforms=(),
+        sources=("upload", "clipboard"), elem_id=f"{PREFIX}-control1")}
+    with gr.Row():
+        w["slots"] = [gr.Image(type="filepath", label=f"Control image {i + 2}", sources=("upload", "clipboard"),
+                               elem_id=f"{PREFIX}-control{i + 2}") for i in range(EXTRA_CONTROLS)]
+    w["more"] = gr.File(file_count="multiple", file_types=["image"], label="More control images (Edit-2509/2511)",
+                        elem_id=f"{PREFIX}-more-controls")
+    with gr.Row():
+        w["grow"] = gr.Slider(-32, 32, value=0, step=1, label="Grow (+) / shrink (−) mask, px",
+                              elem_id=f"{PREFIX}-mask-grow")
+        w["feather"] = gr.Slider(0, 32, value=0, step=0.5, label="Feather, px", elem_id=f"{PREFIX}-mask-feather")
+        w["invert"] = gr.Checkbox(False, label="Invert mask", elem_id=f"{PREFIX}-mask-invert")
+        w["clear"] = gr.Button("Clear mask", size="sm", elem_id=f"{PREFIX}-mask-clear")
+    with gr.Row():
+        w["preview"] = gr.Image(label="Effective mask (what --mask_path gets)", interactive=False, height=200,
+                                image_mode="L", format="png", elem_id=f"{PREFIX}-mask-preview")
+        w["mask_info"] = gr.Markdown(elem_id=f"{PREFIX}-mask-info")
+    return w
+
+
+def result_widgets() -> dict:
+    o = {}
+    with gr.Row():
+        o["run"] = gr.Button("Generate", variant="primary", elem_id=f"{PREFIX}-run", scale=3)
+        o["stop"] = gr.Button("Stop", elem_id=f"{PREFIX}-stop", scale=1)
+    o["error"] = gr.Markdown(visible=False, elem_id=f"{PREFIX}-error")
+    o["job"] = gr.Textbox(label="Job", interactive=False, elem_id=f"{PREFIX}-job")
+    o["status"] = gr.HTML(elem_id=f"{PREFIX}-status")
+    o["cmdline"] = gr.Textbox(label="Command line (exactly what runs)", interactive=False, buttons=["copy"],
+                              elem_id=f"{PREFIX}-command")
+    o["gallery"] = gr.Gallery(label="Results", columns=3, height=300, format="png", elem_id=f"{PREFIX}-gallery")
+    o["selected"] = gr.Textbox(label="Selected result", interactive=False, elem_id=f"{PREFIX}-selected")
+    with gr.Row():
+        o["send"] = gr.Button("Send to control image 1", size="sm", elem_id=f"{PREFIX}-send")
+        o["load_sel"] = gr.Button("Load its parameters", size="sm", elem_id=f"{PREFIX}-load-selected")
+    o["png"] = gr.File(label="Drop a PNG to load its parameters", file_types=[".png"], elem_id=f"{PREFIX}-png")
+    o["note"] = gr.Markdown(elem_id=f"{PREFIX}-note")
+    with gr.Accordion("RCM / mask view", open=True, elem_id=f"{PREFIX}-rcm"):
+        o["strip"] = gr.Gallery(label="RCM mask per step (red = still changing)", columns=8, height=160,
+                                format="png", elem_id=f"{PREFIX}-rcm-strip")
+        o["heatmap"] = gr.Image(label="|output − control 1|", interactive=False, format="png", height=200,
+                                elem_id=f"{PREFIX}-heatmap")
+        o["rcm_md"] = gr.Markdown(elem_id=f"{PREFIX}-rcm-stats")
+    o["seen"] = gr.State("")
+    o["timer"] = gr.Timer(POLL_S)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+def _wire(ctx, form: Form, w: dict, o: dict, controls_box, random_btn, reuse_btn) -> None:
+    image_inputs = [w["editor"], *w["slots"], w["more"], w["grow"], w["feather"], w["invert"]]
+    shown: set[str] = set()          # result paths this tab handed out: the only ones it reads back
+    n = len(form.inputs)
+
+    def run(*values):
+        try:
+            cfg = form.to_config(*values[:n])
+            cfg = attach_images(ctx, cfg, *values[n:])
+            precheck(cfg)
+            job = ctx.submit_config("generate_image", cfg, title=title_of(cfg))
+        except (C.ConfigError, EngineError, M.MaskError, ValueError, OSError) as e:
+            return gr.skip(), gr.skip(), error_update(e), "Not started.", *[gr.skip()] * 6
+        # the previous run's results go: what shows from now on belongs to this job
+        return (job.id, job.cmdline, gr.update(visible=False, value=""), f"Queued **{job.id}**.", "",
+                "<b>queued</b>", [], [], None, "")
+
+    o["run"].click(run, [*form.inputs, *image_inputs], [o["job"], o["cmdline"], o["error"], o["note"], o["seen"],
+                                                       o["status"], o["gallery"], o["strip"], o["heatmap"],
+                                                       o["rcm_md"]], api_name="generate_run")
+
+    refresh_outputs = [o[k] for k in ("job", "status", "cmdline", "error", "gallery", "selected", "strip",
+                                      "heatmap", "rcm_md", "seen")]
+
+    def refresh(job_id, seen):
+        # the job box is written only when it was empty (a fresh page follows the newest job): a tick that
+        # started before "Generate" answered must not put the previous job back
+        picked = job_id or latest_job(ctx)
+        view = ctx.jobs.get(picked) if picked else None
+        if view is None:
+            return (*[gr.skip()] * (len(refresh_outputs) - 1), seen)
+        sig = repr((view["id"], view["status"], view.get("progress"), len(view.get("images") or []), view["error"]))
+        if sig == seen:
+            return [gr.skip()] * len(refresh_outputs)
+        v = run_view(ctx, view)
+        shown.update(v.outputs)
+        err = view["error"] if view["status"] in ("failed", "stopped") else None
+        return (gr.skip() if job_id else view["id"], progress_html(view), view["cmdline"],
+                error_update(err) if err else gr.update(visible=False, value=""),
+                [(servable(ctx, p), Path(p).name) for p in v.outputs], v.outputs[0] if v.outputs else "",
+                v.strip, v.heatmap, v.markdown, sig)
+
+    o["timer"].tick(refresh, [o["job"], o["seen"]], refresh_outputs, show_progress="hidden",
+                    concurrency_limit=None, api_name="generate_refresh")
+    o["stop"].click(lambda j: ctx.jobs.stop(j)["status"] if j else "no job", o["job"], o["note"],
+                    api_name="generate_stop")
+    o["gallery"].select(_select_handler(shown), o["selected"], o["selected"], api_visibility="private")
+
+    def send(path):
+        _check_shown(path, shown)
+        return {"background": servable(ctx, path), "layers": [], "composite": servable(ctx, path)}
+
+    o["send"].click(send, o["selected"], w["editor"], api_name="generate_send_to_control")
+
+    load_outputs = [*form.inputs, w["editor"], *w["slots"], w["more"], w["grow"], w["feather"], w["invert"],
+                    o["note"]]
+
+    def load(path, *values):
+        try:
+            return load_parameters(ctx, form, path, values)
+        except (C.ConfigError, ValueError, OSError) as e:
+            return (*[gr.skip()] * (len(load_outputs) - 1), f"⚠️ Could not load parameters: {e}")
+
+    o["png"].upload(load, [o["png"], *form.inputs], load_outputs, api_name="generate_load_params")
+    o["load_sel"].click(lambda p, *v: load(_check_shown(p, shown), *v), [o["selected"], *form.inputs],
+                        load_outputs, api_name="generate_load_selected_params")
+    random_btn.click(lambda: random.randint(0, 2**32 - 1), None, form.components["seed"], api_name="generate_seed_random")
+    reuse_btn.click(lambda p: M.read_png_parameters(_check_shown(p, shown))["seed"], o["selected"],
+                    form.components["seed"], api_name="generate_seed_reuse")
+
+    preview_inputs = [w["editor"], w["grow"], w["feather"], w["invert"]]
+    # painting fires the editor's `input` only; `change` covers values set by buttons (send, load, clear)
+    gr.on([w["editor"].input, *[c.change for c in preview_inputs]], mask_preview, preview_inputs,
+          [w["preview"], w["mask_info"]], trigger_mode="always_last",
+          show_progress="hidden", api_name="generate_mask_preview")
+    w["clear"].click(lambda e: {**e, "layers": []} if e else None, w["editor"], w["editor"],
+                     api_name="generate_mask_clear")
+
+    def version_changed(version, dit):
+        is_edit = get_variant(version or "original").is_edit
+        return ctx.dit_path(version or "original") or dit, gr.update(visible=is_edit)
+
+    form.components["model_version"].change(version_changed, [form.components["model_version"],
+                                                              form.components["dit"]],
+                                            [form.components["dit"], controls_box], api_name="generate_version")
+
+
+def _select_handler(shown: set):
+    def select(selected, evt: gr.SelectData):
+        value = evt.value or {}
+        path = (value.get("image") or {}).get("path") if isinstance(value, dict) else None
+        caption = value.get("caption") if isinstance(value, dict) else None
+        match = [p for p in shown if Path(p).name == caption]
+        return match[0] if match else (path if path in shown else selected)
+    return select
+
+
+def _check_shown(path: str, shown: set) -> str:
+    if not path or path not in shown:
+        raise gr.Error("Pick one of the results shown in the gallery first.")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- run helpers
+
+def attach_images(ctx, cfg, editor, *rest):
+    """The config with the control images (copied into a run folder) and the painted mask (as a PNG file).
+    Images are used with edit models only; for text-to-image the control section is hidden and ignored."""
+    *slots, more, grow, feather, invert = rest
+    if not get_variant(cfg.resolved_version()).is_edit:
+        return cfg
+    editor = editor or {}
+    sources = [editor.get("background"), *slots, *(more or [])]
+    folder = ctx.data_dir / "generate" / "inputs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    controls = [str(M.save_control(p, folder, i + 1)) for i, p in enumerate(s for s in sources if s)]
+    mask = M.painted_mask(editor.get("background"), editor.get("layers"))
+    mask_path = None
+    if mask is not None:
+        mask_path = str(M.save_png(M.refine_mask(mask, grow, feather, invert), folder / "mask.png"))
+    return dataclasses.replace(cfg, control_image_path=controls, mask_path=mask_path)
+
+
+def precheck(cfg) -> None:
+    """What can be refused in milliseconds, without torch; the engine re-checks everything (validate.check_run)."""
+    from engine.infer import validate
+    from engine.infer.jobs import jobs_from_config
+
+    if not cfg.save_path:
+        raise OptionError("--save_path is missing", "give the folder the images should be written to")
+    needed = ("vae",) if cfg.latent_path else ("dit", "vae", "text_encoder")
+    for name in needed:
+        value = getattr(cfg, name)
+        if not value or not Path(value).exists():
+            raise ModelFileError(f"--{name} {value or ''}: " + ("missing" if not value else "no such file or folder"),
+                                 "set it here or in the Models tab")
+    if cfg.latent_path:
+        return
+    if not cfg.prompt:
+        raise OptionError("no prompt", "type what the image should show (or the edit to make)")
+    variant = get_variant(cfg.resolved_version())
+    validate.check_loras(cfg)
+    for job in jobs_from_config(cfg):
+        validate.check_job(job, variant, cfg)
+
+
+def title_of(cfg) -> str:
+    text = (cfg.prompt or "").strip().replace("\n", " ")
+    return f"generate ({cfg.resolved_version()}): {text[:40]}"
+
+
+def error_update(err):
+    """The error panel: the engine's message and hint, or a pre-check's."""
+    if isinstance(err, dict):
+        kind, message, hint = err.get("kind") or "error", err.get("message") or "", err.get("hint") or ""
+    else:
+        kind = getattr(err, "kind", type(err).__name__)
+        message, hint = getattr(err, "message", str(err)), getattr(err, "hint", "")
+    text = f"### ⚠️ {kind}\n\n{message}" + (f"\n\n**Fix:** {hint}" if hint else "")
+    return gr.update(visible=True, value=text)
+
+
+def latest_job(ctx) -> str | None:
+    return next((v["id"] for v in ctx.jobs.list() if v["command"] == "generate_image"), None)
+
+
+def servable(ctx, path: str):
+    """Gradio serves files under the data dir; anything else is handed over as a picture."""
+    from PIL import Image
+
+    if Path(path).resolve().is_relative_to(ctx.data_dir.resolve()):
+        return path
+    with Image.open(path) as im:
+        return im.copy()
+
+
+def mask_preview(editor, grow, feather, invert):
+    if not editor or not editor.get("background"):
+        return None, "Upload control image 1 to paint a mask on it."
+    try:
+        mask = M.painted_mask(editor["background"], editor.get("layers"))
+    except M.MaskError as e:
+        return None, f"⚠️ {e}"
+    if mask is None:
+        return None, "No mask painted: the whole image may change (paint white where it should)."
+    mask = M.refine_mask(mask, grow, feather, invert)
+    share = sum(mask.getdata()) / (255 * mask.width * mask.height) * 100
+    return mask, f"Mask {mask.width}×{mask.height}: {share:.1f}% of the image may change."
+
+
+def load_parameters(ctx, form: Form, path: str, values) -> tuple:
+    """A PNG's `parameters` chunk into the form, through the typed config (unknown or mistyped keys are refused)."""
+    if not path:
+        raise ValueError("no file")
+    params = M.read_png_parameters(path)
+    base = C.to_dict(form.to_config(*values), only_changed=False)
+    cfg = C.from_dict(C.GenerateImageConfig, {**base, **params}, source=Path(path).name)
+    C.check_choices(cfg)
+    controls = [p for p in cfg.control_image_path if Path(p).is_file()]
+    missing = [p for p in cfg.control_image_path if p not in controls]
+    editor = None
+    if controls:
+        layers = []
+        if cfg.mask_path and Path(cfg.mask_path).is_file():
+            folder = ctx.data_dir / "generate" / "inputs" / f"loaded-{secrets.token_hex(3)}"
+            layers = [str(M.save_png(M.mask_layer(cfg.mask_path), folder / "mask_layer.png"))]
+        editor = {"background": controls[0], "layers": layers, "composite": controls[0]}
+    slots = [controls[i + 1] if len(controls) > i + 1 else None for i in range(EXTRA_CONTROLS)]
+    more = controls[1 + EXTRA_CONTROLS:] or None
+    note = f"Loaded the parameters of **{Path(path).name}** (seed {cfg.seed})."
+    if missing:
+        note += " Missing control images (moved or deleted): " + ", ".join(f"`{p}`" for p in missing)
+    return (*form.values(cfg), editor, *slots, more, 0, 0, False, note)
