@@ -3,6 +3,8 @@
 
 TABS: list[str] = [
     "models",
+    "dataset",
+    "cache",
     "generate",
     "jobs",
 ]

@@ -1,0 +1,236 @@
+"""Cache tab: per-dataset cache status (fresh / stale / missing, with the reason) and the two caching steps,
+`cache_latents` and `cache_text_encoder_outputs`, run as jobs through the job manager.
+
+The options are the commands' own config fields (engine/options.py via app/forms.build_form); a button builds
+the config and hands it to ctx.submit_config, which runs the exact `python -m engine ...` shown here. Progress
+and the log come from the job's events (the job manager's views, formatted as the Jobs tab does); when a job
+ends, the status is read again. The status itself is `engine.data.cache_files.staleness_report`: file headers
+and source fingerprints only, no model loaded, no torch imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from app.forms import build_form, values_to_config
+from app.jobs import FINAL
+from app.tabs.jobs import progress_text, status_text
+from engine.config import CacheLatentsConfig, CacheTextEncoderConfig, ConfigError
+from engine.errors import EngineError
+
+SHARED = ["model_version", "device", "batch_size", "num_workers", "skip_existing", "keep_cache"]
+LATENT_ONLY = ["vae"]
+TEXT_ONLY = ["text_encoder", "tokenizer", "fp8_vl"]
+STATUS_HEADERS = ["dataset", "image", "cache", "state", "why"]
+STATE_NAMES = {"ok": "fresh", "stale": "stale", "missing": "missing"}
+MAX_ROWS = 500
+POLL_S = 1.0
+
+
+def build(ctx) -> None:
+    with gr.Tab("Cache", id="cache") as tab:
+        gr.Markdown("Encode the dataset once, before training: the VAE turns images into latents, the text "
+                    "encoder turns captions (and control images) into embeddings. Each cache file records what it "
+                    "was made from, so an edited caption, a replaced image or another model version shows as "
+                    "**stale** here. *Skip existing* re-encodes only what is missing or stale.")
+        with gr.Row(equal_height=True):
+            dataset = gr.Dropdown(label="Dataset config", choices=known_configs(ctx), value=default_config(ctx),
+                                  allow_custom_value=True, elem_id="cache-dataset", scale=5)
+            refresh_btn = gr.Button("Refresh status", elem_id="cache-refresh", scale=1)
+        summary = gr.Markdown(elem_id="cache-summary")
+        with gr.Accordion("Cache entries (not fresh first)", open=False):
+            table = gr.Dataframe(headers=STATUS_HEADERS, value=[], interactive=False, wrap=True, max_height=400,
+                                 column_widths=["14%", "16%", "10%", "10%", "50%"], elem_id="cache-table")
+        shared = build_form(CacheLatentsConfig, include=SHARED, values=_defaults(ctx, CacheLatentsConfig),
+                            elem_prefix="cache")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("**Latents** (VAE)")
+                latent_form = build_form(CacheLatentsConfig, include=LATENT_ONLY, elem_prefix="cache",
+                                         values=_defaults(ctx, CacheLatentsConfig), columns=1)
+                latents_btn = gr.Button("Cache latents", variant="primary", elem_id="cache-latents")
+            with gr.Column():
+                gr.Markdown("**Text encoder outputs**")
+                text_form = build_form(CacheTextEncoderConfig, include=TEXT_ONLY, elem_prefix="cache",
+                                       values=_defaults(ctx, CacheTextEncoderConfig), columns=2)
+                text_btn = gr.Button("Cache text encoder outputs", variant="primary", elem_id="cache-text")
+        both_btn = gr.Button("Cache both (latents, then text)", elem_id="cache-both")
+        message = gr.Markdown(elem_id="cache-message")
+        command = gr.Textbox(label="Command line(s) (exactly what runs; copy to run in a terminal)", lines=2,
+                             interactive=False, buttons=["copy"], elem_id="cache-command")
+        progress = gr.Markdown(elem_id="cache-progress")
+        log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, autoscroll=True, interactive=False,
+                         elem_id="cache-log")
+        watching = gr.State({})          # this page's jobs: {"jobs": all ids, "open": not ended at the last poll}
+        timer = gr.Timer(POLL_S, active=False)
+
+        model_inputs = [shared.components["model_version"], latent_form.components["vae"],
+                        text_form.components["text_encoder"], text_form.components["tokenizer"]]
+        form_inputs = [dataset, *shared.inputs, *latent_form.inputs, *text_form.inputs]
+        n_shared, n_latent = len(shared.inputs), len(latent_form.inputs)
+
+        def configs(values):
+            ds, rest = values[0], values[1:]
+            common = dict(zip(shared.names, rest[:n_shared]), dataset_config=ds or None)
+            latent = dict(zip(latent_form.names, rest[n_shared:n_shared + n_latent]))
+            text = dict(zip(text_form.names, rest[n_shared + n_latent:]))
+            return (values_to_config(CacheLatentsConfig, {**common, **latent}),
+                    values_to_config(CacheTextEncoderConfig, {**common, **text}))
+
+        def start(which, *values):
+            try:
+                latents_cfg, text_cfg = configs(values)
+                chosen = {"latents": [latents_cfg], "text": [text_cfg], "both": [latents_cfg, text_cfg]}[which]
+                return submit(ctx, chosen)
+            except (ConfigError, EngineError) as e:
+                return gr.skip(), gr.skip(), f"**Cannot start:** {e}", gr.skip()
+
+        started = [watching, command, message, timer]
+        latents_btn.click(lambda *v: start("latents", *v), form_inputs, started, api_name="cache_latents")
+        text_btn.click(lambda *v: start("text", *v), form_inputs, started, api_name="cache_text")
+        both_btn.click(lambda *v: start("both", *v), form_inputs, started, api_name="cache_both")
+
+        status_out = [summary, table]
+
+        def cache_status(dataset_config, model_version, vae, text_encoder, tokenizer):
+            return status_view(dataset_config, model_version, vae, text_encoder, tokenizer)
+
+        def cache_poll(jobs, dataset_config, model_version, vae, text_encoder, tokenizer):
+            return poll(ctx, jobs, dataset_config, model_version, vae, text_encoder, tokenizer)
+
+        refresh_btn.click(cache_status, [dataset, *model_inputs], status_out, api_name="cache_status")
+        dataset.change(cache_status, [dataset, *model_inputs], status_out, api_visibility="private")
+        timer.tick(cache_poll, [watching, dataset, *model_inputs], [progress, log, watching, timer, *status_out],
+                   show_progress="hidden", api_name="cache_poll")
+        tab.select(lambda d: take_offer(ctx, d), dataset, dataset, api_visibility="private").then(
+            cache_status, [dataset, *model_inputs], status_out, api_visibility="private")
+
+
+def _defaults(ctx, cls):
+    """Pre-fill from the Models tab's paths (the demo models in demo mode) and the demo's edit version."""
+    values = dict(vae=ctx.model_path("vae") or None, text_encoder=ctx.model_path("text_encoder") or None,
+                  tokenizer=ctx.model_path("tokenizer") or None, skip_existing=True,
+                  model_version="edit" if ctx.demo else None)
+    names = {f for f in cls.__dataclass_fields__}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def known_configs(ctx) -> list[str]:
+    """Dataset configs saved from the Dataset tab (newest first), then the demo's."""
+    demo = list(((ctx.demo or {}).get("dataset_configs") or {}).values())
+    return list(dict.fromkeys([*ctx.settings.get("dataset_configs", []), *demo]))
+
+
+def default_config(ctx) -> str | None:
+    if ctx.settings.get("dataset_configs"):
+        return ctx.settings["dataset_configs"][0]
+    return ((ctx.demo or {}).get("dataset_config") or {}).get("edit")
+
+
+def take_offer(ctx, current):
+    """A config the Dataset tab just saved becomes the choice when this tab is opened."""
+    offered = ctx.take("cache.dataset_config")
+    if not offered:
+        return gr.update(choices=known_configs(ctx))
+    return gr.update(choices=known_configs(ctx), value=offered)
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+def submit(ctx, cfgs: list) -> tuple:
+    jobs = []
+    for cfg in cfgs:
+        command = "cache_latents" if isinstance(cfg, CacheLatentsConfig) else "cache_text_encoder_outputs"
+        title = f"{command} {Path(cfg.dataset_config or '').name} ({cfg.resolved_version()})"
+        jobs.append(ctx.submit_config(command, cfg, title=title))
+    ids = [j.id for j in jobs]
+    said = "Started " + ", ".join(f"**{j.id}** ({j.status})" for j in jobs) + ". Progress below and in the Jobs tab."
+    return {"jobs": ids, "open": ids}, "\n".join(j.cmdline for j in jobs), said, gr.Timer(active=True)
+
+
+def poll(ctx, watching: dict, dataset, version, vae, text_encoder, tokenizer):
+    """Progress of this page's latest jobs; the status is read again when one of them has just ended."""
+    watching = watching or {}
+    views = [v for v in (ctx.jobs.get(i) for i in watching.get("jobs", [])) if v is not None]
+    if not views:
+        return "", "", {}, gr.Timer(active=False), gr.skip(), gr.skip()
+    still_open = [v["id"] for v in views if v["status"] not in FINAL]
+    current = next((v for v in views if v["status"] not in FINAL), views[-1])
+    ended = set(watching.get("open", [])) - set(still_open)
+    status = status_view(dataset, version, vae, text_encoder, tokenizer) if ended else (gr.skip(), gr.skip())
+    return ("\n\n".join(job_line(ctx, v) for v in views), "\n".join(current["tail"][-40:]),
+            {"jobs": watching["jobs"], "open": still_open}, gr.Timer(active=bool(still_open)), *status)
+
+
+def job_line(ctx, v: dict) -> str:
+    if v["status"] in FINAL:
+        return status_text(v, ctx.jobs.log_path(v["id"])).split("\n\nFull log:")[0] + _error_tail(v)
+    return f"**{v['status']}** · {v['title']} · {progress_text(v) or 'starting'}"
+
+
+def _error_tail(v: dict) -> str:
+    err = v.get("error")
+    if not err or v["status"] == "done":
+        return ""
+    return f"\n\n**Error:** {err.get('message')}" + (f"\n\n**Fix:** {err['hint']}" if err.get("hint") else "")
+
+
+# ------------------------------------------------------------------------------------------ status
+
+def status_view(dataset, version, vae, text_encoder, tokenizer):
+    """(summary markdown, table rows) for the dataset config; errors become the summary."""
+    from engine.data.cache_files import staleness_report
+    from engine.data.schema import load_dataset_config
+
+    if not dataset:
+        return "Pick a dataset config (save one in the Dataset tab).", []
+    try:
+        config = load_dataset_config(dataset)
+        rep = staleness_report(dataset, version or "original", vae=vae or None, text_encoder=text_encoder or None,
+                               tokenizer=tokenizer or None)
+    except (EngineError, OSError) as e:
+        return f"**Cannot read the status:** {e}", []
+    labels = {str(s.cache_directory): f"datasets[{s.index}]" for s in config.datasets}
+    return summary_text(rep, config, labels), table_rows(rep, labels)
+
+
+def summary_text(rep: dict, config, labels: dict[str, str]) -> str:
+    lines = [f"Model version **{rep['model_version']}** · latents: {counts_text(rep['latents'])} · "
+             f"text encoder outputs: {counts_text(rep['text'])}"]
+    for spec in config.datasets:
+        mine = [e for e in rep["entries"] if str(Path(e["path"]).parent) == str(spec.cache_directory)]
+        per = {k: _count([e for e in mine if e["kind"] == k]) for k in ("latents", "text")}
+        lines.append(f"- {labels[str(spec.cache_directory)]} ({spec.image_directory or spec.image_jsonl_file} → "
+                     f"`{spec.cache_directory}`): latents {counts_text(per['latents'])}; "
+                     f"text {counts_text(per['text'])}")
+    if rep["dataset_errors"]:
+        lines.append(f"\n**{len(rep['dataset_errors'])} dataset problem(s)** (items with problems are not listed; "
+                     "the Dataset tab's Check shows them):")
+        lines += [f"- `{p['file']}`: {p['message']} Fix: {p['fix']}" for p in rep["dataset_errors"][:10]]
+    return "\n".join(lines)
+
+
+def _count(entries: list[dict]) -> dict[str, int]:
+    out = {"ok": 0, "missing": 0, "stale": 0}
+    for e in entries:
+        out[e["state"]] += 1
+    return out
+
+
+def counts_text(c: dict[str, int]) -> str:
+    total = sum(c.values())
+    if total == 0:
+        return "no items"
+    if c["ok"] == total:
+        return f"**cache complete** ({total})"
+    parts = [f"{c[k]} {k}" for k in ("stale", "missing") if c[k]]
+    return "**" + ", ".join(parts) + f"** of {total}"
+
+
+def table_rows(rep: dict, labels: dict[str, str]) -> list[list]:
+    order = {"stale": 0, "missing": 1, "ok": 2}
+    entries = sorted(rep["entries"], key=lambda e: order[e["state"]])[:MAX_ROWS]
+    return [[labels.get(str(Path(e["path"]).parent), ""), e["stem"], e["kind"], STATE_NAMES[e["state"]],
+             e["reason"] or Path(e["path"]).name] for e in entries]
