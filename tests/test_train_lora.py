@@ -120,3 +120,20 @@ def test_metadata_stats_are_json_safe(run):
         meta = f.metadata()
     assert meta["ss_steps"] == "20"
     json.loads(meta.get("ss_network_args", "{}"))
+
+
+def test_samples_during_training(demo_manifest, t2i, tmp_path):
+    """--sample_prompts with the reference's per-line options (--w --h --s --d --l): --sample_at_first and every
+    n steps, through the inference code; one `sample` event per PNG, of the line's size."""
+    out = tmp_path / "s"
+    events = train("train_network", out, "--dit", demo_manifest["dit"]["original"], "--dataset_config", t2i,
+                   "--vae", demo_manifest["vae"], "--text_encoder", demo_manifest["text_encoder"], "--tokenizer",
+                   demo_manifest["tokenizer"], "--output_dir", out, "--max_train_steps", 3,
+                   "--sample_prompts", demo_manifest["sample_prompts"]["original"], "--sample_at_first",
+                   "--sample_every_n_steps", 2)
+    shown = [e for e in events if e["type"] == "sample"]
+    assert [e["step"] for e in shown] == [0, 0, 0, 2, 2, 2]
+    sizes = [Image.open(e["path"]).size for e in shown[:3]]
+    assert sizes == [(64, 64), (64, 64), (80, 48)]
+    assert all(e["path"].startswith(str(out / "sample")) for e in shown)
+    assert "prompt" in json.loads(Image.open(shown[0]["path"]).text["parameters"])

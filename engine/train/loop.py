@@ -319,6 +319,7 @@ class Run:
         if self.main and kind:
             for path in ckpt.prune(cfg, kind, number if number is not None else self.step):
                 log.info("removed old save %s (--save_last_n_%ss)", path.name, kind)
+                self.outputs = [o for o in self.outputs if o != str(path)]
         if self.main and self.step < self.schedule.total_steps:
             self.events.phase("training", total=self.schedule.total_steps)
         self.acc.wait_for_everyone()
