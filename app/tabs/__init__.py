@@ -6,5 +6,6 @@ TABS: list[str] = [
     "dataset",
     "cache",
     "generate",
+    "train",
     "jobs",
 ]

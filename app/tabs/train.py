@@ -1,0 +1,311 @@
+"""Train tab: a LoRA (`train_network`) or a full finetune (`train`), set up from the option dataclasses, launched
+through the job manager and watched live.
+
+- The form is engine/options.py's fields (app/forms.build_form), essentials first, the rest folded. LoRA-only
+  (Network) and finetune-only (Finetune) groups show for their kind; the other widgets are shared, so switching
+  kind keeps what was typed. Two Form views over the same widgets give each kind its typed config.
+- What will run is shown before it runs: the exact argument list (`python -m engine ...`, or `accelerate launch
+  ... -m engine ...` for several GPUs or mixed precision) and the run TOML. Start writes that TOML into the run's
+  output folder (the resolved config next to its outputs) and queues the job (ctx.submit_config).
+- The live view polls the job manager (a timer), never a generator bound to one browser: a refresh or a second
+  browser re-attaches to the newest training job. Checkpoints go to the Generate tab through ctx.hand_off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from app import presets_ui
+from app import train_runs as R
+from app.forms import Form, build_form
+from app.tabs.jobs import loss_frame
+from engine import config as C
+
+POLL_S = 1.0
+# engine/train/loop.py catches the SIGINT that JobManager.stop sends and saves before it exits.
+STOP_NOTE = ("**Stop** saves first: the engine writes the LoRA/DiT of the last finished step (and its state when "
+             "*Save state* is on, for resuming), then exits. **Stop without saving** kills it at once.")
+
+
+def build(ctx) -> None:
+    with gr.Tab("Train", id="train") as tab:
+        ui = layout(ctx)
+        wire(ctx, tab, ui)
+
+
+# ------------------------------------------------------------------ layout
+
+def initial_config(ctx, version: str = "original"):
+    """The form's starting values: the configured (or demo) models, the demo dataset, a run folder in the data
+    dir. With the demo, a short run that finishes in a minute on a CPU."""
+    demo = ctx.demo or {}
+    name = "demo_lora" if demo else "my_lora"
+    values = {"dit": ctx.dit_path(version), "vae": ctx.model_path("vae"),
+              "text_encoder": ctx.model_path("text_encoder"), "tokenizer": ctx.model_path("tokenizer"),
+              "dataset_config": (demo.get("dataset_config") or {}).get(version),
+              "output_dir": str(Path(ctx.data_dir) / "runs" / name), "output_name": name}
+    if demo:
+        values.update(sample_prompts=demo["sample_prompts"][version], max_train_steps=60, learning_rate=1e-3,
+                      save_every_n_steps=20, sample_every_n_steps=30, seed=42, max_data_loader_n_workers=0)
+    return C.from_dict(C.TrainNetworkConfig, {k: v for k, v in values.items() if v not in (None, "")},
+                       source="Train tab defaults")
+
+
+def layout(ctx) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    gr.Markdown("Train a **LoRA** or **finetune** the whole DiT. Pick a VRAM preset below the options, check the "
+                "command, then start. The run continues if you close or refresh the page.")
+    with gr.Row():
+        ui.kind = gr.Radio(R.KIND_CHOICES, value="train_network", label="What to train", elem_id="train-kind")
+        ui.procs = gr.Number(1, precision=0, minimum=1, label="Processes (GPUs)", elem_id="train-procs",
+                             info="More than 1, or mixed precision, launches with `accelerate launch`.")
+    ui.components, ui.sections = form_sections(initial_config(ctx))
+    ui.forms = {kind: Form(cls, {n: ui.components[n] for n in R.kind_names(kind, list(ui.components))})
+                for kind, cls in R.KINDS.items()}
+    ui.names = list(ui.components)
+    assert ui.names == R.form_names(), "the events' argument order must be R.form_names() (tests rely on it)"
+    with gr.Accordion("VRAM presets and estimate", open=True):
+        with gr.Column(visible=True) as ui.presets_lora:
+            presets_ui.build("train_network", ui.forms["train_network"], elem_prefix="train-lora")
+        with gr.Column(visible=False) as ui.presets_ft:
+            presets_ui.build("train", ui.forms["train"], elem_prefix="train-ft")
+    with gr.Row():
+        ui.command = gr.Textbox(label="Command line (exactly what Start runs; copy it to run it in a terminal)",
+                                interactive=False, buttons=["copy"], lines=2, elem_id="train-command", scale=3)
+        ui.toml = gr.Textbox(label="Run TOML (saved next to the outputs; `--config_file` runs it)", lines=8,
+                             max_lines=14, interactive=False, buttons=["copy"], elem_id="train-toml", scale=2)
+    with gr.Row(equal_height=True):
+        ui.start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=2)
+        ui.toml_path = gr.Textbox(label="Run TOML file", elem_id="train-toml-path", scale=3,
+                                  placeholder="path/to/run.toml")
+        ui.save = gr.Button("Save TOML", elem_id="train-save", scale=1)
+        ui.load = gr.Button("Load TOML", elem_id="train-load", scale=1)
+    ui.message = gr.Markdown(elem_id="train-message")
+    live_section(ui)
+    return ui
+
+
+def form_sections(cfg) -> tuple[dict, dict]:
+    """The option widgets by name (build_form per group, essentials first) and the column of each
+    kind-specific group, whose visibility follows the kind."""
+    components, sections = {}, {}
+    groups = R.all_groups()
+    essential = [g for g in groups if g in R.ESSENTIAL_GROUPS]
+    for group in essential:
+        cls = C.TrainConfig if group == "Finetune" else C.TrainNetworkConfig
+        values = C.TrainConfig() if group == "Finetune" else cfg
+        with gr.Column(visible=group != "Finetune") as column:
+            components.update(build_form(cls, include=R.group_names(group), values=values,
+                                         elem_prefix="train").components)
+        sections[group] = column
+    with gr.Accordion("More options", open=False, elem_id="train-more"):
+        for group in groups:
+            if group not in essential:
+                components.update(build_form(C.TrainNetworkConfig, include=R.group_names(group), values=cfg,
+                                             elem_prefix="train").components)
+    return components, sections
+
+
+def live_section(ui) -> None:
+    with gr.Accordion("Run", open=True, elem_id="train-run"):
+        with gr.Row(equal_height=True):
+            ui.run = gr.Dropdown(label="Training run", choices=[], value=None, allow_custom_value=True,
+                                 elem_id="train-run-id", scale=3)
+            ui.stop = gr.Button("Stop", elem_id="train-stop", scale=1)
+            ui.kill = gr.Button("Stop without saving", variant="stop", elem_id="train-kill", scale=1)
+        gr.Markdown(STOP_NOTE)
+        ui.status = gr.Markdown(elem_id="train-status")
+        ui.progress = gr.HTML(elem_id="train-progress")
+        ui.gauge = gr.HTML(elem_id="train-gauge")
+        ui.loss = gr.LinePlot(x="step", y="loss", color="series", height=260, label="Loss (raw and smoothed)",
+                              visible=False, elem_id="train-loss")
+        ui.samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
+        with gr.Row(equal_height=True):
+            ui.ckpt = gr.Dropdown(label="Checkpoints", choices=[], allow_custom_value=True, elem_id="train-ckpt",
+                                  scale=3)
+            ui.use = gr.Button("Use in Generate", elem_id="train-use", scale=1)
+        with gr.Row(equal_height=True):
+            ui.state = gr.Dropdown(label="Saved states (--save_state)", choices=[], allow_custom_value=True,
+                                   elem_id="train-state", scale=3)
+            ui.resume = gr.Button("Resume from this state", elem_id="train-resume", scale=1)
+        ui.run_message = gr.Markdown(elem_id="train-run-message")
+        ui.seen = gr.State("")      # what this browser already shows: resend plot/gallery/menus only on change
+        ui.timer = gr.Timer(POLL_S)
+
+
+# ------------------------------------------------------------------ events
+
+def wire(ctx, tab, ui) -> None:
+    comps = [ui.components[n] for n in ui.names]
+    form_in = [ui.kind, ui.procs, *comps]
+
+    def config(kind, values):
+        return ui.forms[kind].to_config(*[values[ui.names.index(n)] for n in ui.forms[kind].names])
+
+    def preview(kind, procs, *values):
+        try:
+            cfg = config(kind, values)
+            return R.launch_text(kind, cfg, procs), C.toml_text(cfg)
+        except C.ConfigError as e:
+            return f"(cannot build the command: {e})", ""
+
+    def start(kind, procs, *values):
+        try:
+            cfg = config(kind, values)
+            R.launch_argv(kind, cfg, procs)               # validates the launcher options too
+        except C.ConfigError as e:
+            return gr.skip(), f"⚠️ {e}", gr.skip()
+        problems = R.preflight(cfg)
+        if problems:
+            return gr.skip(), "⚠️ Not started:\n\n" + "\n".join(f"- {p}" for p in problems), gr.skip()
+        job = ctx.submit_config(kind, cfg, title=f"{kind} {cfg.output_name}",
+                                accelerate=R.accelerate_options(cfg, procs))
+        return (gr.update(value=job.id), f"Started **{job.id}** ({job.status}). The run keeps its resolved config "
+                f"in `{R.run_toml_path(cfg)}`.", job.cmdline)
+
+    gr.on([c.change for c in form_in], preview, form_in, [ui.command, ui.toml], api_name="train_preview",
+          show_progress="hidden")
+    tab.select(preview, form_in, [ui.command, ui.toml], api_visibility="private", show_progress="hidden")
+    ui.kind.change(lambda k: [gr.update(visible=k == "train_network"), gr.update(visible=k == "train"),
+                              gr.update(visible=k == "train_network"), gr.update(visible=k == "train")],
+                   ui.kind, [ui.sections["Network"], ui.sections["Finetune"], ui.presets_lora, ui.presets_ft],
+                   api_visibility="private")
+    ui.start.click(start, form_in, [ui.run, ui.message, ui.command], api_name="train_start")
+    wire_files(ctx, ui, form_in, config)
+    wire_defaults(ctx, tab, ui)
+    wire_live(ctx, ui, form_in)
+
+
+def wire_files(ctx, ui, form_in, config) -> None:
+    comps = form_in[2:]
+
+    def save(path, kind, procs, *values):
+        try:
+            cfg = config(kind, values)
+        except C.ConfigError as e:
+            return f"⚠️ Not saved: {e}"
+        if not (path or "").strip():
+            return "⚠️ Not saved: type a file name into **Run TOML file** first."
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        C.save_toml(cfg, target)
+        return f"Saved `{target}`."
+
+    def load(path, kind):
+        try:
+            kind, cfg = R.load_run_toml((path or "").strip(), kind)
+        except C.ConfigError as e:
+            return [gr.skip()] * (1 + len(comps)) + [f"⚠️ Not loaded: {e}"]
+        values = dict(zip(ui.forms[kind].names, ui.forms[kind].values(cfg)))
+        return [kind, *[values.get(n, gr.skip()) for n in ui.names], f"Loaded `{path}` ({kind})."]
+
+    ui.save.click(save, [ui.toml_path, *form_in], ui.message, api_name="train_save_toml")
+    ui.load.click(load, [ui.toml_path, ui.kind], [ui.kind, *comps, ui.message], api_name="train_load_toml")
+
+
+def wire_defaults(ctx, tab, ui) -> None:
+    """Model version → that version's DiT (and demo dataset/prompts) unless the user typed their own; a dataset
+    config offered by the Dataset tab is taken when this tab opens."""
+    c = ui.components
+
+    def defaults_for(version):
+        demo = ctx.demo or {}
+        return {"dit": ctx.dit_path(version), "dataset_config": (demo.get("dataset_config") or {}).get(version, ""),
+                "sample_prompts": (demo.get("sample_prompts") or {}).get(version, "")}
+
+    def on_version(version, *current):
+        version = version or "original"
+        known = [defaults_for(v) for v in C.MODEL_VERSIONS]
+        new = defaults_for(version)
+        return [new[name] if (value or "") in {k[name] for k in known} | {""} else gr.skip()
+                for name, value in zip(("dit", "dataset_config", "sample_prompts"), current)]
+
+    targets = [c["dit"], c["dataset_config"], c["sample_prompts"]]
+    c["model_version"].change(on_version, [c["model_version"], *targets], targets, api_name="train_version")
+
+    def opened():
+        offered = ctx.take("train.dataset_config")
+        return gr.skip() if offered is None else offered
+
+    tab.select(opened, None, c["dataset_config"], api_name="train_opened")
+
+
+def wire_live(ctx, ui, form_in) -> None:
+    jobs = ctx.jobs
+
+    def refresh(run_id, seen):
+        views = [v for v in jobs.list() if R.is_train_job(v)]
+        choices = [(f"{v['id']} ({v['status']})", v["id"]) for v in views]
+        if run_id not in {v["id"] for v in views}:
+            run_id = R.default_run(views)
+        view = jobs.get(run_id) if run_id else None
+        ckpts, states = (R.checkpoints(view), R.states(view)) if view else ([], [])
+        sig = repr((choices, run_id, len(view["metrics"]) if view else 0, view and view["samples"], ckpts, states))
+        if sig == seen:
+            heavy = [gr.skip()] * 5
+        else:
+            frame = loss_frame(view["metrics"]) if view else None
+            heavy = [gr.update(choices=choices, value=run_id),
+                     gr.update(value=frame, visible=frame is not None and len(frame) > 0),
+                     [(viewable(ctx, p), Path(p).name) for p in (view or {}).get("samples") or [] if Path(p).exists()],
+                     gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
+                     gr.update(choices=states, value=states[-1] if states else None)]
+        return (*heavy, R.status_markdown(view), R.progress_html(view), R.gauge_html(view), sig)
+
+    outputs = [ui.run, ui.loss, ui.samples, ui.ckpt, ui.state, ui.status, ui.progress, ui.gauge, ui.seen]
+    ui.timer.tick(refresh, [ui.run, ui.seen], outputs, show_progress="hidden", concurrency_limit=None,
+                  api_name="train_refresh")
+    ui.run.input(refresh, [ui.run, gr.State("")], outputs, show_progress="hidden", api_visibility="private")
+
+    def act(fn, run_id, done):
+        if not run_id:
+            return "No training run selected."
+        return f"`{run_id}`: {done}; status now **{fn(run_id)['status']}**."
+
+    ui.stop.click(lambda r: act(jobs.stop, r, "asked to stop (it saves first)"), ui.run, ui.run_message,
+                  api_name="train_stop")
+    ui.kill.click(lambda r: act(jobs.kill, r, "killed"), ui.run, ui.run_message, api_name="train_kill")
+
+    def use(run_id, path):
+        view = jobs.get(run_id) if run_id else None
+        if not path or view is None:
+            return "Pick a checkpoint of a run first."
+        if not Path(path).exists():
+            return f"⚠️ `{path}` does not exist (any more)."
+        key = R.handoff_key(view["command"])
+        ctx.hand_off(key, path)
+        what = "LoRA" if key.endswith("lora_weight") else "DiT"
+        return f"The Generate tab will use `{Path(path).name}` as its {what} when you open it."
+
+    ui.use.click(use, [ui.run, ui.ckpt], ui.run_message, api_name="train_use_in_generate")
+
+    def resume(run_id, state):
+        view = jobs.get(run_id) if run_id else None
+        if view is None or not state:
+            return [gr.skip()] * (len(form_in) - 1) + ["Pick a run and one of its saved states first."]
+        kind = view["command"]
+        run_toml = R.run_toml_path(SimpleNamespace(output_dir=R.arg_value(view["argv"], "output_dir"),
+                                                   output_name=R.arg_value(view["argv"], "output_name")))
+        try:
+            cfg = C.load_toml(R.KINDS[kind], run_toml)
+        except C.ConfigError as e:
+            return [gr.skip()] * (len(form_in) - 1) + [f"⚠️ Cannot read the run's config: {e}"]
+        cfg.resume = state
+        values = dict(zip(ui.forms[kind].names, ui.forms[kind].values(cfg)))
+        return [kind, *[values.get(n, gr.skip()) for n in ui.names],
+                f"Loaded `{run_toml}` with `--resume {state}`. Check the options, then **Start training**."]
+
+    ui.resume.click(resume, [ui.run, ui.state], [ui.kind, *form_in[2:], ui.run_message], api_name="train_resume")
+
+
+def viewable(ctx, path: str):
+    """Gradio serves files from the data dir only (launch's allowed_paths); an image elsewhere is sent as pixels."""
+    if Path(path).resolve().is_relative_to(Path(ctx.data_dir).resolve()):
+        return path
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.copy()

@@ -1,0 +1,222 @@
+"""Plain Python behind the Train tab (app/tabs/train.py): which options each kind of run shows, the config and
+the exact command a form describes, run folders, and the text/HTML of a running job's status.
+
+No gradio and no torch here, so every rule is tested without a browser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from pathlib import Path
+
+from engine import config as C
+from engine.options import FinetuneOptions, NetworkOptions
+
+from app.context import accelerate_argv
+from app.forms import gui_fields
+from app.jobs import command_line, engine_argv
+
+KINDS = {"train_network": C.TrainNetworkConfig, "train": C.TrainConfig}
+KIND_CHOICES = [("LoRA (train_network)", "train_network"), ("Full finetune (train)", "train")]
+NETWORK_FIELDS = [f.name for f in dataclasses.fields(NetworkOptions)]
+FINETUNE_FIELDS = [f.name for f in dataclasses.fields(FinetuneOptions)]
+# The order groups are shown in: what every run needs first; the rest under "More options".
+ESSENTIAL_GROUPS = ("Model", "Dataset", "Network", "Finetune", "Optimizer", "Schedule", "Saving", "Samples",
+                    "Memory", "Precision")
+RUN_TOML_SUFFIX = "_config.toml"    # engine/train/report.py writes <output_name>_config.toml
+
+
+def group_names(group: str) -> list[str]:
+    """The GUI fields of one option group, over both kinds (LoRA-only and finetune-only groups included)."""
+    names: list[str] = []
+    for cls in KINDS.values():
+        names += [f.name for f in gui_fields(cls) if f.metadata["group"] == group and f.name not in names]
+    return names
+
+
+def all_groups() -> list[str]:
+    """Every group with GUI fields: the essential ones in ESSENTIAL_GROUPS order, then the others as declared."""
+    seen = list(dict.fromkeys(f.metadata["group"] for cls in KINDS.values() for f in gui_fields(cls)))
+    return [g for g in ESSENTIAL_GROUPS if g in seen] + [g for g in seen if g not in ESSENTIAL_GROUPS]
+
+
+def form_names() -> list[str]:
+    """Every option widget of the Train tab, in the order the tab builds them and its events take them
+    (after `kind` and `procs`): the groups of all_groups(), each in declaration order."""
+    return [n for g in all_groups() for n in group_names(g)]
+
+
+def kind_names(kind: str, names: list[str]) -> list[str]:
+    """The subset of the tab's widgets that belong to this kind's config."""
+    known = {f.name for f in gui_fields(KINDS[kind])}
+    return [n for n in names if n in known]
+
+
+# ------------------------------------------------------------------ launching
+
+def accelerate_options(cfg, num_processes: int) -> list[str] | None:
+    """`accelerate launch` options when the run needs accelerate (several GPUs or mixed precision), else None
+    (plain `python -m engine` runs on one device)."""
+    num_processes = 1 if num_processes in (None, "") else int(num_processes)
+    if num_processes < 1:
+        raise C.ConfigError(f"Processes (GPUs) = {num_processes}: must be 1 or more. Set it to the number of "
+                            "GPUs to train on.")
+    if num_processes == 1 and cfg.mixed_precision == "no":
+        return None
+    opts = ["--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no"]
+    return (["--multi_gpu"] if num_processes > 1 else []) + opts
+
+
+def launch_argv(kind: str, cfg, num_processes: int) -> list[str]:
+    """The exact argument list the job manager will run for this config (ctx.submit_config builds the same)."""
+    args = C.to_argv(cfg)
+    opts = accelerate_options(cfg, num_processes)
+    return engine_argv(kind, args) if opts is None else accelerate_argv(kind, args, opts)
+
+
+def launch_text(kind: str, cfg, num_processes: int) -> str:
+    return command_line(launch_argv(kind, cfg, num_processes))
+
+
+def run_toml_path(cfg) -> Path | None:
+    """Where a run keeps its resolved config, next to its outputs (the engine writes it when the run starts)."""
+    if not cfg.output_dir or not cfg.output_name:
+        return None
+    return Path(cfg.output_dir) / f"{cfg.output_name}{RUN_TOML_SUFFIX}"
+
+
+def preflight(cfg) -> list[str]:
+    """What must be fixed before a run can start, one line per problem (field, cause, fix). The engine checks
+    the files in depth; this catches empty boxes and missing files before a job is queued."""
+    problems = []
+    for name in ("dit", "dataset_config", "output_dir", "output_name"):
+        if not getattr(cfg, name):
+            problems.append(f"`{name}` is empty: fill it in (the Models and Dataset tabs can provide it).")
+    for name in ("dit", "vae", "text_encoder", "dataset_config", "sample_prompts", "network_weights", "resume"):
+        value = getattr(cfg, name, None)
+        if value and not Path(value).exists():
+            problems.append(f"`{name}`: {value} does not exist. Fix the path or clear the box.")
+    return problems
+
+
+def load_run_toml(path: str, kind: str):
+    """A run TOML as (kind, config). A file with options of the other kind (full_bf16 in a LoRA form, or
+    network_dim in a finetune form) switches the kind instead of failing."""
+    try:
+        return kind, C.load_toml(KINDS[kind], path)
+    except C.ConfigError as first:
+        other = next(k for k in KINDS if k != kind)
+        try:
+            return other, C.load_toml(KINDS[other], path)
+        except C.ConfigError:
+            raise first from None
+
+
+# ------------------------------------------------------------------ runs, checkpoints, states
+
+def is_train_job(view: dict) -> bool:
+    return view["command"] in KINDS
+
+
+def default_run(views: list[dict]) -> str | None:
+    """After a refresh: the newest running training job, else the newest training job."""
+    runs = [v for v in views if is_train_job(v)]
+    running = [v for v in runs if v["status"] in ("running", "queued")]
+    return (running or runs or [{"id": None}])[0]["id"]
+
+
+def arg_value(argv: list[str], name: str) -> str | None:
+    flag = f"--{name}"
+    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
+
+
+def checkpoints(view: dict) -> list[str]:
+    """Saved weights of a run: checkpoint events, then the final outputs (newest last, no repeats). State
+    folders are checkpoint events too; they are listed by states()."""
+    paths = [c["path"] for c in view.get("checkpoints") or [] if c.get("path")]
+    paths += (view.get("done") or {}).get("outputs") or []
+    return list(dict.fromkeys(p for p in paths if str(p).endswith(".safetensors")))
+
+
+def states(view: dict) -> list[str]:
+    """State folders (`--save_state`) in the run's output folder, for --resume."""
+    out = arg_value(view["argv"], "output_dir")
+    if not out or not Path(out).is_dir():
+        return []
+    return sorted(str(p) for p in Path(out).iterdir() if p.is_dir() and p.name.endswith("-state"))
+
+
+def handoff_key(command: str) -> str:
+    """What a checkpoint is for the Generate tab: a LoRA file or a whole DiT."""
+    return "generate.lora_weight" if command == "train_network" else "generate.dit"
+
+
+# ------------------------------------------------------------------ status
+
+def status_markdown(view: dict | None) -> str:
+    if view is None:
+        return "No training run yet. Start one above; it keeps running if you close or refresh the page."
+    parts = [f"**{view['status']}**", f"`{view['id']}`"]
+    if view.get("phase") and view["status"] == "running":
+        parts.append(f"phase: {view['phase']}")
+    metric = (view.get("metrics") or [{}])[-1]
+    if metric.get("lr") is not None:
+        parts.append(f"lr {metric['lr']:.3g}")
+    if metric.get("loss") is not None:
+        parts.append(f"loss {metric['loss']:.4g}")
+    if metric.get("it_s") is not None:
+        parts.append(f"{metric['it_s']:.2f} it/s")
+    text = " · ".join(parts)
+    err = view.get("error")
+    if err and view["status"] != "running":
+        text += f"\n\n**{err.get('kind')}:** {err.get('message')}"
+        if err.get("hint"):
+            text += f"\n\n**Fix:** {err['hint']}"
+    return text
+
+
+def progress_html(view: dict | None) -> str:
+    from app.tabs.jobs import fmt_duration
+
+    p = (view or {}).get("progress") or {}
+    if not p.get("total"):
+        return ""
+    frac = max(0.0, min(1.0, (p.get("step") or 0) / p["total"]))
+    label = f"{p.get('step')}/{p['total']} {p.get('unit') or ''}".strip()
+    if p.get("eta_s") is not None and view["status"] == "running":
+        label += f" · ETA {fmt_duration(p['eta_s'])}"
+    return _bar("train-progress-bar", frac, html.escape(label), "#3b82f6")
+
+
+def gauge_html(view: dict | None) -> str:
+    """Measured VRAM/RAM (vram events) next to the engine's start-up estimate (estimate event)."""
+    if view is None:
+        return ""
+    vram, est = view.get("vram") or {}, view.get("estimate") or {}
+    if not vram and not est:
+        return "<div id='train-gauge-empty'>VRAM/RAM: waiting for the first measurement.</div>"
+    rows = [_gauge_row("VRAM", vram.get("allocated_gib"), vram.get("peak_gib"), est.get("vram_gib")),
+            _gauge_row("RAM", vram.get("ram_gib"), vram.get("ram_gib"), est.get("ram_gib"))]
+    if vram.get("device") == "cpu":      # the engine reports 0 VRAM when it computes on the CPU
+        rows[0] = f"<div id='train-gauge-vram'>VRAM: training on the CPU · estimate for a GPU " \
+                  f"{est.get('vram_gib', 0):.1f} GiB</div>"
+    return "".join(rows)
+
+
+def _gauge_row(label: str, now: float | None, peak: float | None, estimate: float | None) -> str:
+    def gib(v):
+        return "–" if v is None else f"{v:.2f} GiB"
+
+    scale = max(v for v in (now, peak, estimate, 1e-9) if v is not None)
+    frac = (peak if peak is not None else 0.0) / scale
+    over = estimate is not None and peak is not None and peak > estimate
+    text = f"{label}: now {gib(now)} · peak {gib(peak)} · estimate {gib(estimate)}" + (" ⚠️ above estimate" if over else "")
+    return _bar(f"train-gauge-{label.lower()}", frac, html.escape(text), "#ef4444" if over else "#10b981")
+
+
+def _bar(elem_id: str, frac: float, label: str, color: str) -> str:
+    return (f"<div id='{elem_id}' style='margin:4px 0'><div style='font-size:0.9em'>{label}</div>"
+            f"<div style='background:#e5e7eb;border-radius:4px;height:10px'><div style='width:{frac * 100:.1f}%;"
+            f"background:{color};height:10px;border-radius:4px'></div></div></div>")

@@ -1,0 +1,224 @@
+"""The Train tab (app/tabs/train.py) as a user meets it: a running Studio driven through gradio_client. Presets
+change the form and the estimate, the command shown is the command that runs, run TOMLs round-trip, and a real
+demo LoRA training is started, watched, re-attached after a "refresh" (a new client), stopped and resumed.
+Plus the plain rules behind the tab (app/train_runs.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+from _app_util import REPO, studio  # noqa: F401  (studio is a fixture)
+
+from app import train_runs as R
+from app.forms import values_to_config
+from engine import config as C
+from engine.presets import PRESET_DIR, estimate_preset, load_preset
+
+NAMES = ["kind", "procs", *R.form_names()]          # the argument order of train_preview / train_start / ...
+
+
+def client_for(studio):
+    from gradio_client import Client
+    return Client(studio["url"], verbose=False)
+
+
+def form_values(client, **overrides) -> dict:
+    """The form as the page first shows it (the endpoint's defaults), with some options changed by name."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/train_preview"]["parameters"]
+    values = dict(zip(NAMES, [p.get("parameter_default") for p in params], strict=True))
+    unknown = set(overrides) - set(values)
+    assert not unknown, unknown
+    values.update(overrides)
+    return values
+
+
+def kind_values(values: dict, kind: str) -> list:
+    return [values[n] for n in R.kind_names(kind, R.form_names())]
+
+
+@pytest.fixture(scope="module")
+def cached_dataset(studio, tmp_path_factory):
+    """The demo's text-to-image dataset with its caches built by the engine CLI, in a folder of this module (the
+    session's demo set stays read-only)."""
+    manifest = studio["manifest"]
+    root = tmp_path_factory.mktemp("train_tab_dataset")
+    data = tomllib.loads(Path(manifest["dataset_config"]["original"]).read_text(encoding="utf-8"))
+    for entry in data["datasets"]:
+        entry["cache_directory"] = str(root / "cache")
+    config = root / "dataset.toml"
+    config.write_text(tomli_w.dumps(data), encoding="utf-8")
+    for command, model in (("cache_latents", ["--vae", manifest["vae"]]),
+                           ("cache_text_encoder_outputs", ["--text_encoder", manifest["text_encoder"],
+                                                           "--tokenizer", manifest["tokenizer"]])):
+        subprocess.run([sys.executable, "-m", "engine", command, "--dataset_config", str(config), *model],
+                       cwd=REPO, check=True, capture_output=True, timeout=600)
+    return str(config)
+
+
+# ------------------------------------------------------------------ plain rules
+
+def test_form_order_covers_both_kinds_once():
+    names = R.form_names()
+    assert len(names) == len(set(names))
+    for kind, cls in R.KINDS.items():
+        assert set(R.kind_names(kind, names)) == {f.name for f in C.option_fields(cls) if f.metadata["gui"]}
+    assert names[:5] == R.group_names("Model")                      # essentials first
+    assert "network_dim" not in R.kind_names("train", names) and "full_bf16" not in R.kind_names("train_network", names)
+
+
+def test_accelerate_launch_only_for_several_gpus_or_mixed_precision():
+    plain = C.TrainNetworkConfig(dit="d.safetensors")
+    assert R.accelerate_options(plain, 1) is None
+    assert R.launch_argv("train_network", plain, 1)[1:4] == ["-m", "engine", "train_network"]
+    bf16 = C.TrainNetworkConfig(dit="d.safetensors", mixed_precision="bf16")
+    argv = R.launch_argv("train_network", bf16, 2)
+    assert argv[1] == "launch" and Path(argv[0]).name == "accelerate"
+    assert argv[argv.index("--num_processes") + 1] == "2" and "--multi_gpu" in argv
+    assert argv[argv.index("--mixed_precision") + 1] == "bf16"
+    assert argv[argv.index("-m"):argv.index("-m") + 3] == ["-m", "engine", "train_network"]
+    assert argv[argv.index("train_network") + 1:] == C.to_argv(bf16)
+    with pytest.raises(C.ConfigError, match="Processes"):
+        R.accelerate_options(plain, 0)
+
+
+def test_preflight_names_each_missing_field_and_file(tmp_path):
+    cfg = C.TrainNetworkConfig(dit=str(tmp_path / "missing.safetensors"), output_dir=str(tmp_path))
+    problems = "\n".join(R.preflight(cfg))
+    assert "`dataset_config` is empty" in problems and "`output_name` is empty" in problems
+    assert "missing.safetensors does not exist" in problems
+
+
+def test_a_finetune_toml_loaded_in_the_lora_form_switches_the_kind(tmp_path):
+    C.save_toml(C.TrainConfig(full_bf16=True, mixed_precision="bf16"), tmp_path / "ft.toml")
+    kind, cfg = R.load_run_toml(str(tmp_path / "ft.toml"), "train_network")
+    assert kind == "train" and cfg.full_bf16
+    (tmp_path / "bad.toml").write_text("[network]\nnetwork_dimm = 4\n")
+    with pytest.raises(C.ConfigError, match="network_dimm"):
+        R.load_run_toml(str(tmp_path / "bad.toml"), "train_network")
+
+
+# ------------------------------------------------------------------ the tab in a running Studio
+
+def test_preset_click_changes_the_form_and_the_estimate(studio):
+    client = client_for(studio)
+    values = form_values(client)
+    before = client.predict(*kind_values(values, "train_network"), 1024, 1024, api_name="/train_lora_estimate")
+    *applied, note = client.predict(*kind_values(values, "train_network"), api_name="/train_lora_apply_lora_12gb")
+    applied = dict(zip(R.kind_names("train_network", R.form_names()), applied))
+    preset = load_preset(PRESET_DIR / "lora-12gb.toml")
+    for name, value in preset.fields.items():
+        assert applied[name] == value, name
+    assert applied["dit"] == values["dit"] and applied["learning_rate"] == values["learning_rate"]   # the rest kept
+    assert "Applied **LoRA · 12 GB**" in note
+    after = client.predict(*applied.values(), 1024, 1024, api_name="/train_lora_estimate")
+    assert after != before and f"{estimate_preset(preset)['vram_gib']:.1f} GiB VRAM" in after
+
+
+def test_the_shown_command_is_the_command_that_runs(studio, tmp_path):
+    client = client_for(studio)
+    values = form_values(client, max_train_steps=7, network_dim=8, output_dir=str(tmp_path / "run"),
+                         output_name="cmd_check", dataset_config=str(tmp_path / "no_such_dataset.toml"))
+    command, toml_text = client.predict(*values.values(), api_name="/train_preview")
+    assert " -m qis_fake_engine train_network " in command and "--network_dim 8" in command
+    cfg = C.from_dict(C.TrainNetworkConfig, {k: v for group in tomllib.loads(toml_text).values()
+                                             for k, v in group.items()})
+    assert cfg.max_train_steps == 7 and cfg.output_name == "cmd_check"
+    # the dataset file is missing: Start refuses before queuing anything, naming the field
+    _, message, _ = client.predict(*values.values(), api_name="/train_start")
+    assert "`dataset_config`" in message and "does not exist" in message
+    # a full run is queued with exactly the command shown (its dataset exists; it fails later without caches)
+    values["dataset_config"] = studio["manifest"]["dataset_config"]["original"]
+    command, _ = client.predict(*values.values(), api_name="/train_preview")
+    menu, message, started = client.predict(*values.values(), api_name="/train_start")
+    assert started == command and menu["value"] in message
+    client.predict(menu["value"], api_name="/train_kill")
+
+
+def test_run_toml_save_and_load_round_trip(studio, tmp_path):
+    client = client_for(studio)
+    values = form_values(client, network_dim=16, network_alpha=8, blocks_to_swap=12, optimizer_args="weight_decay=0.01",
+                         lr_scheduler="cosine", seed=123)
+    path = tmp_path / "saved" / "run.toml"
+    message = client.predict(str(path), *values.values(), api_name="/train_save_toml")
+    assert str(path) in message
+    expected = values_to_config(C.TrainNetworkConfig, {n: values[n] for n in R.kind_names("train_network", R.form_names())})
+    assert C.load_toml(C.TrainNetworkConfig, path) == expected
+    kind, *loaded, note = client.predict(str(path), "train", api_name="/train_load_toml")
+    assert kind == "train_network" and str(path) in note        # a LoRA file switches a finetune form back
+    loaded = dict(zip(R.form_names(), loaded))
+    assert values_to_config(C.TrainNetworkConfig, {n: loaded[n] for n in R.kind_names("train_network", R.form_names())}) \
+        == expected
+    _, *_, bad = client.predict(str(tmp_path / "nope.toml"), "train_network", api_name="/train_load_toml")
+    assert "Not loaded" in bad and "nope.toml" in bad
+
+
+def points(out) -> list:
+    """The loss chart's rows (step, loss, series) in a refresh's outputs."""
+    return ((out[1] or {}).get("value") or {}).get("data") or []
+
+
+def _skipped(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"__type__"}
+
+
+def wait_for(client, predicate, what: str, timeout: float = 240.0):
+    """Poll the tab's refresh (what the page's timer calls) until `predicate(outputs)` holds."""
+    deadline = time.monotonic() + timeout
+    out = None
+    while time.monotonic() < deadline:
+        new = client.predict(None, api_name="/train_refresh")
+        # the tab resends menus, chart and gallery only when they changed (a per-session State): keep the last ones
+        out = [old if _skipped(value) else value for old, value in zip(out or new, new)]
+        if predicate(out):
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; last status: {out and out[5]}")
+
+
+def test_demo_training_live_view_reattach_stop_and_resume(studio, cached_dataset, tmp_path):
+    first = client_for(studio)
+    out_dir = tmp_path / "lora_run"
+    values = form_values(first, dataset_config=cached_dataset, output_dir=str(out_dir), output_name="live",
+                         max_train_steps=2000, save_every_n_steps=3, sample_every_n_steps=3, save_state=True,
+                         max_data_loader_n_workers=0)
+    menu, message, _ = first.predict(*values.values(), api_name="/train_start")
+    run_id = menu["value"]
+    out = wait_for(first, lambda o: o[0]["value"] == run_id and o[3].get("choices") and len(points(o)) >= 6,
+                   "progress, loss points and a checkpoint")
+    assert "running" in out[5] and "lr 0.001" in out[5]
+    assert "/2000 step" in out[6] and "ETA" in out[6]                          # progress with ETA
+    assert "RAM: now" in out[7]                                                  # the gauge, from vram events
+    assert {row[2] for row in points(out)} == {"loss", "EMA 0.9"}                # raw + smoothed
+    first.close()
+
+    second = client_for(studio)                 # a browser refresh: nothing of the first session is left
+    out = wait_for(second, lambda o: o[0]["value"] == run_id and o[2], "re-attach and a sample image")
+    assert "running" in out[5]
+    ckpt = out[3]["value"]
+    assert Path(ckpt).name.startswith("live-step") and Path(ckpt).exists()
+    assert "Generate tab will use" in second.predict(run_id, ckpt, api_name="/train_use_in_generate")
+
+    second.predict(run_id, api_name="/train_stop")
+    out = wait_for(second, lambda o: "**stopped**" in o[5], "the stop")
+    state = Path(out[4]["value"])                                                # the newest state: saved on the way out
+    step = json.loads((state / "train_state.json").read_text())["step"]
+    assert step >= max(row[0] for row in points(out))
+    assert state.name == f"live-step{step:08d}-state" and (out_dir / f"live-step{step:08d}.safetensors").exists()
+
+    kind, *resumed, note = second.predict(run_id, out[4]["value"], api_name="/train_resume")
+    resumed = dict(zip(R.form_names(), resumed))
+    assert kind == "train_network" and resumed["resume"] == out[4]["value"] and "--resume" in note
+    resumed.update(max_train_steps=step + 2, save_every_n_steps=None, sample_every_n_steps=None,
+                   sample_prompts=None)         # no samples: the resumed run does not load the text encoder
+    menu, _, command = second.predict(kind, 1, *resumed.values(), api_name="/train_start")
+    assert f"--resume {out[4]['value']}" in command
+    out = wait_for(second, lambda o: o[0]["value"] == menu["value"] and "**done**" in o[5], "the resumed run")
+    steps = [row[0] for row in points(out) if row[2] == "loss"]
+    assert steps == [step + 1, step + 2]                                         # continued, not restarted
