@@ -5,7 +5,7 @@ TABS: list[str] = [
     "models",
     "dataset",
     "cache",
-    "generate",
     "train",
+    "generate",
     "jobs",
 ]
