@@ -133,7 +133,12 @@ class Run:
         self._broadcast_weights()
         self.optimizer, self.optimizer_text = create_optimizer(self.t.param_groups, cfg.optimizer_type,
                                                                cfg.learning_rate, cfg.optimizer_args)
-        self.scheduler = create_scheduler(self.optimizer, cfg.lr_scheduler, self.schedule.total_steps,
+        scheduler_name = cfg.lr_scheduler
+        if self.optimizer.defaults.get("relative_step") and scheduler_name != "adafactor":
+            log.info("Adafactor with relative_step sets its own lr: --lr_scheduler %s is replaced by 'adafactor' "
+                     "(as musubi); pass relative_step=False in --optimizer_args to use it", scheduler_name)
+            scheduler_name = "adafactor"
+        self.scheduler = create_scheduler(self.optimizer, scheduler_name, self.schedule.total_steps,
                                           cfg.lr_warmup_steps, cfg.lr_decay_steps, cfg.lr_scheduler_num_cycles,
                                           cfg.lr_scheduler_power, cfg.lr_scheduler_min_lr_ratio)
         self.fused = self.full and cfg.fused_backward_pass
