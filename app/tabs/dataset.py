@@ -20,6 +20,7 @@ from engine.config import CheckDatasetConfig
 from engine.errors import DatasetError
 
 PROBLEM_HEADERS = ["level", "file", "problem", "fix"]
+GALLERY_MAX = 400        # thumbnails shown at once; any image is reachable by typing its name
 RECENT_MAX = 20
 
 
@@ -83,6 +84,7 @@ def build(ctx) -> None:
         stems = gr.State([])
         with gr.Row(equal_height=True):
             control_view = gr.Gallery(label="Control image(s)", columns=2, height=300, object_fit="contain",
+                                      allow_preview=False, fit_columns=False,
                                       elem_id="dataset-controls-view")
             target_view = gr.Image(label="Target", height=300, interactive=False, elem_id="dataset-target-view")
         with gr.Row():
@@ -238,11 +240,14 @@ def show(ctx, text: str, save_as: str, version, index, note: str, replace_text: 
     index = int(index) if isinstance(index, (int, float)) and 0 <= int(index) < len(config.datasets) else 0
     items, _ = F.dataset_items(config, index)
     notes = [n for n in (note, F.relative_path_note(config)) if n]
+    if len(items) > GALLERY_MAX:
+        notes.append(f"The gallery shows the first {GALLERY_MAX} of {len(items)} images; type a name under it to "
+                     "open any other.")
     choices = [(f"datasets[{d['index']}]: {d['source']} ({d['items']} items)", d["index"]) for d in rep["datasets"]]
     return (*head, "\n\n".join(notes), summary_text(rep),
             [[p["level"], p["file"], p["message"], p["fix"]] for p in rep["problems"]],
             histogram_update(rep["buckets"]), gr.update(choices=choices, value=index),
-            gallery_value(ctx, items), [it.stem for it in items])
+            gallery_value(ctx, items[:GALLERY_MAX]), [it.stem for it in items[:GALLERY_MAX]])
 
 
 def summary_text(rep: dict) -> str:
@@ -317,7 +322,7 @@ def save_caption(ctx, text: str, save_as: str, index, stem: str, caption: str):
         items, _ = F.dataset_items(config, int(index or 0))
     except DatasetError as e:
         return error_text(e), gr.skip()
-    return said, gallery_value(ctx, items)
+    return said, gallery_value(ctx, items[:GALLERY_MAX])
 
 
 # ------------------------------------------------------------------------------------------ save
