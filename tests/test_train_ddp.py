@@ -19,6 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.__main__ import main
+
 from _train_harness import accelerate_prefix, cached_dataset, metrics, read_events, run_engine, train_argv
 
 pytestmark = pytest.mark.slow
@@ -67,4 +69,13 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(demo_manifest,
     assert (two / "lora-step00000002.safetensors").is_file() and (state / "train_state.json").is_file()
     assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert not list(two.glob(".*")), "temporary files left behind"
+
+    # Its position in the epoch is per process: resuming it with another process count is refused, before loading.
+    refused = tmp_path / "refused"
+    argv = train_argv(demo_manifest, dataset, refused, "--max_train_steps", str(STEPS), "--resume", str(state))
+    assert main(argv) == 2
+    events = read_events(refused / "events.jsonl")
+    error = next(e for e in events if e["type"] == "error")
+    assert "saved by 2 process(es), this run has 1" in error["message"] and "--num_processes 2" in error["hint"]
+    assert not any(e["type"] == "phase" and e.get("model") == "dit" for e in events)
 

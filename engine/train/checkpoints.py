@@ -15,6 +15,7 @@ API:
 - `save_dit_file(dit, path, dtype, metadata, mem_eff=False, marker_2511=False)`   ComfyUI layout + config JSON
 - `write_streaming(items, path, metadata)`                                        tensor-by-tensor safetensors
 - `save_state(accelerator, path, progress)` / `load_state(accelerator, path) -> progress`
+- `check_same_world(path, num_processes)`                                        refuse another process count
 - `prune(cfg, kind, current)`                                                      save_last_n_* policy
 """
 
@@ -176,6 +177,16 @@ def read_progress(path: str | Path) -> dict:
                           "Pass a '<name>-state' folder written with --save_state (hidden '.tmp' folders are "
                           "unfinished saves).")
     return json.loads(state.read_text(encoding="utf-8"))
+
+
+def check_same_world(path: str | Path, num_processes: int) -> None:
+    """A state's position in the epoch and its RNG files are per process: only the process count that wrote it
+    continues the same curve."""
+    saved = read_progress(path).get("world", 1)
+    if saved != num_processes:
+        raise OptionError(f"--resume {path}: the state was saved by {saved} process(es), this run has "
+                          f"{num_processes}.", f"Launch with {saved} process(es) (accelerate launch --num_processes "
+                          f"{saved} ...), or start a new run from the saved weights (--network_weights / --dit).")
 
 
 def load_state(accelerator, path: str | Path) -> dict:

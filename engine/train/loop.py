@@ -69,6 +69,8 @@ def run_training(cfg, events, full: bool) -> list[str]:
         samples.check_prompts(cfg, variant)
     data = open_dataset(cfg, variant.name)
     accelerator = make_accelerator(cfg)
+    if cfg.resume:
+        ckpt.check_same_world(cfg.resume, accelerator.num_processes)     # before the model is loaded
     run = Run(cfg, events, accelerator, variant, data, full)
     return run.train()
 
