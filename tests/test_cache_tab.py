@@ -56,7 +56,13 @@ def status(client, studio, dataset):
     return summary, {(r[1], r[2]): (r[3], r[4]) for r in table["data"]}
 
 
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.iterdir())}
+
+
 def test_cache_jobs_make_the_status_go_from_missing_to_fresh(studio, dataset):
+    images = dataset.parent / "images"
+    before = snapshot(images)
     client = client_for(studio)
     summary, rows = status(client, studio, dataset)
     assert "latents: **3 missing** of 3" in summary and "text encoder outputs: **3 missing** of 3" in summary
@@ -86,6 +92,7 @@ def test_cache_jobs_make_the_status_go_from_missing_to_fresh(studio, dataset):
     assert written == ["shapes_00_0064x0064_qi.safetensors", "shapes_00_qi_te.safetensors",
                        "shapes_06_0080x0048_qi.safetensors", "shapes_06_qi_te.safetensors",
                        "shapes_07_0048x0080_qi.safetensors", "shapes_07_qi_te.safetensors"]
+    assert snapshot(images) == before            # caching only read the user's images and captions
 
     (dataset.parent / "images" / "shapes_06.txt").write_text("a different caption", encoding="utf-8")
     summary, rows = status(client, studio, dataset)

@@ -5,6 +5,7 @@ it compares the whole tree (bytes and mtimes) before and after."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def test_save_writes_exactly_the_preview_atomically(studio, user_folder, tmp_pat
     message = client.predict(toml, str(target), api_name="/dataset_save")
     assert target.read_text(encoding="utf-8") == toml and "Saved" in message
     assert [p.name for p in target.parent.iterdir()] == ["mine.toml"]       # no temp file left behind
+    settings = json.loads((studio["data_dir"] / "settings.json").read_text())
+    assert settings["dataset_configs"][0] == str(target.resolve())         # the Cache and Train tabs offer it
 
     refused = client.predict("[general\nbroken", str(target), api_name="/dataset_save")
     assert "not valid TOML" in refused and "Nothing was written" in refused
