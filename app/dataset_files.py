@@ -80,7 +80,13 @@ def merged_control_folder(control_dirs: list[Path], stems: list[str], dest: Path
             if src is None:
                 missing.append(f"{folder}: no control image for '{stem}'")
                 continue
-            os.symlink(src.resolve(), tmp / f"{stem}_{n}{src.suffix.lower()}")
+            try:
+                os.symlink(src.resolve(), tmp / f"{stem}_{n}{src.suffix.lower()}")
+            except OSError as e:     # e.g. Windows without the right to make links
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise DatasetError(f"{tmp}: cannot link the control images ({e}).",
+                                   f"Put the control images in one folder as {stem}_0.png, {stem}_1.png ... and give "
+                                   "only that folder.") from None
     if dest.exists():
         shutil.rmtree(dest)        # ours: a previous import's links
     os.replace(tmp, dest)

@@ -137,6 +137,9 @@ def test_save_writes_exactly_the_preview_atomically(studio, user_folder, tmp_pat
     backup = Path(message.split("kept in `")[1].split("`")[0])
     assert backup.read_text(encoding="utf-8") == toml and studio["data_dir"] in backup.parents
 
+    client.predict(toml, "bare_name.toml", api_name="/dataset_save")     # a bare name: with the other configs
+    assert (studio["data_dir"] / "datasets" / "bare_name.toml").read_text(encoding="utf-8") == toml
+
     opened = client.predict(str(target), "edit", api_name="/dataset_open")
     assert opened[0] == edited and opened[1] == str(target) and "**Ready**" in opened[3]
 

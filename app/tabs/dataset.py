@@ -322,6 +322,9 @@ def save_caption(ctx, text: str, save_as: str, index, stem: str, caption: str):
         items, _ = F.dataset_items(config, int(index or 0))
     except DatasetError as e:
         return error_text(e), gr.skip()
+    except OSError as e:
+        return error_text(DatasetError(f"the caption could not be written ({e}).",
+                                       "Check that the image folder is writable.")), gr.skip()
     return said, gallery_value(ctx, items[:GALLERY_MAX])
 
 
@@ -332,13 +335,18 @@ def save_config(ctx, text: str, path: str) -> str:
     if not path:
         return error_text(DatasetError("no file name to save the dataset config as.", "Fill *Save as*."))
     target = Path(path).expanduser()
+    if not target.is_absolute():          # a bare name goes with the other configs, not into the app's folder
+        target = datasets_dir(ctx) / target
     if target.suffix.lower() != ".toml":
         return error_text(DatasetError(f"{target}: a dataset config is a .toml file.", "End the name with .toml."))
     try:
         F.parse_config(text or "", datasets_dir(ctx) / ".drafts", str(target))
     except DatasetError as e:
         return error_text(e) + "\n\nNothing was written."
-    backup = F.save_config(target, text, ctx.data_dir / "config_backups")
+    try:
+        backup = F.save_config(target, text, ctx.data_dir / "config_backups")
+    except OSError as e:
+        return error_text(DatasetError(f"{target}: cannot be written ({e}).", "Choose a folder you can write to."))
     remember(ctx, str(target.resolve()))
     kept = f" The previous version is kept in `{backup}`." if backup else ""
     return (f"Saved `{target}`.{kept} The Cache and Train tabs offer it now; train with "
