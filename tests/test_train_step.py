@@ -4,6 +4,8 @@ the noisy target tokens, RoPE shapes per image, and the loss covers the target t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,3 +100,22 @@ def test_edit_lora_trains_end_to_end(demo_manifest, tmp_path_factory, version):
                    "--dataset_config", toml, "--output_dir", out, "--max_train_steps", 3, "--learning_rate", "1e-3")
     assert len(losses(events)) == 3 and all(v == v for v in losses(events).values())
     assert (out / "qwen_image_lora.safetensors").is_file()
+
+
+def test_padded_text_mask_equals_per_sample_attention():
+    """A batch with texts of different lengths (zero padding + mask) predicts what each sample alone predicts
+    (--split_attn), on the real (tiny) DiT: the mask really hides the padding."""
+    from engine.demo import build_dit
+
+    g = torch.Generator().manual_seed(3)
+    batch = {"latents": torch.randn(2, 16, 1, 4, 6, generator=g),
+             "vl_embed": [torch.randn(7, 32, generator=g), torch.randn(3, 32, generator=g)], "stems": ["a", "b"]}
+    inputs = prepare_inputs(batch, TimestepSampler("uniform"), torch.Generator().manual_seed(4),
+                            torch.device("cpu"), torch.float32)
+    assert inputs.text_mask is not None
+    dit = build_dit("original").eval()
+    with torch.no_grad():
+        masked, alone = predict(dit, inputs), predict(dit, inputs, split_attn=True)
+        unmasked = predict(dit, dataclasses.replace(inputs, text_mask=None))
+    assert torch.allclose(masked, alone, atol=1e-5)
+    assert not torch.allclose(unmasked[1], alone[1], atol=1e-3)     # without the mask the padding would leak in

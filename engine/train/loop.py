@@ -267,9 +267,10 @@ class Run:
         if self.main:
             self.events.progress(self.step, sch.total_steps, unit="step",
                                  eta_s=round(elapsed / done * (sch.total_steps - self.step), 1), epoch=self.epoch + 1)
+            extra = {"lrs": lrs} if len(lrs) > 1 else {}              # LoRA+: lr/unet and lr/unet plus
             self.events.metric(self.step, loss=round(loss, 6), lr=next(iter(lrs.values())),
                                avg_loss=round(sum(recent) / len(recent), 6), it_s=round(done / elapsed, 4),
-                               epoch=self.epoch + 1)
+                               epoch=self.epoch + 1, **extra)
             if cfg.log_with:
                 self.acc.log({"loss/current": loss, "loss/average": sum(recent) / len(recent), **lrs}, step=self.step)
             if self.step == 1 or self.step % 10 == 0 or self.step == sch.total_steps:
