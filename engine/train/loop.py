@@ -115,7 +115,7 @@ class Run:
         from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
         from engine.train.report import emit_estimate, write_run_config
         from engine.train.timesteps import TimestepSampler
-        from engine.train.trainee import full_trainee, lora_trainee
+        from engine.train.trainee import dit_dtype, full_trainee, lora_trainee
 
         cfg = self.cfg
         if self.main:
@@ -125,8 +125,8 @@ class Run:
         self.sampler = TimestepSampler.from_config(cfg)
         if cfg.sample_prompts:
             self.events.phase("loading", model="text encoder")
-        dtype_for_samples = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.prompts = samples.SamplePrompts.prepare(cfg, self.variant, self.device, dtype_for_samples,
+        self.prompts = samples.SamplePrompts.prepare(cfg, self.variant, self.device,
+                                                     dit_dtype(cfg, self.device, self.full),
                                                      cfg.output_name) if self.main else None
         self.events.phase("loading", model="dit")
         torch.manual_seed(cfg.seed)                       # LoRA init: the same on every process
@@ -262,8 +262,8 @@ class Run:
         recent = self.losses[-sch.steps_per_epoch:]
         done = self.step - self.start_step
         elapsed = time.time() - self.started
-        lrs = {f"lr/{g.get('name', i)}": float(lr) for i, (g, lr) in
-               enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))}
+        lrs = {f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups,
+                                                                              self._current_lrs()))}
         if self.main:
             self.events.progress(self.step, sch.total_steps, unit="step",
                                  eta_s=round(elapsed / done * (sch.total_steps - self.step), 1), epoch=self.epoch + 1)
@@ -280,6 +280,15 @@ class Run:
                 self._save(ckpt.model_path(cfg, step=self.step), ckpt.state_path(cfg, step=self.step), "step")
             if samples.is_due(cfg, step=self.step):
                 self._sample(self.step, None)
+
+    def _current_lrs(self) -> list[float]:
+        """The lr each group used. Adafactor with relative_step computes it from its step count; its schedule
+        reads it from parameters that still hold a gradient, which the fused backward has already freed."""
+        opt = self.optimizer
+        if opt.defaults.get("relative_step") and hasattr(opt, "_get_lr"):
+            return [float(opt._get_lr(g, opt.state[g["params"][0]])) if opt.state.get(g["params"][0]) else 0.0
+                    for g in opt.param_groups]
+        return [float(lr) for lr in self.scheduler.get_last_lr()]
 
     def _after_epoch(self, epoch: int) -> None:
         cfg = self.cfg

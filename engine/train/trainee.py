@@ -39,6 +39,13 @@ class Trainee:
     block_swap: object = None
 
 
+def dit_dtype(cfg, device: torch.device, full: bool) -> torch.dtype:
+    """The DiT's weight dtype for this run (known before loading: sample prompts are encoded in it)."""
+    if full:
+        return torch.bfloat16 if cfg.full_bf16 else torch.float32
+    return compute_dtype(device)
+
+
 def load_training_dit(cfg, variant: Variant, device: torch.device, dtype: torch.dtype, fp8: bool):
     from engine.infer.dit_setup import Fp8Hook
     from engine.models.dit import load_dit
@@ -75,7 +82,7 @@ def lora_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
     from engine.train.lora import SAVE_DTYPES, create_network, parse_network_args
     from engine.train.lora_metadata import lora_metadata
 
-    dtype = compute_dtype(device)
+    dtype = dit_dtype(cfg, device, full=False)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=cfg.fp8_base)
     dit.eval().requires_grad_(False)
     net = create_network(dit, cfg.network_dim, cfg.network_alpha, dropout=cfg.network_dropout,
@@ -111,7 +118,7 @@ def full_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
     from engine.train.checkpoints import save_dit_file
     from engine.train.lora_metadata import modelspec
 
-    dtype = torch.bfloat16 if cfg.full_bf16 else torch.float32
+    dtype = dit_dtype(cfg, device, full=True)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=False)
     dit.train().requires_grad_(True)
     _checkpointing(dit, cfg, device)
