@@ -50,7 +50,7 @@ def progress_html(view: dict) -> str:
     done = view.get("done") or {}
     if done.get("seconds") is not None and status == "done":
         text += f" · {done['seconds']:.1f} s"
-    return f"<div>{bar}<div>{text}</div></div>"
+    return f'<div data-job="{html.escape(view["id"])}" data-status="{html.escape(status)}">{bar}<div>{text}</div></div>'
 
 
 def run_view(ctx, view: dict) -> RunView:

@@ -5,6 +5,7 @@ picture helpers (mask from the painted layer, RCM view) without a server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import time
@@ -239,13 +240,31 @@ def test_browser_paints_a_mask_and_runs_an_edit(studio):
             note = page.locator("#generate-note")
             expect(note).to_contain_text("Queued", timeout=30_000)
             job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
-            expect(page.locator("#generate-job input, #generate-job textarea").first).to_have_value(job_id)
-            expect(page.locator("#generate-status")).to_contain_text("done", timeout=240_000)
+            expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
+                1, timeout=240_000)
             command = page.locator("#generate-command textarea, #generate-command input").first.input_value()
             mask = np.asarray(Image.open(option(command, "--mask_path")))
             assert 0 < (mask > 127).mean() < 1                                # the stroke, not the whole image
             expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=30_000)
             expect(page.locator("#generate-heatmap img").first).to_be_visible()
+
+            # the same edit with RCM instead of the mask: the strip fills with one mask per step after the first
+            page.locator("#generate-mask-clear").click()
+            expect(page.locator("#generate-mask-info")).to_contain_text("No mask painted", timeout=30_000)
+            page.locator("#generate-rcm_threshold input, #generate-rcm_threshold textarea").first.fill("0.5")
+            page.locator("#generate-rcm_relative_threshold input").check()
+            page.locator("#generate-rcm_debug_save input").check()
+            page.locator("#generate-run").click()
+            expect(note).not_to_contain_text(job_id, timeout=30_000)
+            expect(note).to_contain_text("Queued", timeout=30_000)
+            job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
+            expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
+                1, timeout=240_000)
+            assert "--mask_path" not in page.locator("#generate-command textarea").first.input_value()
+            expect(page.locator("#generate-rcm-strip img")).to_have_count(STEPS - 1, timeout=30_000)
+            expect(page.locator("#generate-rcm-stats")).to_contain_text("tokens still changing")
+            if os.environ.get("QIS_SCREENSHOTS"):
+                page.screenshot(path=os.environ["QIS_SCREENSHOTS"], full_page=True)
         finally:
             browser.close()
 

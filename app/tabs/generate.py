@@ -227,7 +227,8 @@ def _wire(ctx, form: Form, w: dict, o: dict, controls_box, random_btn, reuse_btn
     gr.on([w["editor"].input, *[c.change for c in preview_inputs]], mask_preview, preview_inputs,
           [w["preview"], w["mask_info"]], trigger_mode="always_last",
           show_progress="hidden", api_name="generate_mask_preview")
-    w["clear"].click(lambda e: {**e, "layers": []} if e else None, w["editor"], w["editor"],
+    w["clear"].click(lambda e: {"background": e["background"], "layers": [], "composite": e["background"]}
+                     if e and e.get("background") else None, w["editor"], w["editor"],
                      api_name="generate_mask_clear")
 
     def version_changed(version, dit):
