@@ -78,3 +78,4 @@ def test_epochs_and_tensorboard(setup, tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"loss/current", "loss/average", "lr/unet", "loss/epoch"} <= set(tags)
     assert [s.step for s in acc.Scalars("loss/current")] == list(range(1, 7))
+    assert [s.step for s in acc.Scalars("loss/epoch")] == [1, 2, 3]          # the last epoch's end counts too

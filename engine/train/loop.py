@@ -20,6 +20,7 @@ API: `run_training(cfg, events, full) -> [output paths]`
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
@@ -78,7 +79,7 @@ def run_training(cfg, events, full: bool) -> list[str]:
 def make_accelerator(cfg):
     logging.getLogger("accelerate").setLevel(logging.WARNING)     # its per-file save/load lines flood the job log
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     from engine.errors import OptionError
     from engine.runtime import resolve_device
@@ -92,8 +93,12 @@ def make_accelerator(cfg):
     # singleton. The process-level state (distributed setup) is kept.
     AcceleratorState._reset_state()
     project = ProjectConfiguration(project_dir=cfg.logging_dir, logging_dir=cfg.logging_dir)
+    # Several processes: the main one alone samples and writes checkpoints (minutes for the 20B DiT) while the others
+    # wait in a barrier or the next all-reduce; torch's default NCCL timeout (10 min) would abort the run there.
+    # A crashed process still stops the job at once (torchrun ends the others).
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))
     return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision, project_config=project,
-                       log_with=_trackers(cfg.log_with))
+                       log_with=_trackers(cfg.log_with), kwargs_handlers=[timeout])
 
 
 def _trackers(log_with):
@@ -214,6 +219,8 @@ class Run:
             self._after_step(self._mean_loss(loss_sum / pending))
             pending, loss_sum = 0, 0.0
             if self.step >= sch.total_steps:
+                if i + 1 == sch.micro_per_epoch:       # the budget ends with the epoch: its end still counts
+                    self._after_epoch(epoch + 1)
                 return True
         self._after_epoch(epoch + 1)
         return False
@@ -275,11 +282,11 @@ class Run:
                 self.acc.log({"loss/current": loss, "loss/average": sum(recent) / len(recent), **lrs}, step=self.step)
             if self.step == 1 or self.step % 10 == 0 or self.step == sch.total_steps:
                 report_memory(self.events, self.device, "training")
-        if self.step < sch.total_steps:
-            if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
-                self._save(ckpt.model_path(cfg, step=self.step), ckpt.state_path(cfg, step=self.step), "step")
-            if samples.is_due(cfg, step=self.step):
-                self._sample(self.step, None)
+        last = self.step >= sch.total_steps           # the final save covers the last step (musubi)
+        if not last and cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
+            self._save(ckpt.model_path(cfg, step=self.step), ckpt.state_path(cfg, step=self.step), "step")
+        if samples.is_due(cfg, step=self.step):
+            self._sample(self.step, None)
 
     def _current_lrs(self) -> list[float]:
         """The lr each group used. Adafactor with relative_step computes it from its step count; its schedule
@@ -295,9 +302,8 @@ class Run:
         if self.main and cfg.log_with:
             recent = self.losses[-self.schedule.steps_per_epoch:]
             self.acc.log({"loss/epoch": sum(recent) / len(recent)}, step=epoch)
-        if epoch >= self.schedule.epochs:
-            return
-        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
+        last = epoch >= self.schedule.epochs             # the final save covers the last epoch (musubi)
+        if not last and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
             self._save(ckpt.model_path(cfg, epoch=epoch), ckpt.state_path(cfg, epoch=epoch), "epoch", epoch)
         if samples.is_due(cfg, epoch=epoch):
             self._sample(self.step, epoch)
@@ -307,7 +313,8 @@ class Run:
             return
         self.events.phase("sampling", step=step)
         self.outputs += self.prompts.generate(self.t.dit, step, epoch, self.events, self.t.eval_modules)
-        self.events.phase("training", total=self.schedule.total_steps)
+        if self.step < self.schedule.total_steps:
+            self.events.phase("training", total=self.schedule.total_steps)
 
     # ------------------------------------------------------------------------------------------ saving
     def _stats(self) -> dict:
