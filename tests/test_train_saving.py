@@ -79,3 +79,29 @@ def test_epochs_and_tensorboard(setup, tmp_path):
     assert {"loss/current", "loss/average", "lr/unet", "loss/epoch"} <= set(tags)
     assert [s.step for s in acc.Scalars("loss/current")] == list(range(1, 7))
     assert [s.step for s in acc.Scalars("loss/epoch")] == [1, 2, 3]          # the last epoch's end counts too
+
+
+def test_network_weights_continue_from_a_lora(setup, tmp_path):
+    """--network_weights loads a LoRA to continue from: with lr 0 the saved LoRA is that file's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    train("train_network", first, "--dit", setup["dit"], "--dataset_config", setup["toml"], "--output_dir", first,
+          "--max_train_steps", 3, "--learning_rate", "1e-2", "--network_alpha", 2)
+    again = tmp_path / "again"
+    train("train_network", again, "--dit", setup["dit"], "--dataset_config", setup["toml"], "--output_dir", again,
+          "--max_train_steps", 1, "--learning_rate", "0", "--network_alpha", 2, "--network_weights",
+          first / "qwen_image_lora.safetensors")
+    a, b = load_file(first / "qwen_image_lora.safetensors"), load_file(again / "qwen_image_lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_up.weight") and a[k].abs().sum() > 0 for k in a)      # trained, not the zero init
+
+
+def test_commands_exist():
+    from engine.__main__ import main
+
+    for command in ("train_network", "train"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0

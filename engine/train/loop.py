@@ -182,6 +182,10 @@ class Run:
             progress = ckpt.load_state(self.acc, cfg.resume)
             self.step, start_epoch, start_micro = progress["step"], progress["epoch"], progress["micro"]
             self.losses = progress.get("losses", [])
+            if progress.get("batches_per_epoch", self.data.num_batches) != self.data.num_batches:
+                log.warning("--resume: the dataset now has %d batches per epoch, the state was saved with %d; "
+                            "training continues from the same step, but not with the same data order",
+                            self.data.num_batches, progress["batches_per_epoch"])
             log.info("resumed from %s at step %d (epoch %d, batch %d)", cfg.resume, self.step, start_epoch + 1,
                      start_micro)
         log.info("training: %d steps, %d epoch(s) of %d step(s), %d process(es), %d batches per epoch",
@@ -336,6 +340,7 @@ class Run:
             if micro >= self.schedule.micro_per_epoch:          # the epoch is done: resume at the next one
                 epoch, micro = epoch + 1, 0
             progress = {"step": self.step, "epoch": epoch, "micro": micro, "seed": cfg.seed,
+                        "batches_per_epoch": self.data.num_batches,
                         "total_steps": self.schedule.total_steps, "world": self.world, "losses": self.losses}
             ckpt.save_state(self.acc, state_dir, progress)
             if self.main:
