@@ -3,7 +3,7 @@
 - `cached_dataset(demo_manifest, folder, batch_size=1)`: a dataset TOML over the demo's text-to-image images whose
   cache folder lives in `folder` (the demo set stays read-only); latents and text embeddings are cached in-process
   through the engine's own commands. Returns the TOML path.
-- `train_argv(demo_manifest, dataset_toml, output_dir, *extra)`: the `train_network` options for the demo models.
+- `train_argv(demo_manifest, dataset_toml, output_dir, *extra, command=)`: `train_network` / `train` on the demo models.
 - `run_engine(argv, ...)`: `python -m engine ...` (or any launcher prefix) as a subprocess; returns it finished.
 - `read_events(path)`, `metrics(events)`: the JSON-lines event stream and its `metric` events by step.
 """
@@ -44,13 +44,17 @@ def cached_dataset(demo_manifest: dict, folder: Path, batch_size: int = 1, num_r
     return toml
 
 
-def train_argv(demo_manifest: dict, dataset_toml: Path, output_dir: Path, *extra: str) -> list[str]:
+def train_argv(demo_manifest: dict, dataset_toml: Path, output_dir: Path, *extra: str,
+               command: str = "train_network") -> list[str]:
+    """`train_network` (LoRA rank 4, alpha 4, lr 1e-3) or `train` (full finetune, lr 1e-4) on the demo models."""
     output_dir.mkdir(parents=True, exist_ok=True)      # the events file opens before the engine creates it
-    return ["train_network", "--dit", demo_manifest["dit"]["original"], "--vae", demo_manifest["vae"],
+    network = ["--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3"] \
+        if command == "train_network" else ["--learning_rate", "1e-4"]
+    return [command, "--dit", demo_manifest["dit"]["original"], "--vae", demo_manifest["vae"],
             "--text_encoder", demo_manifest["text_encoder"], "--tokenizer", demo_manifest["tokenizer"],
-            "--dataset_config", str(dataset_toml), "--output_dir", str(output_dir), "--output_name", "lora",
-            "--device", "cpu", "--sdpa", "--seed", "7", "--learning_rate", "1e-3", "--network_dim", "4",
-            "--network_alpha", "4", "--max_data_loader_n_workers", "0",
+            "--dataset_config", str(dataset_toml), "--output_dir", str(output_dir),
+            "--output_name", "lora" if command == "train_network" else "full",
+            "--device", "cpu", "--sdpa", "--seed", "7", "--max_data_loader_n_workers", "0", *network,
             "--events_file", str(output_dir / "events.jsonl"), *extra]
 
 
