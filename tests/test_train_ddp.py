@@ -70,6 +70,15 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(demo_manifest,
     assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert not list(two.glob(".*")), "temporary files left behind"
 
+    # Resumed by two processes, it continues the same curve to the same LoRA (each process gets its RNG state back).
+    resumed = tmp_path / "resumed"
+    run_engine(train_argv(demo_manifest, dataset, resumed, "--max_train_steps", str(STEPS), "--resume", str(state)),
+               prefix=accelerate_prefix(2))
+    loss_resumed = metrics(read_events(resumed / "events.jsonl"))
+    assert {s: m["loss"] for s, m in loss_resumed.items()} == {s: loss_two[s]["loss"] for s in range(3, STEPS + 1)}
+    lora_resumed = load_file(resumed / "lora.safetensors")
+    assert all(torch.equal(lora_resumed[k], lora_two[k]) for k in lora_two)
+
     # Its position in the epoch is per process: resuming it with another process count is refused, before loading.
     refused = tmp_path / "refused"
     argv = train_argv(demo_manifest, dataset, refused, "--max_train_steps", str(STEPS), "--resume", str(state))
