@@ -50,6 +50,7 @@ class LoRAModule(nn.Module):
         self.lora_up = nn.Linear(dim, org.out_features, bias=False)
         alpha = dim if alpha is None or alpha == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha))       # saved as `<name>.alpha`
+        self._scale = float(self.alpha) / dim    # a Python float: reading the buffer per call syncs a CUDA device
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
@@ -59,7 +60,15 @@ class LoRAModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.lora_dim
+        return self._scale
+
+    def refresh_scale(self) -> None:
+        """After the alpha buffer changed (a loaded file or state)."""
+        self._scale = float(self.alpha) / self.lora_dim
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refresh_scale()
 
     def apply_to(self) -> None:
         org = self.org_module[0]
@@ -190,6 +199,7 @@ class LoRANetwork(nn.Module):
             m.lora_down.weight.copy_(factor.tensors["down"])
             m.lora_up.weight.copy_(factor.tensors["up"])
             m.alpha.fill_(factor.scale * m.lora_dim)
+            m.refresh_scale()
 
 
 def parse_network_args(items: Iterable[str]) -> dict:
