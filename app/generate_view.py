@@ -72,7 +72,7 @@ def run_view(ctx, view: dict) -> RunView:
             continue
         picture = folder / f"rcm_{step:03d}.png"
         if not picture.exists():
-            M.save_png(M.overlay(base, M.load_mask_array(path, size)), picture)
+            M.save_png(_for_display(M.overlay(base, M.load_mask_array(path, size))), picture)
         share = M.changing_percent(path)
         out.strip.append((str(picture), f"step {step}: {share:.1f}% changing"))
         stats = run.rcm_stats.get(step, {})
@@ -99,7 +99,7 @@ def _difference(out: RunView, run: M.RunFiles, cfg, control: Image.Image, folder
     diff = M.difference(output, control)
     picture = folder / "heatmap.png"
     if not picture.exists():
-        M.save_png(M.heatmap(diff), picture)
+        M.save_png(_for_display(M.heatmap(diff)), picture)
     out.heatmap = str(picture)
     keep, source = None, ""
     if cfg.mask_path and Path(cfg.mask_path).is_file():
@@ -116,6 +116,12 @@ def _difference(out: RunView, run: M.RunFiles, cfg, control: Image.Image, folder
         lines.append(f"- in {source} ({keep.mean() * 100:.1f}% of the image): **{_pct(inside)}**")
         lines.append(f"- in the rest: **{_pct(outside)}**")
     return lines
+
+
+def _for_display(image: Image.Image, min_side: int = 256) -> Image.Image:
+    """Tiny pictures (the demo's 64×64) scaled up by a whole factor with sharp pixels, so they can be read."""
+    factor = -(-min_side // min(image.size))
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def _num(x) -> str:

@@ -103,6 +103,15 @@ def test_text_to_image_makes_a_png_with_its_parameters(studio, t2i_run):
     assert params["prompt"] == studio["manifest"]["examples"]["prompt"] and params["seed"] == 7
     assert params["image_size"] == [64, 64] and params["infer_steps"] == STEPS
     assert Path(final["selected"]).is_file() and final["selected"].endswith(Path(final["gallery"][0]["image"]).name)
+    assert client.predict(final["selected"], api_name="/generate_seed_reuse") == "7"
+    assert 0 <= int(client.predict(api_name="/generate_seed_random")) < 2**32
+
+
+def test_model_version_picks_its_dit(studio):
+    client = client_for(studio)
+    dits = studio["manifest"]["dit"]
+    assert client.predict("edit-2509", dits["original"], api_name="/generate_version") == dits["edit-2509"]
+    assert client.predict("original", dits["edit"], api_name="/generate_version") == dits["original"]
 
 
 @pytest.fixture(scope="module")

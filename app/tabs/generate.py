@@ -218,8 +218,10 @@ def _wire(ctx, form: Form, w: dict, o: dict, controls_box, random_btn, reuse_btn
     o["png"].upload(load, [o["png"], *form.inputs], load_outputs, api_name="generate_load_params")
     o["load_sel"].click(lambda p, *v: load(_check_shown(p, shown), *v), [o["selected"], *form.inputs],
                         load_outputs, api_name="generate_load_selected_params")
-    random_btn.click(lambda: random.randint(0, 2**32 - 1), None, form.components["seed"], api_name="generate_seed_random")
-    reuse_btn.click(lambda p: M.read_png_parameters(_check_shown(p, shown))["seed"], o["selected"],
+    # the seed box is text (empty = random in the engine); a number here makes the command line reproducible
+    random_btn.click(lambda: str(random.randint(0, 2**32 - 1)), None, form.components["seed"],
+                     api_name="generate_seed_random")
+    reuse_btn.click(lambda p: str(M.read_png_parameters(_check_shown(p, shown))["seed"]), o["selected"],
                     form.components["seed"], api_name="generate_seed_reuse")
 
     preview_inputs = [w["editor"], w["grow"], w["feather"], w["invert"]]
