@@ -21,6 +21,7 @@ API: `run_training(cfg, events, full) -> [output paths]`
 from __future__ import annotations
 
 import datetime
+import contextlib
 import logging
 import math
 import time
@@ -105,6 +106,34 @@ def _trackers(log_with):
     return {None: None, "tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard", "wandb"]}[log_with]
 
 
+class ItemCache:
+    """Cached items held in RAM after their first load, up to `budget` bytes (a LoRA dataset of a few hundred
+    1024² images fits in 1 GiB): later epochs read no files. Batches are assembled per item, so a batch size > 1
+    with a new composition every epoch still hits."""
+
+    def __init__(self, data, budget: int = 1 << 30):
+        self.data, self.budget, self.used = data, budget, 0
+        self.loaded: dict = {}
+
+    def load(self, batch) -> dict:
+        parts = [self._item(item) for item in batch]
+        out = {k: torch.cat([p[k] for p in parts]) for k, v in parts[0].items() if isinstance(v, torch.Tensor)}
+        out["vl_embed"] = [e for p in parts for e in p["vl_embed"]]
+        out["stems"] = [s for p in parts for s in p["stems"]]
+        return out
+
+    def _item(self, item) -> dict:
+        hit = self.loaded.get(item)
+        if hit is None:
+            hit = self.data.load_batch([item])
+            size = sum(t.numel() * t.element_size() for t in [*hit["vl_embed"], *(
+                v for v in hit.values() if isinstance(v, torch.Tensor))])
+            if self.used + size <= self.budget:
+                self.loaded[item] = hit
+                self.used += size
+        return hit
+
+
 class Run:
     def __init__(self, cfg, events, accelerator, variant, data, full: bool):
         self.cfg, self.events, self.acc, self.variant, self.data, self.full = cfg, events, accelerator, variant, data, full
@@ -114,6 +143,7 @@ class Run:
         self.schedule = make_schedule(cfg, data.num_batches, self.world)
         self.outputs: list[str] = []
         self.losses: list[float] = []
+        self.items = ItemCache(data)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -231,8 +261,8 @@ class Run:
 
     def _forward_backward(self, batch, batch_index: int) -> torch.Tensor:
         gen = step_generator(self.cfg.seed, batch_index)
-        inputs = prepare_inputs(self.data.load_batch(batch), self.sampler, gen, self.device, self.t.dtype)
-        with self.acc.autocast():
+        inputs = prepare_inputs(self.items.load(batch), self.sampler, gen, self.device, self.t.dtype)
+        with self.acc.autocast() if self.cfg.mixed_precision != "no" else contextlib.nullcontext():
             pred = predict(self.t.dit, inputs, self.cfg.split_attn)
         loss = flow_loss(pred, inputs)
         scaled = loss / self.cfg.gradient_accumulation_steps
