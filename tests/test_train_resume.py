@@ -3,7 +3,8 @@ writing a checkpoint, then `--resume` from the newest state it left.
 
 - Nothing a user would load is corrupt: every visible `*.safetensors` is complete (parses, all LoRA keys), every
   visible `*-state` folder is complete (`train_state.json`, written last); half-written saves exist only as hidden
-  temp entries, and the resumed run's next save of the same name clears them.
+  temp entries, and the resumed run clears them (a killed model write's temp, named after the dead pid, at start;
+  a killed state's temp folder when it saves that state again).
 - The resumed loss curve is the uninterrupted run's, exactly, and so are the saved LoRA files (step and final).
   Exact equality is the right bar here: same process count and thread count (OMP_NUM_THREADS=1), float32 on CPU
   with deterministic kernels, noise/timesteps seeded by the batch's place in the run, the epoch order by
@@ -36,9 +37,9 @@ def dataset(demo_manifest, tmp_path_factory):
     return cached_dataset(demo_manifest, tmp_path_factory.mktemp("resume_data"), batch_size=1)
 
 
-def kill_during_a_save(argv: list[str], out: Path, after_step: int, timeout: float = 240) -> str:
+def kill_during_a_save(argv: list[str], out: Path, after_step: int, timeout: float = 240) -> tuple[str, int]:
     """Start the command; SIGKILL it as soon as a state save after `after_step` has begun (its hidden temp folder
-    appears). Returns where the kill landed, for the failure message."""
+    appears). Returns where the kill landed (for failure messages) and the dead pid."""
     proc = subprocess.Popen([PYTHON, "-m", "engine", *argv], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
@@ -48,7 +49,7 @@ def kill_during_a_save(argv: list[str], out: Path, after_step: int, timeout: flo
             if saving and int(saving[-1][len(".lora-step"):][:8]) > after_step:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return f"killed while writing {saving[-1]}"
+                return f"killed while writing {saving[-1]}", proc.pid
             time.sleep(0.001)
         raise AssertionError(f"no state save after step {after_step} seen (rc {proc.poll()}):\n"
                              f"{proc.stderr.read()[-3000:] if proc.poll() is not None else 'still running'}")
@@ -81,7 +82,9 @@ def test_kill_9_during_a_save_then_resume_gives_the_same_curve(demo_manifest, da
     ref = metrics(read_events(ref_out / "events.jsonl"))
     assert sorted(ref) == list(range(1, STEPS + 1))
 
-    where = kill_during_a_save(train_argv(demo_manifest, dataset, out, *RUN), out, after_step=EVERY)
+    where, pid = kill_during_a_save(train_argv(demo_manifest, dataset, out, *RUN), out, after_step=EVERY)
+    # What a kill during a model file's write leaves (the state save above comes after the model file): its temp.
+    (out / f".lora-step00000009.safetensors.tmp-{pid}").write_bytes(b"\0" * 1000)
     states = check_nothing_corrupt(out)
     assert states, f"{where}: no complete state to resume from"
     state = states[-1]

@@ -17,6 +17,7 @@ API:
 - `save_state(accelerator, path, progress)` / `load_state(accelerator, path) -> progress`
 - `check_same_world(path, num_processes)`                                        refuse another process count
 - `prune(cfg, kind, current)`                                                      save_last_n_* policy
+- `remove_dead_temps(output_dir, output_name)`                                     temp files of killed saves
 """
 
 from __future__ import annotations
@@ -75,6 +76,30 @@ def prune(cfg, kind: str, current: int) -> list[Path]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path)
     return removed
+
+
+def remove_dead_temps(output_dir: str | Path, output_name: str) -> list[Path]:
+    """Temp files of model saves whose process was killed mid-write (kill -9, power loss): hidden
+    `.<output_name>….safetensors.tmp-<pid>` files whose pid is gone. Users never load them, but a full-finetune
+    temp is 40 GB. (State temp folders have fixed names; the next save of that state clears its own.)"""
+    pattern = re.compile(r"\." + re.escape(output_name) + r".*\.safetensors\.tmp-(\d+)")
+    removed = []
+    for path in Path(output_dir).glob(f".{output_name}*.tmp-*"):
+        m = pattern.fullmatch(path.name)
+        if m and path.is_file() and not _pid_alive(int(m.group(1))):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # someone else's live process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- DiT files

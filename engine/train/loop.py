@@ -155,6 +155,8 @@ class Run:
         cfg = self.cfg
         if self.main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            for path in ckpt.remove_dead_temps(cfg.output_dir, cfg.output_name):
+                log.info("removed %s, left by a save that was killed", path.name)
             self.outputs.append(str(write_run_config(cfg, "train" if self.full else "train_network")))
             emit_estimate(cfg, self.data, self.events, self.full)
         self.sampler = TimestepSampler.from_config(cfg)
