@@ -53,9 +53,9 @@ def editor_value(control: str, layer: Path | None = None) -> dict:
             "composite": None}
 
 
-def submit(client, cfg, editor=None, grow=0, feather=0, invert=False):
-    slots = [None] * EXTRA_CONTROLS
-    return client.predict(*values(cfg), editor, *slots, None, grow, feather, invert, api_name="/generate_run")
+def submit(client, cfg, editor=None, grow=0, feather=0, invert=False, slots=(), more=None):
+    slots = [*slots, *[None] * (EXTRA_CONTROLS - len(slots))]
+    return client.predict(*values(cfg), editor, *slots, more, grow, feather, invert, api_name="/generate_run")
 
 
 def wait_final(client, job_id: str, timeout: float = 300) -> dict:
@@ -203,6 +203,8 @@ def test_preset_click_changes_the_fields_and_the_estimate(studio):
 
 
 def test_misuse_is_refused_before_a_job_and_engine_errors_are_shown(studio, tmp_path):
+    from gradio_client import handle_file
+
     client = client_for(studio)
     both = config(studio, "edit", rcm_threshold=0.1)
     job_id, _, error, note, *_ = submit(client, both, editor_value(studio["manifest"]["examples"]["control"],
@@ -210,12 +212,32 @@ def test_misuse_is_refused_before_a_job_and_engine_errors_are_shown(studio, tmp_
     assert error["visible"] and "cannot be used together" in error["value"] and note == "Not started."
     _, _, error, note, *_ = submit(client, config(studio, "edit"), None)
     assert error["visible"] and "needs a control image" in error["value"] and note == "Not started."
+    controls = studio["manifest"]["examples"]["controls"]
+    _, _, error, note, *_ = submit(client, config(studio, "edit"), editor_value(controls[0]),
+                                   slots=[handle_file(controls[1])])
+    assert "takes one control image, 2 were given" in error["value"] and note == "Not started."
     # an error only the engine finds (a DiT given as the VAE): the job fails and the panel shows message + fix
     wrong = config(studio, vae=studio["manifest"]["dit"]["original"])
     job_id, *_ = submit(client, wrong)
     final = wait_final(client, job_id)
     assert "<b>failed</b>" in final["status"] and final["error"]["visible"]
     assert "not the Qwen-Image VAE" in final["error"]["value"] and "**Fix:**" in final["error"]["value"]
+
+
+def test_edit_2509_takes_every_control_slot_in_order(studio):
+    from gradio_client import handle_file
+
+    client = client_for(studio)
+    controls = studio["manifest"]["examples"]["controls"]
+    job_id, cmdline, error, *_ = submit(client, config(studio, "edit-2509"), editor_value(controls[0]),
+                                        slots=[handle_file(controls[1])], more=[handle_file(controls[0])])
+    client.predict(job_id, api_name="/generate_stop")            # the command line is what this test is about
+    argv = shlex.split(cmdline)
+    start = argv.index("--control_image_path") + 1
+    names = [Path(a).name for a in argv[start:start + 3]]
+    assert names == ["shapes_00_0.png", "shapes_00_1_c2.png", "shapes_00_0_c3.png"]
+    assert option(cmdline, "--model_version") == "edit-2509" and option(cmdline, "--dit").endswith(
+        Path(studio["manifest"]["dit"]["edit-2509"]).name)
 
 
 # ---------------------------------------------------------------------------------------------- browser
