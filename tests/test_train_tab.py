@@ -6,6 +6,7 @@ Plus the plain rules behind the tab (app/train_runs.py)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -222,3 +223,56 @@ def test_demo_training_live_view_reattach_stop_and_resume(studio, cached_dataset
     out = wait_for(second, lambda o: o[0]["value"] == menu["value"] and "**done**" in o[5], "the resumed run")
     steps = [row[0] for row in points(out) if row[2] == "loss"]
     assert steps == [step + 1, step + 2]                                         # continued, not restarted
+
+
+# ------------------------------------------------------------------ in a real browser
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: `apt-get install -y chromium`")
+def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_dataset, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    def box(name):
+        return page.locator(f"#train-{name} textarea, #train-{name} input").first
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(studio["url"])
+            page.get_by_role("tab", name="Train").click()
+            estimate = page.locator("#train-lora-estimate")
+            expect(estimate).to_contain_text("Estimated peak")
+            before = estimate.inner_text()
+            page.locator("#train-lora-apply-lora-12gb").click()               # a preset card
+            expect(box("blocks_to_swap")).to_have_value("48", timeout=30_000)
+            expect(estimate).not_to_have_text(before, timeout=30_000)
+            expect(box("command")).to_have_value(re.compile(r"--blocks_to_swap 48 "), timeout=30_000)  # follows
+
+            page.reload()                         # back to the form's defaults: the preset's fp8/bf16 are for GPUs
+            page.get_by_role("tab", name="Train").click()
+            for name, value in (("dataset_config", cached_dataset),
+                                ("output_dir", str(tmp_path / "browser_run")), ("max_train_steps", "2000"),
+                                ("sample_prompts", ""), ("sample_every_n_steps", ""), ("save_every_n_steps", "")):
+                box(name).fill(value)
+                box(name).press("Tab")
+            page.locator("#train-start").click()
+            expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)
+            chart = page.locator("#train-loss")
+            expect(chart).to_be_visible(timeout=180_000)
+            first = chart.screenshot()
+            progress = page.locator("#train-progress")
+            expect(progress).to_contain_text("/2000 step", timeout=30_000)
+            step = int(re.search(r"(\d+)/2000 step", progress.inner_text()).group(1))
+            expect(progress).not_to_contain_text(f"{step}/2000", timeout=60_000)
+            page.wait_for_timeout(1500)                                         # the next timer tick redraws
+            assert chart.screenshot() != first                                  # new points: the chart changed
+            page.locator("#train-kill").click()
+            expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
+        finally:
+            browser.close()
