@@ -6,6 +6,7 @@ edit models) are encoded once before the DiT loads, then the text encoder is fre
 runs the same denoising loop as `generate_image` on the model being trained (LoRA applied), so a sample shows
 what Generate would give for that checkpoint.
 
+--fp8_vl: the prompts are encoded on the CPU (once, before training) instead of with an fp8 text encoder on the GPU.
 Deliberate difference from musubi: a line without `--fs` uses the dynamic (resolution-dependent) shift of the
 official scheduler, as generate_image does, not musubi's trainer-wide fixed shift 14.5. Lines without `--d` use
 --seed (or 42), so successive samples of one prompt are comparable.
@@ -39,7 +40,9 @@ def generation_config(cfg, variant_name: str):
         device=cfg.device, model_version=variant_name, dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder,
         tokenizer=cfg.tokenizer, from_file=cfg.sample_prompts, image_size=[DEFAULT_SIZE, DEFAULT_SIZE],
         infer_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_CFG, seed=cfg.seed if cfg.seed is not None else DEFAULT_SEED,
-        save_path=str(Path(cfg.output_dir) / "sample"))
+        save_path=str(Path(cfg.output_dir) / "sample"),
+        # --fp8_vl asks to keep the text encoder's VRAM low: sample prompts are then encoded on the CPU (once)
+        text_encoder_cpu=getattr(cfg, "fp8_vl", False))
 
 
 def check_prompts(cfg, variant) -> list:
