@@ -32,6 +32,7 @@ import torch
 
 from engine.train import checkpoints as ckpt
 from engine.train import samples
+from engine.train.items import ItemCache
 from engine.train.step import flow_loss, predict, prepare_inputs
 from engine.variants import get_variant
 
@@ -104,34 +105,6 @@ def make_accelerator(cfg):
 
 def _trackers(log_with):
     return {None: None, "tensorboard": "tensorboard", "wandb": "wandb", "all": ["tensorboard", "wandb"]}[log_with]
-
-
-class ItemCache:
-    """Cached items held in RAM after their first load, up to `budget` bytes (a LoRA dataset of a few hundred
-    1024² images fits in 1 GiB): later epochs read no files. Batches are assembled per item, so a batch size > 1
-    with a new composition every epoch still hits."""
-
-    def __init__(self, data, budget: int = 1 << 30):
-        self.data, self.budget, self.used = data, budget, 0
-        self.loaded: dict = {}
-
-    def load(self, batch) -> dict:
-        parts = [self._item(item) for item in batch]
-        out = {k: torch.cat([p[k] for p in parts]) for k, v in parts[0].items() if isinstance(v, torch.Tensor)}
-        out["vl_embed"] = [e for p in parts for e in p["vl_embed"]]
-        out["stems"] = [s for p in parts for s in p["stems"]]
-        return out
-
-    def _item(self, item) -> dict:
-        hit = self.loaded.get(item)
-        if hit is None:
-            hit = self.data.load_batch([item])
-            size = sum(t.numel() * t.element_size() for t in [*hit["vl_embed"], *(
-                v for v in hit.values() if isinstance(v, torch.Tensor))])
-            if self.used + size <= self.budget:
-                self.loaded[item] = hit
-                self.used += size
-        return hit
 
 
 class Run:
