@@ -8,6 +8,7 @@
 - checkpoints.py    file names, atomic model files (streaming for --mem_eff_save), resumable states, pruning
 - samples.py        sample images during training through engine.infer
 - report.py         run config next to the outputs, estimate / vram events
+- items.py          cached items kept in RAM after their first load
 - lora.py, lora_metadata.py   the LoRA network and its ss_* / modelspec metadata
 - timesteps.py      timestep sampling, noisy inputs, loss weighting
 - optim.py          optimizers, LR schedulers, fused Adafactor backward with stochastic rounding
