@@ -86,6 +86,7 @@ BAD_FT = [
     (["--full_bf16"], "needs --mixed_precision bf16"),
     (["--optimizer_type", "Adafactor", "--fused_backward_pass", "--gradient_accumulation_steps", "2"],
      "cannot accumulate"),
+    (["--optimizer_type", "Adafactor", "--fused_backward_pass", "--mixed_precision", "fp16"], "loss scaling"),
 ]
 
 

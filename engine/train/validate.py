@@ -73,6 +73,9 @@ def _check_memory(cfg, full: bool) -> None:
         if cfg.gradient_accumulation_steps > 1:
             raise OptionError("--fused_backward_pass steps each weight during backward, so it cannot accumulate "
                               "gradients.", "Use --gradient_accumulation_steps 1.")
+        if cfg.mixed_precision == "fp16":
+            raise OptionError("--fused_backward_pass cannot use fp16's loss scaling (each weight is stepped before "
+                              "an overflow could be detected).", "Use --mixed_precision bf16.")
 
 
 def _check_saving(cfg) -> None:
