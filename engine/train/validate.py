@@ -96,6 +96,10 @@ def _check_samples(cfg) -> None:
         raise OptionError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need "
                           "--sample_prompts.", "Give a prompt file (one prompt per line) or drop the sample options.")
     _require(cfg.sample_prompts, "--sample_prompts", "a text file with one prompt per line")
+    if Path(cfg.sample_prompts).suffix.lower() in (".toml", ".json"):
+        raise OptionError(f"--sample_prompts {cfg.sample_prompts}: only the .txt format (one prompt per line with "
+                          "--w --h --d --s --l --fs --n --ci options) is supported, not musubi's TOML/JSON lists.",
+                          "Write the prompts into a .txt file, one per line.")
     _require(cfg.vae, "--vae", "the Qwen-Image VAE (samples are decoded with it)")
     _require(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (sample prompts are encoded with it)")
 
