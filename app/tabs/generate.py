@@ -153,8 +153,15 @@ def result_widgets() -> dict:
 # ---------------------------------------------------------------------------------------------- wiring
 
 def _wire(ctx, form: Form, w: dict, o: dict, controls_box, random_btn, reuse_btn) -> None:
-    image_inputs = [w["editor"], *w["slots"], w["more"], w["grow"], w["feather"], w["invert"]]
     shown: set[str] = set()          # result paths this tab handed out: the only ones it reads back
+    _wire_run(ctx, form, w, o, shown)
+    _wire_results(ctx, form, w, o, shown, random_btn, reuse_btn)
+    _wire_mask_and_model(ctx, form, w, controls_box)
+
+
+def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
+    """Generate, and the timer that follows the job (progress, results, errors, RCM view)."""
+    image_inputs = [w["editor"], *w["slots"], w["more"], w["grow"], w["feather"], w["invert"]]
     n = len(form.inputs)
 
     def run(*values):
@@ -198,6 +205,10 @@ def _wire(ctx, form: Form, w: dict, o: dict, controls_box, random_btn, reuse_btn
                     concurrency_limit=None, api_name="generate_refresh")
     o["stop"].click(lambda j: ctx.jobs.stop(j)["status"] if j else "no job", o["job"], o["note"],
                     api_name="generate_stop")
+
+
+def _wire_results(ctx, form: Form, w: dict, o: dict, shown: set, random_btn, reuse_btn) -> None:
+    """What can be done with a result: pick it, send it to control 1, load its parameters, reuse its seed."""
     o["gallery"].select(_select_handler(shown), o["selected"], o["selected"], api_visibility="private")
 
     def send(path):
@@ -224,6 +235,8 @@ def _wire(ctx, form: Form, w: dict, o: dict, controls_box, random_btn, reuse_btn
     reuse_btn.click(lambda p: str(M.read_png_parameters(_check_shown(p, shown))["seed"]), o["selected"],
                     form.components["seed"], api_name="generate_seed_reuse")
 
+
+def _wire_mask_and_model(ctx, form: Form, w: dict, controls_box) -> None:
     preview_inputs = [w["editor"], w["grow"], w["feather"], w["invert"]]
     # painting fires the editor's `input` only; `change` covers values set by buttons (send, load, clear)
     gr.on([w["editor"].input, *[c.change for c in preview_inputs]], mask_preview, preview_inputs,
