@@ -66,7 +66,10 @@ def test_lora_file_keys_and_metadata(run):
 def test_saves_and_events(run):
     out, events = run
     assert (out / "demo-step00000020.safetensors").is_file() and (out / "demo_diffusers.safetensors").is_file()
-    assert (out / "demo_config.toml").is_file()
+    from engine.config import TrainNetworkConfig, load_toml
+
+    saved = load_toml(TrainNetworkConfig, out / "demo_config.toml")       # the resolved run, reloadable
+    assert (saved.network_dim, saved.seed, saved.output_name, saved.events_file) == (8, 3, "demo", None)
     assert not list(out.glob(".*tmp*"))
     types = {e["type"] for e in events}
     assert {"start", "estimate", "phase", "progress", "metric", "vram", "checkpoint", "done"} <= types

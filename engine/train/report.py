@@ -16,11 +16,14 @@ GIB = 1024 ** 3
 
 
 def write_run_config(cfg, command: str) -> Path:
-    """`<output_dir>/<output_name>_config.toml`: the full resolved config (loadable with --config_file)."""
+    """`<output_dir>/<output_name>_config.toml`: the full resolved config (loadable with --config_file). This
+    job's event file and resume folder are left out: a run started again from it is a new run."""
+    from dataclasses import replace
+
     from engine.config import save_toml
 
     path = Path(cfg.output_dir) / f"{cfg.output_name}_config.toml"
-    save_toml(cfg, path)
+    save_toml(replace(cfg, events_file=None, resume=None), path)
     log.info("%s: run config saved to %s", command, path)
     return path
 
