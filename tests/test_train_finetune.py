@@ -108,3 +108,18 @@ def test_missing_caches_name_the_dataset_and_the_commands(setup, tmp_path):
     assert error["kind"] == "cache" and str(toml) in error["message"] and "missing" in error["message"]
     assert "cache_latents" in error["hint"] and "cache_text_encoder_outputs" in error["hint"]
     assert not (tmp_path / "out").exists()
+
+
+def test_flash_attention_with_padded_batches_needs_split_attn():
+    from types import SimpleNamespace
+
+    from engine.errors import OptionError
+    from engine.options import TrainNetworkConfig
+    from engine.train.validate import check_batches
+
+    cfg = TrainNetworkConfig(flash_attn=True, dataset_config="data.toml")
+    with pytest.raises(OptionError, match="--split_attn"):
+        check_batches(cfg, SimpleNamespace(batch_sizes={0: 1, 1: 2}))
+    check_batches(cfg, SimpleNamespace(batch_sizes={0: 1}))                     # nothing padded
+    cfg.split_attn = True
+    check_batches(cfg, SimpleNamespace(batch_sizes={0: 2}))

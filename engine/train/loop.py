@@ -61,7 +61,7 @@ def step_generator(seed: int, batch_index: int) -> torch.Generator:
 
 def run_training(cfg, events, full: bool) -> list[str]:
     from engine.infer.validate import check_dit_headers
-    from engine.train.validate import check_config, open_dataset
+    from engine.train.validate import check_batches, check_config, open_dataset
 
     variant = get_variant(cfg.resolved_version())
     cfg = replace(cfg, output_name=cfg.output_name or ("qwen_image_finetune" if full else "qwen_image_lora"),
@@ -71,6 +71,7 @@ def run_training(cfg, events, full: bool) -> list[str]:
     if cfg.sample_prompts:
         samples.check_prompts(cfg, variant)
     data = open_dataset(cfg, variant.name)
+    check_batches(cfg, data)
     accelerator = make_accelerator(cfg)
     if cfg.resume:
         ckpt.check_same_world(cfg.resume, accelerator.num_processes)     # before the model is loaded

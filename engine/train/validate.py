@@ -120,3 +120,14 @@ def open_dataset(cfg, version: str):
     text_encoder = cfg.text_encoder if cfg.tokenizer else None
     return CachedDataset.open(cfg.dataset_config, version, vae=cfg.vae, text_encoder=text_encoder,
                               tokenizer=cfg.tokenizer)
+
+
+def check_batches(cfg, data) -> None:
+    """Texts of one batch are padded to the longest; flash/xformers kernels ignore the padding mask, so batches of
+    more than one need --split_attn with them (musubi's advice, enforced here)."""
+    mode = cfg.attn_mode()
+    if mode != "sdpa" and max(data.batch_sizes.values()) > 1 and not cfg.split_attn:
+        option = "--flash_attn" if mode == "flash" else f"--{mode}"
+        raise OptionError(f"{option} with batch size {max(data.batch_sizes.values())} in {cfg.dataset_config}: the "
+                          "kernel would attend to the padding of shorter captions.",
+                          "Add --split_attn, or use --sdpa (default).")
