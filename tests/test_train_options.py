@@ -79,6 +79,12 @@ def test_fused_adafactor_gives_the_unfused_loss(setup):
     assert unfused[0][STEPS] != unfused[0][1]          # the weights did move
 
 
+def test_full_finetune_checkpointing_gives_the_plain_loss(setup):
+    assert_same_run(finetune(setup, "ft_plain"), finetune(setup, "ft_gc", "--gradient_checkpointing",
+                                                          "--gradient_checkpointing_cpu_offload"), 1e-5,
+                    "full finetune with gradient checkpointing + offload")
+
+
 def test_full_bf16_fused_stays_close(setup):
     """bf16 weights + autocast + stochastic rounding: a different precision, so only close (5 %)."""
     ref, _ = finetune(setup, "fp32_fused", "--fused_backward_pass")
