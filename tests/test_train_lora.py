@@ -61,6 +61,7 @@ def test_lora_file_keys_and_metadata(run):
     assert meta["ss_network_dim"] == "8" and meta["ss_base_model_version"] == "qwen_image"
     assert meta["ss_steps"] == str(STEPS) and meta["modelspec.architecture"] == "Qwen-Image/lora"
     assert meta["sshs_model_hash"] and meta["ss_num_train_items"] == "8"
+    assert json.loads(meta["ss_datasets"]) == [{"dataset_index": 0, "batch_size": 1, "num_repeats": 1, "num_items": 8}]
 
 
 def test_saves_and_events(run):

@@ -330,7 +330,10 @@ class Run:
     def _stats(self) -> dict:
         return {"ss_steps": self.step, "ss_epoch": self.epoch + 1, "ss_num_epochs": self.schedule.epochs,
                 "ss_num_batches_per_epoch": self.data.num_batches, "ss_num_train_items": len(self.data.items),
-                "ss_optimizer": self.optimizer_text}
+                "ss_optimizer": self.optimizer_text,
+                "ss_datasets": [{"dataset_index": i, "batch_size": bs, "num_repeats": self.data.repeats[i],
+                                 "num_items": sum(it.dataset_index == i for it in self.data.items)}
+                                for i, bs in sorted(self.data.batch_sizes.items())]}
 
     def _save(self, model_file: Path, state_dir: Path | None, kind: str | None, number: int | None = None,
               with_state: bool | None = None) -> None:
