@@ -24,6 +24,7 @@ class RunView:
     strip: list[tuple[str, str]] = field(default_factory=list)     # (picture, caption) per RCM step
     heatmap: str | None = None
     markdown: str = ""
+    memory: str = ""                   # measured VRAM peak (vram events, CUDA) beside the estimate
 
 
 def job_config(view: dict):
@@ -37,7 +38,28 @@ def job_config(view: dict):
         return None
 
 
-def progress_html(view: dict) -> str:
+def memory_text(view: dict, cfg) -> str:
+    """The run's measured VRAM (the engine's `vram` events, CUDA only) beside the estimate: the job's own
+    `estimate` event when it wrote one, else app/presets_ui's estimate of its config (pure Python)."""
+    from app import presets_ui
+    from engine.errors import EngineError
+
+    est = view.get("estimate")
+    if est is None and cfg is not None:
+        try:
+            est = presets_ui.estimate_for("generate_image", cfg)
+        except (C.ConfigError, EngineError):
+            est = None
+    parts = []
+    vram = view.get("vram")
+    if vram and vram.get("peak_gib") is not None:
+        parts.append(f"VRAM peak {vram['peak_gib']:.1f} GiB measured")
+    if est:
+        parts.append(f"estimate {est['vram_gib']:.1f} GiB VRAM, {est['ram_gib']:.1f} GiB RAM")
+    return " · ".join(parts)
+
+
+def progress_html(view: dict, memory: str = "") -> str:
     p = view.get("progress") or {}
     status, phase = view["status"], view.get("phase") or ""
     text = f"<b>{html.escape(status)}</b>" + (f" · {html.escape(phase)}" if phase and status == "running" else "")
@@ -50,6 +72,8 @@ def progress_html(view: dict) -> str:
     done = view.get("done") or {}
     if done.get("seconds") is not None and status == "done":
         text += f" · {done['seconds']:.1f} s"
+    if memory:
+        text += f"<br><small>{html.escape(memory)}</small>"
     return f'<div data-job="{html.escape(view["id"])}" data-status="{html.escape(status)}">{bar}<div>{text}</div></div>'
 
 
@@ -57,6 +81,7 @@ def run_view(ctx, view: dict) -> RunView:
     run = M.read_run(ctx.jobs.log_path(view["id"]))
     out = RunView(outputs=list(run.outputs))
     cfg = job_config(view)
+    out.memory = memory_text(view, cfg)
     if cfg is None or not cfg.control_image_path or not Path(cfg.control_image_path[0]).is_file():
         return out
     folder = ctx.data_dir / "generate" / "views" / view["id"]

@@ -96,7 +96,7 @@ def t2i_run(studio):
 
 def test_text_to_image_makes_a_png_with_its_parameters(studio, t2i_run):
     client, final = t2i_run
-    assert "<b>done</b>" in final["status"]
+    assert "<b>done</b>" in final["status"] and "GiB VRAM" in final["status"]      # the run's estimate
     assert option(final["cmdline"], "--model_version") == "original" and "--control_image_path" not in final["cmdline"]
     assert len(final["gallery"]) == 1
     params = M.read_png_parameters(final["gallery"][0]["image"])        # the copy the browser would get
@@ -323,6 +323,21 @@ def test_refine_mask_grows_shrinks_inverts_and_feathers(tmp_path):
     assert 0 < feathered[12, 10] < 255 and feathered[16, 16] > 200
     layer = M.mask_layer(str(M.save_png(mask, tmp_path / "m.png")))
     assert np.array_equal(np.asarray(layer)[..., 3], np.asarray(mask))
+
+
+def test_status_shows_measured_vram_beside_the_estimate():
+    from app.generate_view import memory_text, progress_html
+
+    cfg = C.GenerateImageConfig(image_size=[1024, 1024], fp8=True, fp8_scaled=True)
+    view = {"id": "j1", "status": "running", "phase": "sampling", "progress": {"step": 2, "total": 8, "eta_s": 3.0},
+            "vram": {"allocated_gib": 20.1, "reserved_gib": 21.0, "peak_gib": 21.4, "ram_gib": 9.0}}
+    text = memory_text(view, cfg)
+    estimate = float(re.search(r"estimate ([\d.]+) GiB VRAM", text)[1])
+    assert "VRAM peak 21.4 GiB measured" in text and 15 < estimate < 30
+    assert "estimate 7.5 GiB VRAM, 3.0 GiB RAM" == memory_text({**view, "vram": None,
+                                                                "estimate": {"vram_gib": 7.5, "ram_gib": 3.0}}, cfg)
+    html = progress_html(view, text)
+    assert 'data-job="j1"' in html and 'value="2"' in html and "step 2/8" in html and "21.4 GiB" in html
 
 
 def test_parameters_key_and_run_log_match_the_engine(tmp_path):

@@ -196,7 +196,7 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
         v = run_view(ctx, view)
         shown.update(v.outputs)
         err = view["error"] if view["status"] in ("failed", "stopped") else None
-        return (gr.skip() if job_id else view["id"], progress_html(view), view["cmdline"],
+        return (gr.skip() if job_id else view["id"], progress_html(view, v.memory), view["cmdline"],
                 error_update(err) if err else gr.update(visible=False, value=""),
                 [(servable(ctx, p), Path(p).name) for p in v.outputs], v.outputs[0] if v.outputs else "",
                 v.strip, v.heatmap, v.markdown, sig)
