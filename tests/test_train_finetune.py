@@ -81,7 +81,7 @@ BAD = [
 ]
 BAD_FT = [
     (["--fused_backward_pass"], "Adafactor only"),
-    (["--blocks_to_swap", "2"], "frozen weights only"),
+    (["--blocks_to_swap", "2"], "needs --fused_backward_pass"),
     (["--fp8_base"], "cannot be finetuned"),
     (["--full_bf16"], "needs --mixed_precision bf16"),
     (["--optimizer_type", "Adafactor", "--fused_backward_pass", "--gradient_accumulation_steps", "2"],

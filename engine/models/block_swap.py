@@ -22,8 +22,15 @@ Checkpoint recomputation runs inside the backward graph task and only waits for 
 
 On a CPU "device" the same code runs with synchronous copies, so tests can prove outputs and gradients equal.
 
+Trainable swapped weights (full finetune, `trainable=True`) work only when each weight's gradient is consumed
+during backward while its block is still on the device: the fused Adafactor backward (`--fused_backward_pass`)
+steps the weight in its post-accumulate-grad hook and frees the gradient, and autograd runs AccumulateGrad nodes
+before any other ready node, so every weight of a block is stepped before the block's "after backward" point
+sends it back to the host (musubi-tuner trains with block swap the same way). The optimizer state is created next
+to the weight, on the device. A gradient still present when its block leaves is refused with a clear error.
+
 API:
-- `enable_block_swap(dit, blocks_to_swap, device, supports_backward=True) -> BlockSwap`  places the model
+- `enable_block_swap(dit, blocks_to_swap, device, supports_backward=True, trainable=False) -> BlockSwap`
 - `swap.remove()`                                          hooks off (weights stay where they are)
 - `swap.device_ptrs`, `swap.resident`                      for checks (debug=True asserts on every use)
 """
@@ -71,7 +78,7 @@ def _mark(values, callback):
 
 class BlockSwap:
     def __init__(self, blocks: nn.ModuleList, blocks_to_swap: int, device: torch.device | str,
-                 supports_backward: bool = True, debug: bool = False):
+                 supports_backward: bool = True, debug: bool = False, trainable: bool = False):
         self.blocks = blocks
         self.num = len(blocks)
         self.n = blocks_to_swap
@@ -82,6 +89,7 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         self.supports_backward = supports_backward
         self.debug = debug
+        self.trainable = trainable
         self.linears = [[m for m in b.modules() if isinstance(m, nn.Linear)] for b in blocks]
         self._check_same_layout()
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -106,6 +114,14 @@ class BlockSwap:
             raise OptionError("block swap streams frozen base weights, but block Linear weights require grad in "
                               "this training pass.", "Use block swap with LoRA training (frozen DiT) or inference "
                               "(no grad), or --blocks_to_swap 0 for a full finetune.")
+
+    def _check_consumed(self, b: int) -> None:
+        """A trained weight leaves the device without its gradient (the fused backward already stepped it)."""
+        if any(m.weight.grad is not None for m in self.linears[b]):
+            raise OptionError(f"block swap: block {b}'s weights still hold gradients when the block goes back to "
+                              "the host, so the optimizer would step weights that are no longer on the device.",
+                              "Finetune with block swap only with --fused_backward_pass (Adafactor), which steps "
+                              "each weight during backward, or use --blocks_to_swap 0.")
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
@@ -183,6 +199,8 @@ class BlockSwap:
 
     def _after_backward(self, b: int) -> None:
         if b >= self.num - self.n and self.resident[b] and not self.resident[b - (self.num - self.n)]:
+            if self.trainable:
+                self._check_consumed(b)
             self._exchange(b, b - (self.num - self.n))
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -203,7 +221,7 @@ class BlockSwap:
                 return None
             if b == 0:
                 self.training_pass = self.supports_backward and torch.is_grad_enabled()
-                if self.training_pass:
+                if self.training_pass and not self.trainable:
                     self._check_frozen()
                 self._restore_start()
             self.wait_for_block(b)
@@ -240,10 +258,11 @@ class _nullcontext:
 
 
 def enable_block_swap(dit: nn.Module, blocks_to_swap: int, device: torch.device | str,
-                      supports_backward: bool = True, debug: bool = False) -> BlockSwap:
+                      supports_backward: bool = True, debug: bool = False, trainable: bool = False) -> BlockSwap:
     """Place `dit` (on CPU or meta-free, not yet on the device) for block swap and install the hooks.
-    Do not call `dit.to(...)` afterwards: it would undo the placement."""
-    swap = BlockSwap(dit.transformer_blocks, blocks_to_swap, device, supports_backward, debug)
+    Do not call `dit.to(...)` afterwards: it would undo the placement. `trainable`: the block weights are
+    trained with a fused backward (see the module docstring)."""
+    swap = BlockSwap(dit.transformer_blocks, blocks_to_swap, device, supports_backward, debug, trainable)
     swap.place(dit)
     swap.install()
     return swap

@@ -121,6 +121,11 @@ def full_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
     dtype = dit_dtype(cfg, device, full=True)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=False)
     dit.train().requires_grad_(True)
+    swap = None
+    if cfg.blocks_to_swap:       # validate: only with --fused_backward_pass (weights stepped while on the device)
+        from engine.models.block_swap import enable_block_swap
+
+        swap = enable_block_swap(dit, cfg.blocks_to_swap, device, supports_backward=True, trainable=True)
     _checkpointing(dit, cfg, device)
     _attention(dit, cfg, device)
     save_dtype = {None: torch.bfloat16, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
@@ -136,4 +141,4 @@ def full_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
                               marker_2511=variant.zero_cond_t)]
 
     groups = [{"params": params, "lr": cfg.learning_rate, "name": "dit"}]
-    return Trainee(dit, dit, groups, dtype, save)
+    return Trainee(dit, dit, groups, dtype, save, block_swap=swap)

@@ -61,9 +61,10 @@ def _check_memory(cfg, full: bool) -> None:
     if cfg.fp8_base or cfg.fp8_scaled:
         raise OptionError("--fp8_base/--fp8_scaled: fp8 weights cannot be finetuned (musubi turns them off).",
                           "Drop them; use --full_bf16 to halve the weights' memory.")
-    if cfg.blocks_to_swap:
-        raise OptionError("--blocks_to_swap streams frozen weights only; a full finetune trains every block.",
-                          "Use --blocks_to_swap 0 with train, or train a LoRA (train_network).")
+    if cfg.blocks_to_swap and not cfg.fused_backward_pass:
+        raise OptionError("--blocks_to_swap with train needs --fused_backward_pass: a swapped block's weights must "
+                          "be stepped during backward, while the block is on the GPU (as musubi-tuner does).",
+                          "Add --fused_backward_pass --optimizer_type Adafactor, or use --blocks_to_swap 0.")
     if cfg.full_bf16 and cfg.mixed_precision != "bf16":
         raise OptionError("--full_bf16 needs --mixed_precision bf16.", "Add --mixed_precision bf16.")
     if cfg.fused_backward_pass:

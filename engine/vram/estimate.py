@@ -111,13 +111,14 @@ def caching_phases(w: M.Workload) -> dict:
 
 def training_phase(w: M.Workload) -> dict:
     act_gpu, act_ram = M.training_activation_bytes(w)
-    frac = M.resident_fraction(w) if w.full else 1.0  # full finetune: states of swapped blocks live in RAM
+    # Full finetune with block swap (needs the fused backward): each weight is stepped while its block is on the
+    # GPU, so every optimizer state (created next to its weight) and the in-flight block's gradients are on the GPU.
     states = M.optimizer_state_bytes(w)
     trained = 0 if w.full else M.trainable_params(w) * M.trainable_param_bytes(w)
-    ram = (_process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w) + act_ram + (1 - frac) * states)
+    ram = _process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w) + act_ram
     return _phase(ram, weights=M.dit_resident_bytes(w),
-                  lora_and_optimizer=trained + frac * states + M.autocast_cache_bytes(w),
-                  gradients=frac * M.gradient_bytes(w), activations=act_gpu,
+                  lora_and_optimizer=trained + states + M.autocast_cache_bytes(w),
+                  gradients=M.gradient_bytes(w), activations=act_gpu,
                   workspace=_runtime(w, step=True) + M.fp8_dequant_bytes(w) + M.optimizer_step_bytes(w))
 
 

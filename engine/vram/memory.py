@@ -121,10 +121,6 @@ def swap_staging_bytes(w: Workload) -> int:
     return block_bytes(w)[1] if w.blocks_to_swap else 0
 
 
-def resident_fraction(w: Workload) -> float:
-    return (LAYERS - w.blocks_to_swap) / LAYERS
-
-
 # ------------------------------------------------------------------ trainable parameters and optimiser
 
 def trainable_shapes(w: Workload) -> list[tuple[int, ...]]:
