@@ -101,7 +101,9 @@ def control_widgets(ctx) -> dict:
     w = {"editor": gr.ImageEditor(
         value={"background": example, "layers": [], "composite": example} if example else None,
         type="filepath", image_mode="RGBA", format="png", label="Control image 1 — paint the mask (white = change)",
-        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"), eraser=gr.Eraser(),
+        # gradio's "auto" brush is 25 image pixels: right for ~1 MP photos, most of a 64 px demo image
+        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
+                       default_size=6 if example else "auto"), eraser=gr.Eraser(),
         layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]), transforms=(),
         sources=("upload", "clipboard"), elem_id=f"{PREFIX}-control1")}
     with gr.Row():
