@@ -78,6 +78,7 @@ BAD = [
     (["--sample_every_n_steps", "5"], "need --sample_prompts"),
     (["--log_with", "tensorboard"], "needs --logging_dir"),
     (["--save_every_n_steps", "0"], "must be at least 1"),
+    (["--output_name", "runs/x"], "plain file name"),
 ]
 BAD_FT = [
     (["--fused_backward_pass"], "Adafactor only"),
