@@ -64,6 +64,8 @@ def run_training(cfg, events, full: bool) -> list[str]:
     from engine.train.validate import check_batches, check_config, open_dataset
 
     variant = get_variant(cfg.resolved_version())
+    if cfg.seed is None:
+        log.info("no --seed given: using 42 (recorded in the run config), so the run can be repeated")
     cfg = replace(cfg, output_name=cfg.output_name or ("qwen_image_finetune" if full else "qwen_image_lora"),
                   seed=cfg.seed if cfg.seed is not None else 42)
     check_config(cfg, full)

@@ -69,6 +69,8 @@ class SamplePrompts:
         from engine.infer import generate as G
 
         gcfg = generation_config(cfg, variant.name)
+        if gcfg.text_encoder_cpu:
+            log.info("--fp8_vl: the sample prompts are encoded on the CPU, once")
         prepared = [G.Prepared(job) for job in check_prompts(cfg, variant)]
         vae = G.load_vae_model(cfg.vae, device)
         for p in prepared:
