@@ -139,6 +139,10 @@ def test_from_file_batch_metadata_and_latents(demo_manifest, tmp_path):
     logs = [e["message"] for e in events if e["type"] == "log"]
     assert sum(x.startswith("loading text encoder") for x in logs) == 1     # encoded all prompts, then freed
     assert sum(x.startswith("loading DiT") for x in logs) == 1               # DiT loaded once
+    (est,) = [e for e in events if e["type"] == "estimate"]          # the log holds the estimate beside the peak
+    from engine.config import GenerateImageConfig
+    from engine.vram import estimate_config
+    assert est["vram_gib"] == estimate_config(GenerateImageConfig(image_size=[32, 48]))["vram_gib"] > 0
     first, second = (read_parameters(p) for p in pngs)
     assert Image.open(pngs[0]).size == (48, 32) and first["seed"] == 7 and first["infer_steps"] == 2
     assert first["prompt"] == "a red fox" and first["image_size"] == [32, 48]

@@ -45,6 +45,7 @@ def run(cfg, events) -> list[str]:
     variant = get_variant(cfg.resolved_version())
     jobs = [] if cfg.latent_path else jobs_from_config(cfg)
     check_run(cfg, jobs, variant)
+    emit_estimate(cfg, jobs, events)
     device = resolve_device(cfg.device)
     dtype = compute_dtype(device)
     save_dir = Path(cfg.save_path)
@@ -85,6 +86,27 @@ def run(cfg, events) -> list[str]:
     for p, latents in zip(prepared, results):
         outputs += save_outputs(p, latents, cfg, variant, vae, events, save_dir)
     return outputs
+
+
+def emit_estimate(cfg, jobs: list[Job], events) -> None:
+    """The estimator's VRAM/RAM for the largest image of this run, so the job log holds estimate and measured peak."""
+    from dataclasses import replace
+
+    from engine.errors import EngineError
+    from engine.vram import estimate_config
+
+    if not jobs:
+        return
+    big = max(jobs, key=lambda j: j.width * j.height)
+    controls = max(len(j.control_paths) for j in jobs)
+    try:
+        result = estimate_config(replace(cfg, image_size=[big.height, big.width],
+                                         control_image_path=["control"] * controls))
+    except EngineError as e:      # a setting the estimator does not model; generation itself is fine
+        log.warning("no VRAM estimate for this run: %s", e.message)
+        return
+    events.estimate(result["vram_gib"], result["ram_gib"], result["phases"], peak_phase=result["peak_phase"],
+                    parts=result["parts"])
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
