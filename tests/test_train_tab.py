@@ -232,6 +232,19 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+def shot(locator, tries: int = 3) -> bytes:
+    """An element screenshot; the plot may be re-mounted by an update while it is taken: try again."""
+    from playwright.sync_api import Error
+
+    for attempt in range(tries):
+        try:
+            return locator.screenshot()
+        except Error:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: `apt-get install -y chromium`")
 def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_dataset, tmp_path):
@@ -262,16 +275,19 @@ def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_data
                 box(name).fill(value)
                 box(name).press("Tab")
             page.locator("#train-start").click()
-            expect(page.locator("#train-message")).to_contain_text("Started", timeout=30_000)
+            message = page.locator("#train-message")
+            expect(message).to_contain_text("Started", timeout=30_000)
+            run_id = re.search(r"Started (\S+)", message.inner_text()).group(1)
+            status, progress = page.locator("#train-status"), page.locator("#train-progress")
+            expect(status).to_contain_text(run_id, timeout=30_000)              # the view follows the new run
+            expect(progress).to_contain_text("/2000 step", timeout=180_000)      # (earlier runs' charts are gone)
             chart = page.locator("#train-loss")
-            expect(chart).to_be_visible(timeout=180_000)
-            first = chart.screenshot()
-            progress = page.locator("#train-progress")
-            expect(progress).to_contain_text("/2000 step", timeout=30_000)
+            expect(chart).to_be_visible(timeout=30_000)
+            first = shot(chart)
             step = int(re.search(r"(\d+)/2000 step", progress.inner_text()).group(1))
             expect(progress).not_to_contain_text(f"{step}/2000", timeout=60_000)
             page.wait_for_timeout(1500)                                         # the next timer tick redraws
-            assert chart.screenshot() != first                                  # new points: the chart changed
+            assert shot(chart) != first                                         # new points: the chart changed
             page.locator("#train-kill").click()
             expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
         finally:

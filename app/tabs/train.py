@@ -132,7 +132,8 @@ def live_section(ui) -> None:
                                    elem_id="train-state", scale=3)
             ui.resume = gr.Button("Resume from this state", elem_id="train-resume", scale=1)
         ui.run_message = gr.Markdown(elem_id="train-run-message")
-        ui.seen = gr.State("")      # what this browser already shows: resend plot/gallery/menus only on change
+        ui.seen = gr.State({})      # what this browser shows (resend plot/gallery/menus only on change) and the
+                                    # newest run it knows (a newer one is followed)
         ui.timer = gr.Timer(POLL_S)
 
 
@@ -237,14 +238,18 @@ def wire_live(ctx, ui, form_in) -> None:
     jobs = ctx.jobs
 
     def refresh(run_id, seen):
+        seen = seen if isinstance(seen, dict) else {}
         views = [v for v in jobs.list() if R.is_train_job(v)]
         choices = [(f"{v['id']} ({v['status']})", v["id"]) for v in views]
-        if run_id not in {v["id"] for v in views}:
+        newest = views[0]["id"] if views else None
+        if seen.get("newest") and newest != seen["newest"]:
+            run_id = newest                  # a run started since the last tick (here or in another browser)
+        elif run_id not in {v["id"] for v in views}:
             run_id = R.default_run(views)
         view = jobs.get(run_id) if run_id else None
         ckpts, states = (R.checkpoints(view), R.states(view)) if view else ([], [])
         sig = repr((choices, run_id, len(view["metrics"]) if view else 0, view and view["samples"], ckpts, states))
-        if sig == seen:
+        if sig == seen.get("sig"):
             heavy = [gr.skip()] * 5
         else:
             frame = loss_frame(view["metrics"]) if view else None
@@ -253,12 +258,13 @@ def wire_live(ctx, ui, form_in) -> None:
                      [(viewable(ctx, p), Path(p).name) for p in (view or {}).get("samples") or [] if Path(p).exists()],
                      gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
                      gr.update(choices=states, value=states[-1] if states else None)]
-        return (*heavy, R.status_markdown(view), R.progress_html(view), R.gauge_html(view), sig)
+        return (*heavy, R.status_markdown(view), R.progress_html(view), R.gauge_html(view),
+                {"sig": sig, "newest": newest})
 
     outputs = [ui.run, ui.loss, ui.samples, ui.ckpt, ui.state, ui.status, ui.progress, ui.gauge, ui.seen]
     ui.timer.tick(refresh, [ui.run, ui.seen], outputs, show_progress="hidden", concurrency_limit=None,
                   api_name="train_refresh")
-    ui.run.input(refresh, [ui.run, gr.State("")], outputs, show_progress="hidden", api_visibility="private")
+    ui.run.input(refresh, [ui.run, gr.State({})], outputs, show_progress="hidden", api_visibility="private")
 
     def act(fn, run_id, done):
         if not run_id:
