@@ -292,3 +292,16 @@ def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_data
             expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
         finally:
             browser.close()
+
+
+def test_model_version_switches_the_default_files_but_keeps_the_users(studio, tmp_path):
+    client = client_for(studio)
+    manifest = studio["manifest"]
+    values = form_values(client)
+    dit, dataset, prompts = client.predict("edit-2509", values["dit"], values["dataset_config"],
+                                           values["sample_prompts"], api_name="/train_version")
+    assert (dit, dataset, prompts) == (manifest["dit"]["edit-2509"], manifest["dataset_config"]["edit-2509"],
+                                       manifest["sample_prompts"]["edit-2509"])
+    mine = str(tmp_path / "my_dit.safetensors")
+    dit, dataset, _ = client.predict("edit", mine, dataset, prompts, api_name="/train_version")
+    assert _skipped(dit) and dataset == manifest["dataset_config"]["edit"]     # the own file is left alone
