@@ -131,6 +131,11 @@ def test_the_shown_command_is_the_command_that_runs(studio, tmp_path):
     cfg = C.from_dict(C.TrainNetworkConfig, {k: v for group in tomllib.loads(toml_text).values()
                                              for k, v in group.items()})
     assert cfg.max_train_steps == 7 and cfg.output_name == "cmd_check"
+    # the same widgets as a full finetune: its own command and options, none of the LoRA's
+    ft = dict(values, kind="train", full_bf16=True, mixed_precision="bf16")
+    ft_command, ft_toml = client.predict(*ft.values(), api_name="/train_preview")
+    assert " launch " in ft_command and " -m qis_fake_engine train " in ft_command       # bf16: accelerate launch
+    assert "--full_bf16" in ft_command and "--network_dim" not in ft_command and "network" not in ft_toml
     # the dataset file is missing: Start refuses before queuing anything, naming the field
     _, message, _ = client.predict(*values.values(), api_name="/train_start")
     assert "`dataset_config`" in message and "does not exist" in message
