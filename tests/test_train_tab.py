@@ -210,6 +210,9 @@ def test_demo_training_live_view_reattach_stop_and_resume(studio, cached_dataset
     ckpt = out[3]["value"]
     assert Path(ckpt).name.startswith("live-step") and Path(ckpt).exists()
     assert "Generate tab will use" in second.predict(run_id, ckpt, api_name="/train_use_in_generate")
+    lora, multiplier, dit = second.predict(api_name="/generate_opened")     # opening the Generate tab takes it
+    assert lora == ckpt and multiplier == "1.0" and _skipped(dit)
+    assert _skipped(second.predict(api_name="/generate_opened")[0])         # taken once: later edits stay
 
     second.predict(run_id, api_name="/train_stop")
     out = wait_for(second, lambda o: "**stopped**" in o[5], "the stop")

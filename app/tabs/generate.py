@@ -20,7 +20,7 @@ import gradio as gr
 
 from app import generate_media as M
 from app import presets_ui
-from app.forms import Form, build_form, gui_fields
+from app.forms import Form, build_form, gui_fields, to_widget
 from app.generate_view import progress_html, run_view
 from engine import config as C
 from engine.errors import EngineError, ModelFileError, OptionError
@@ -62,7 +62,7 @@ def defaults(ctx) -> C.GenerateImageConfig:
 def build(ctx) -> None:
     cfg = defaults(ctx)
     parts: dict = {}
-    with gr.Tab("Generate / Edit", id="generate"):
+    with gr.Tab("Generate / Edit", id="generate") as tab:
         with gr.Row():
             with gr.Column(scale=3):
                 for _, names, _ in SECTIONS:
@@ -87,6 +87,22 @@ def build(ctx) -> None:
             with gr.Column(scale=2):
                 out = result_widgets()
         _wire(ctx, form, w, out, controls_box, random_btn, reuse_btn)
+        wire_handoffs(ctx, tab, parts)
+
+
+def wire_handoffs(ctx, tab, parts: dict) -> None:
+    """A checkpoint the Train tab offers ("use in Generate") lands in the form when this tab opens: a LoRA
+    replaces the LoRA list (multiplier 1), a finetuned DiT replaces the DiT path."""
+    names = ("lora_weight", "lora_multiplier", "dit")
+    by_name = {f.name: f for f in gui_fields(C.GenerateImageConfig, include=names)}
+
+    def opened():
+        lora, dit = ctx.take("generate.lora_weight"), ctx.take("generate.dit")
+        loras = (gr.skip(), gr.skip()) if lora is None else (to_widget(by_name["lora_weight"], [lora]),
+                                                              to_widget(by_name["lora_multiplier"], [1.0]))
+        return (*loras, gr.skip() if dit is None else dit)
+
+    tab.select(opened, None, [parts[n] for n in names], api_name="generate_opened")
 
 
 def _form(cfg, names) -> Form:
