@@ -21,6 +21,7 @@ Errors are `engine.errors.ModelFileError` naming the file, what was found and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -380,12 +381,21 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     """
     from safetensors.torch import save_file
 
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_output(path) as tmp:
+        save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside `path` to write to; when the block ends normally the file is fsynced and renamed over
+    `path` (readers see the old file or the whole new one, never a partial one); otherwise it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
-        save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -393,7 +403,6 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-    return path
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -136,7 +136,7 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     """--mem_eff_save: the header is computed from shapes alone, then each tensor is converted to `dtype`,
     copied to the host and written on its own, so at most one converted tensor exists in RAM at a time
     (a full state-dict copy of the 20B DiT would be 40 GB). Temp file + fsync + os.replace, as every save."""
-    from engine.models.safetensors_io import _fsync_dir
+    from engine.models.safetensors_io import atomic_output
 
     entries = [(prefix + k, v) for k, v in state.items()] + [(prefix + k, v) for k, v in (extra or {}).items()]
     entries.sort(key=lambda kv: kv[0])
@@ -149,26 +149,15 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)                       # safetensors aligns the data start to 8 bytes
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for _, t in entries:
-                host = t.detach().to("cpu", out_dtype(t)).contiguous()
-                if host.numel():
-                    f.write(host.view(-1).view(torch.uint8).numpy().tobytes())
-                del host
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, t in entries:
+            host = t.detach().to("cpu", out_dtype(t)).contiguous()
+            if host.numel():
+                f.write(host.view(-1).view(torch.uint8).numpy().tobytes())
+            del host
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------- states

@@ -19,7 +19,6 @@ API:
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 from pathlib import Path
@@ -204,16 +203,9 @@ class LoRANetwork(nn.Module):
 
 def parse_network_args(items: Iterable[str]) -> dict:
     """`["rank_dropout=0.1", "exclude_patterns=['.*mod.*']"]` → {..}; values via ast.literal_eval, else strings."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise OptionError(f"--network_args {item!r} is not key=value.", "Write e.g. rank_dropout=0.1.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+    from engine.train.optim import parse_key_values
+
+    return parse_key_values(items, "network_args", "rank_dropout=0.1")
 
 
 def target_paths(dit: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:

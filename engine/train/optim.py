@@ -24,17 +24,23 @@ import torch
 from engine.errors import OptionError
 
 
-def parse_optimizer_args(items) -> dict:
+def parse_key_values(items, option: str, example: str) -> dict:
+    """musubi's `--optimizer_args` / `--network_args` lists: `["k=v", ...]` → {k: v}, each value through
+    ast.literal_eval (lists, numbers, bools) and kept as a string when it is not a Python literal."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise OptionError(f"--optimizer_args {item!r} is not key=value.", "Write e.g. weight_decay=0.01.")
+            raise OptionError(f"--{option} {item!r} is not key=value.", f"Write e.g. {example}.")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             out[key.strip()] = value.strip()
     return out
+
+
+def parse_optimizer_args(items) -> dict:
+    return parse_key_values(items, "optimizer_args", "weight_decay=0.01")
 
 
 def _import_class(path: str):
