@@ -260,6 +260,12 @@ class GenerationOptions:
                                  path=True, advanced=True)
     append_original_name: bool = opt(False, "Append the control image's name to the output file name.",
                                      group="Output")
+    preview_every: Optional[int] = opt(None, "Live preview: every N steps, decode the model's current estimate of "
+                                             "the final image (x0 = x_t - sigma*v, no extra DiT call) to a small "
+                                             "PNG in <save_path>/previews/ (not after the last step: that is the "
+                                             "output). Each costs one VAE decode while the DiT is loaded, so the "
+                                             "VRAM estimate adds the decode's memory (--vae_enable_tiling keeps it "
+                                             "small). Off when omitted.", group="Output", metavar="N")
     attn_mode: str = opt("sdpa", "Attention kernel.", group="Attention",
                          choices=("sdpa", "torch", "flash", "xformers", "sageattn"))
     fp8: bool = opt(False, "Store the DiT in fp8.", group="Memory")

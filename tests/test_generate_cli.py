@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,12 +94,56 @@ def test_rcm_zero_threshold_is_plain_and_debug_masks(base, control, tmp_path):
     assert not np.array_equal(strict, plain)
 
 
+def test_previews_are_side_work(base, control, tmp_path):
+    """--preview_every 1 on 4 steps: previews after steps 1, 2 and 3 (not the last: that one is the output), each
+    announced as an image event of kind "preview", none among the outputs, and the output bit-identical."""
+    plain, _ = _gen(base, control, tmp_path, "plain", "--mask_path", _mask(tmp_path, "h", 255, 0))
+    shown, events = _gen(base, control, tmp_path, "shown", "--mask_path", _mask(tmp_path, "h", 255, 0),
+                         "--preview_every", "1")
+    assert np.array_equal(shown, plain)
+    previews = [e for e in events if e["type"] == "image" and e.get("kind") == "preview"]
+    assert [(e["step"], e["total"], e["index"]) for e in previews] == [(1, 4, 0), (2, 4, 0), (3, 4, 0)]
+    for e in previews:
+        path = Path(e["path"])
+        assert path.parent == tmp_path / "shown" / "previews" and path.name.endswith(f"_000_step{e['step']:03d}.png")
+        assert Image.open(path).size == (SIZE, SIZE)
+    assert not set(outputs_of(events)) & {e["path"] for e in previews}
+    progress = [e["step"] for e in events if e["type"] == "progress"]
+    assert progress == [1, 2, 3, 4]
+
+
+def test_preview_steps_and_clean_estimate():
+    import torch
+
+    from engine.infer.preview import clean_estimate, preview_steps
+
+    assert preview_steps(4, 2) == [2] and preview_steps(8, 2) == [2, 4, 6] and preview_steps(4, 1) == [1, 2, 3]
+    assert preview_steps(3, 5) == [] and preview_steps(25, None) == []
+    # on a straight flow x_t = (1 - s) x0 + s n with the true velocity v = n - x0, the estimate is x0 itself
+    x0, noise, sigma = torch.randn(1, 4, 64), torch.randn(1, 4, 64), torch.tensor(0.7)
+    xt = (1 - sigma) * x0 + sigma * noise
+    assert torch.allclose(clean_estimate(xt, noise - x0, sigma), x0, atol=1e-6)
+
+
+def test_preview_decode_counts_in_the_estimate():
+    from engine.config import GenerateImageConfig
+    from engine.vram import estimate_config
+
+    plain = estimate_config(GenerateImageConfig(image_size=[1024, 1024]))
+    shown = estimate_config(GenerateImageConfig(image_size=[1024, 1024], preview_every=5))
+    assert "preview_decode" not in plain["phases"]
+    preview, denoising = shown["phases"]["preview_decode"]["parts"], shown["phases"]["denoising"]["parts"]
+    assert preview["activations"] == shown["phases"]["vae_decode"]["parts"]["activations"] > 0
+    assert preview["weights"] > denoising["weights"] and shown["vram_gib"] >= plain["vram_gib"]
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--mask_path", "MASK", "--rcm_threshold", "0.1"], "cannot be used together"),
     (["--rcm_threshold", "0.1", "--image_size", "48", "48"], "needs the first control image at the output size"),
     (["--resize_control_to_official_size"], "both given"),
     (["--image_size", "40", "32"], "not a multiple of 16"),
     (["--control_image_path", "/nonexistent.png"], "no such file"),
+    (["--preview_every", "0"], "--preview_every 0: must be at least 1"),
 ])
 def test_refusals_before_loading(base, control, tmp_path, extra, needle):
     extra = [_mask(tmp_path, "m", 255, 0) if x == "MASK" else x for x in extra]
@@ -129,20 +174,24 @@ def test_from_file_batch_metadata_and_latents(demo_manifest, tmp_path):
     rc, events = run_generate(["--dit", m["dit"]["original"], "--vae", m["vae"], "--text_encoder",
                                m["text_encoder"], "--tokenizer", m["tokenizer"], "--device", "cpu", "--from_file",
                                str(prompts), "--image_size", "32", "32", "--infer_steps", "3",
-                               "--output_type", "latent_images", "--save_path", str(tmp_path / "out")],
-                              tmp_path / "e.jsonl")
+                               "--output_type", "latent_images", "--save_path", str(tmp_path / "out"),
+                               "--preview_every", "1"], tmp_path / "e.jsonl")
     assert rc == 0, error_of(events)
     outs = outputs_of(events)
     pngs = [p for p in outs if p.endswith(".png")]
     latents = [p for p in outs if p.endswith(".safetensors")]
     assert len(pngs) == 2 and len(latents) == 2
+    previews = [(e["index"], e["step"]) for e in events if e["type"] == "image" and e.get("kind") == "preview"]
+    assert previews == [(0, 1), (1, 1), (1, 2)]              # per job, its own step count (2 and 3 steps)
+    assert Image.open(next(e["path"] for e in events if e.get("kind") == "preview")).size == (48, 32)
     logs = [e["message"] for e in events if e["type"] == "log"]
     assert sum(x.startswith("loading text encoder") for x in logs) == 1     # encoded all prompts, then freed
     assert sum(x.startswith("loading DiT") for x in logs) == 1               # DiT loaded once
     (est,) = [e for e in events if e["type"] == "estimate"]          # the log holds the estimate beside the peak
     from engine.config import GenerateImageConfig
     from engine.vram import estimate_config
-    assert est["vram_gib"] == estimate_config(GenerateImageConfig(image_size=[32, 48]))["vram_gib"] > 0
+    assert est["vram_gib"] == estimate_config(GenerateImageConfig(image_size=[32, 48],
+                                                                       preview_every=1))["vram_gib"] > 0
     first, second = (read_parameters(p) for p in pngs)
     assert Image.open(pngs[0]).size == (48, 32) and first["seed"] == 7 and first["infer_steps"] == 2
     assert first["prompt"] == "a red fox" and first["image_size"] == [32, 48]

@@ -21,6 +21,7 @@ from engine.infer.controls import prepare_control
 from engine.infer.jobs import Job, jobs_from_config
 from engine.infer.outputs import (latent_metadata, load_latent, original_suffix, save_image, save_latent,
                                   to_pil)
+from engine.infer.preview import Previewer
 from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
 from engine.infer.validate import check_run
 from engine.latents import initial_noise, pack, unpack
@@ -74,9 +75,11 @@ def run(cfg, events) -> list[str]:
     dit = load_transformer(cfg, variant, device, dtype)
     report_memory(events, device, "dit loaded")
     results = []
+    # the VAE stays loaded for the final decode anyway: previews reuse it (float32, on `device`)
+    previewer = Previewer(cfg.preview_every, vae, save_dir, events) if cfg.preview_every else None
     for index, p in enumerate(prepared):
         events.phase("sampling", index=index, total=len(prepared), seed=p.job.seed)
-        results.append(sample_job(p, cfg, dit, device, dtype, events, save_dir, index))
+        results.append(sample_job(p, cfg, dit, device, dtype, events, save_dir, index, previewer))
     report_memory(events, device, "sampling done")
     del dit
     free_memory(device)
@@ -212,7 +215,8 @@ def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, 
 
 # ---- sampling ----------------------------------------------------------------------------------------------------
 
-def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, index: int) -> torch.Tensor:
+def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, index: int,
+               previewer: Previewer | None = None) -> torch.Tensor:
     job = p.job
     noise = initial_noise(job.seed, job.height, job.width).to(device, dtype)
     request = DenoiseRequest(
@@ -228,7 +232,12 @@ def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, ind
         eta = (time.time() - started) / step * (total - step)
         events.progress(step, total, unit="step", eta_s=round(eta, 1), index=index)
 
-    return denoise(dit, request, blend=make_blend(p, cfg, noise, events, save_dir, index), on_step=on_step)
+    def on_estimate(step: int, total: int, x0: torch.Tensor) -> None:
+        previewer.save(x0, step, total, job.height, job.width, index)
+
+    return denoise(dit, request, blend=make_blend(p, cfg, noise, events, save_dir, index), on_step=on_step,
+                   on_estimate=on_estimate if previewer else None,
+                   estimate_every=previewer.every if previewer else None)
 
 
 def batch_cfg_ok(dit, p: Prepared) -> bool:

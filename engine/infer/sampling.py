@@ -4,6 +4,8 @@ Matches diffusers' QwenImagePipeline / QwenImageEditPipeline / QwenImageEditPlus
 scheduler is diffusers' own class with Qwen/Qwen-Image's published scheduler_config.json. Two deliberate
 differences that vanish in float32: the timestep goes to the DiT as float32 t/1000 (musubi, for bf16 runs), and
 an optional `blend` hook (inpaint mask / RCM, engine/infer/masks.py) runs between the prediction and the step.
+An optional `on_estimate` hook gets the clean estimate x0 = x_t − σ·v after chosen steps (live previews,
+engine/infer/preview.py); it reads the loop's tensors and never changes them.
 """
 
 from __future__ import annotations
@@ -85,17 +87,23 @@ class DenoiseRequest:
 
 BlendFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]   # (step index, t, latents) -> latents
 StepFn = Callable[[int, int], None]                                   # (step done, total)
+EstimateFn = Callable[[int, int, torch.Tensor], None]                 # (step done, total, x0 packed float32)
 
 
 @torch.no_grad()
-def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: StepFn | None = None) -> torch.Tensor:
-    """Run the loop; returns the packed latents (1, S, 64) in the noise dtype."""
+def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: StepFn | None = None,
+            on_estimate: EstimateFn | None = None, estimate_every: int | None = None) -> torch.Tensor:
+    """Run the loop; returns the packed latents (1, S, 64) in the noise dtype. `on_estimate` is called after the
+    steps preview.preview_steps(steps, estimate_every) picks."""
+    from engine.infer.preview import clean_estimate, preview_steps
+
     scheduler = make_scheduler(req.flow_shift)
     latents = req.noise
     n_target = latents.shape[1]
     timesteps = set_timesteps(scheduler, req.steps, n_target, latents.device)
     img_shapes = req.img_shapes()
     joint = _joint(req.positive, req.negative) if req.use_cfg and req.batch_cfg else None
+    estimate_at = set(preview_steps(len(timesteps), estimate_every)) if on_estimate is not None else set()
     for i, t in enumerate(timesteps):
         model_in = latents if req.control_latents is None else torch.cat([latents, req.control_latents], dim=1)
         timestep = (t.expand(latents.shape[0]) / 1000).to(torch.float32)
@@ -110,9 +118,13 @@ def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: Ste
                 pred = cfg_combine(pred, neg, req.guidance_scale)
         if blend is not None:
             latents = blend(i, t, latents)
+        # from the latents this step starts from (after the blend) and its velocity: a new tensor, nothing changes
+        x0 = clean_estimate(latents, pred, scheduler.sigmas[i]) if i + 1 in estimate_at else None
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
+        if x0 is not None:
+            on_estimate(i + 1, len(timesteps), x0)
     return latents
 
 

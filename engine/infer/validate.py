@@ -25,6 +25,7 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
         raise OptionError("--resize_control_to_image_size and --resize_control_to_official_size were both given",
                           "choose one: the output size, or the official pipelines' sizes (recommended for 2509/2511)")
     _require_file(cfg.vae, "--vae", "the Qwen-Image VAE (qwen_image_vae.safetensors)")
+    check_preview(cfg)
     if decode_only:
         for p in cfg.latent_path:
             _require_file(p, "--latent_path", "a latent file written with --output_type latent")
@@ -51,6 +52,12 @@ def check_dit_headers(path: str, variant: Variant) -> None:
     check_is_qwen_dit(tensors, files[0])
     common.check_not_prequantized(tensors, "dit", variant.name)
     check_edit_evidence(tensors, Path(path), variant)
+
+
+def check_preview(cfg) -> None:
+    if cfg.preview_every is not None and cfg.preview_every < 1:
+        raise OptionError(f"--preview_every {cfg.preview_every}: must be at least 1",
+                          "give the number of steps between previews (e.g. 5), or leave it out for none")
 
 
 def check_loras(cfg) -> None:

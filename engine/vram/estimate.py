@@ -43,7 +43,8 @@ def workload_from_config(cfg) -> M.Workload:
         fused_backward_pass=getattr(cfg, "fused_backward_pass", False),
         mem_eff_save=getattr(cfg, "mem_eff_save", False), save_state=getattr(cfg, "save_state", False),
         text_encoder_cpu=getattr(cfg, "text_encoder_cpu", False),
-        caches_ready=getattr(cfg, "caches_ready", False), vae_tiling=getattr(cfg, "vae_enable_tiling", False))
+        caches_ready=getattr(cfg, "caches_ready", False), vae_tiling=getattr(cfg, "vae_enable_tiling", False),
+        previews=getattr(cfg, "preview_every", None) is not None)
 
 
 def _command_of(cfg) -> str:
@@ -149,6 +150,10 @@ def generation_phases(w: M.Workload) -> dict:
     phases["denoising"] = _phase(_process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w),
                                  weights=M.dit_resident_bytes(w), activations=M.inference_activation_bytes(w),
                                  workspace=_runtime(w) + M.fp8_dequant_bytes(w))
+    if w.previews:   # a full-size decode between steps, beside the resident DiT (the preview is shrunk after it)
+        phases["preview_decode"] = _phase(_process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w),
+                                          weights=M.dit_resident_bytes(w) + M.vae_bytes(),
+                                          activations=M.vae_activation_bytes(w, decode=True), workspace=_runtime(w))
     phases["vae_decode"] = _phase(_process_ram(), weights=M.vae_bytes(),
                                   activations=M.vae_activation_bytes(w, decode=True), workspace=_runtime(w))
     phases["saving"] = _phase(_process_ram() + 3 * w.width * w.height * M.FP32, workspace=_runtime(w))

@@ -39,6 +39,7 @@ class Workload:
     text_encoder_cpu: bool = False
     caches_ready: bool = False
     vae_tiling: bool = False
+    previews: bool = False        # generate_image --preview_every: VAE decodes while the DiT is resident
 
     @property
     def training(self) -> bool:
