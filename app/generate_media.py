@@ -2,8 +2,9 @@
 
 - the inpaint mask from the painter: the painted layer's alpha (not a diff of the composite), then grow / shrink,
   feather and invert; white (255) = change, black = keep, as `--mask_path` takes it;
-- what a finished run left behind, read from its event log: output PNGs, RCM debug masks (`image` events with
-  kind "rcm_mask") and the engine's per-step RCM statistics (its `RCM step N: difference ...` log lines);
+- what a run left behind, read from its event log: output PNGs, live previews (`image` events with kind
+  "preview", never among the outputs), RCM debug masks (kind "rcm_mask") and the engine's per-step RCM statistics
+  (its `RCM step N: difference ...` log lines);
 - the RCM view: each step's mask over the control image, the share of tokens still changing per step, a heatmap
   of |output − control| and the share of pixels that changed where the mask / RCM said "keep";
 - the `parameters` PNG text chunk the engine writes (engine/infer/outputs.py), read back for the form.
@@ -128,10 +129,11 @@ class RunFiles:
     outputs: list[str] = field(default_factory=list)          # PNGs (kind "output"), in order
     rcm_masks: list[tuple[int, str]] = field(default_factory=list)   # (step, path)
     rcm_stats: dict[int, dict] = field(default_factory=dict)  # step -> min, max, mean, threshold
+    previews: list[dict] = field(default_factory=list)        # the preview events (path, step, total, index)
 
 
 def read_run(log_path: Path) -> RunFiles:
-    """Outputs, RCM masks and RCM statistics from a job's log (the event lines the engine wrote)."""
+    """Outputs, previews, RCM masks and RCM statistics from a job's log (the event lines the engine wrote)."""
     run = RunFiles()
     try:
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -143,6 +145,8 @@ def read_run(log_path: Path) -> RunFiles:
             continue
         if ev["type"] == "image" and ev.get("kind") == "rcm_mask":
             run.rcm_masks.append((int(ev.get("step", len(run.rcm_masks) + 1)), ev["path"]))
+        elif ev["type"] == "image" and ev.get("kind") == "preview":
+            run.previews.append(ev)
         elif ev["type"] == "image" and str(ev.get("path", "")).lower().endswith(".png"):
             run.outputs.append(ev["path"])
         elif ev["type"] == "log" and (m := _RCM_LINE.search(ev.get("message", ""))):

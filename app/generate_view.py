@@ -1,4 +1,5 @@
-"""What the Generate / Edit tab shows about a job: its progress bar, its results, and the RCM / mask view.
+"""What the Generate / Edit tab shows about a job: its progress bar, the newest live preview, its results, and
+the RCM / mask view.
 
 Everything is rebuilt from the job manager's view and the job's event log, so a refreshed browser (or a second
 one) sees the same thing. The view pictures (mask overlays, heatmap) are written once per job into
@@ -25,6 +26,7 @@ class RunView:
     heatmap: str | None = None
     markdown: str = ""
     memory: str = ""                   # measured VRAM peak (vram events, CUDA) beside the estimate
+    preview: tuple[str, str] | None = None     # the newest live preview (picture, label), --preview_every
 
 
 def job_config(view: dict):
@@ -79,12 +81,12 @@ def progress_html(view: dict, memory: str = "") -> str:
 
 def run_view(ctx, view: dict) -> RunView:
     run = M.read_run(ctx.jobs.log_path(view["id"]))
-    out = RunView(outputs=list(run.outputs))
+    folder = ctx.data_dir / "generate" / "views" / view["id"]
+    out = RunView(outputs=list(run.outputs), preview=newest_preview(run, folder))
     cfg = job_config(view)
     out.memory = memory_text(view, cfg)
     if cfg is None or not cfg.control_image_path or not Path(cfg.control_image_path[0]).is_file():
         return out
-    folder = ctx.data_dir / "generate" / "views" / view["id"]
     with Image.open(cfg.control_image_path[0]) as im:
         control = im.convert("RGB")
     size = _output_size(run, cfg)
@@ -108,6 +110,22 @@ def run_view(ctx, view: dict) -> RunView:
         lines += _difference(out, run, cfg, control, folder)
     out.markdown = "\n".join(lines)
     return out
+
+
+def newest_preview(run: M.RunFiles, folder: Path) -> tuple[str, str] | None:
+    """The last preview the engine announced whose file is there (the user may have cleaned the folder), as a
+    picture big enough to see (the demo's 64 px ones scaled up once into the view folder) and its label."""
+    for ev in reversed(run.previews):
+        path = Path(ev["path"])
+        if not path.is_file():
+            continue
+        picture = folder / f"preview_{path.name}"
+        if not picture.exists():
+            with Image.open(path) as im:
+                M.save_png(_for_display(im.convert("RGB")), picture)
+        label = f"Preview: the model's estimate at step {ev.get('step')}/{ev.get('total')}"
+        return str(picture), label + (f", image {ev['index'] + 1}" if ev.get("index") else "")
+    return None
 
 
 def _output_size(run: M.RunFiles, cfg) -> tuple[int, int]:

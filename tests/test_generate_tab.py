@@ -65,7 +65,8 @@ def wait_final(client, job_id: str, timeout: float = 300) -> dict:
         out = client.predict(job_id, api_name="/generate_refresh")
         status = out[1]
         if isinstance(status, str) and re.search(r"<b>(done|failed|stopped)</b>", status):
-            keys = ("job", "status", "cmdline", "error", "gallery", "selected", "strip", "heatmap", "rcm_md")
+            keys = ("job", "status", "cmdline", "error", "gallery", "selected", "strip", "heatmap", "rcm_md",
+                    "preview")
             return dict(zip(keys, out))
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not end within {timeout} s")
@@ -89,7 +90,7 @@ def half_layer(path: Path, size=(64, 64)) -> Path:
 @pytest.fixture(scope="module")
 def t2i_run(studio):
     client = client_for(studio)
-    job_id, cmdline, error, note, *_ = submit(client, config(studio))
+    job_id, cmdline, error, note, *_ = submit(client, config(studio, preview_every=1))
     assert job_id and "Queued" in note
     return client, wait_final(client, job_id)
 
@@ -98,7 +99,13 @@ def test_text_to_image_makes_a_png_with_its_parameters(studio, t2i_run):
     client, final = t2i_run
     assert "<b>done</b>" in final["status"] and "GiB VRAM" in final["status"]      # the run's estimate
     assert option(final["cmdline"], "--model_version") == "original" and "--control_image_path" not in final["cmdline"]
-    assert len(final["gallery"]) == 1
+    assert len(final["gallery"]) == 1                  # the output only: previews stay out of the gallery
+    # the newest live preview (--preview_every 1 on 3 steps: after steps 1 and 2, not the last) stays shown
+    preview = final["preview"]                         # an update: the picture and its step in the label
+    assert option(final["cmdline"], "--preview_every") == "1" and preview["label"].endswith("at step 2/3")
+    assert Path(preview["value"]).name.endswith("_000_step002.png") and Image.open(preview["value"]).size == (256, 256)
+    engine_previews = sorted(Path(config(studio).save_path, "previews").glob("*_000_step*.png"))
+    assert [p.name[-11:] for p in engine_previews][-2:] == ["step001.png", "step002.png"]     # 64 px, shown ×4
     params = M.read_png_parameters(final["gallery"][0]["image"])        # the copy the browser would get
     assert params["prompt"] == studio["manifest"]["examples"]["prompt"] and params["seed"] == 7
     assert params["image_size"] == [64, 64] and params["infer_steps"] == STEPS
@@ -278,6 +285,9 @@ def test_browser_paints_a_mask_and_runs_an_edit(studio):
             assert 0 < (mask > 127).mean() < 1                                # the stroke, not the whole image
             expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=30_000)
             expect(page.locator("#generate-heatmap img").first).to_be_visible()
+            # the demo form previews every 2 steps: the step-2 estimate of this 3-step run stays beside the bar
+            expect(page.locator("#generate-preview img").first).to_be_visible()
+            expect(page.locator("#generate-preview")).to_contain_text("at step 2/3")
 
             # the same edit with RCM instead of the mask: the strip fills with one mask per step after the first
             page.locator("#generate-mask-clear").click()
@@ -351,8 +361,11 @@ def test_parameters_key_and_run_log_match_the_engine(tmp_path):
     events = [{"type": "log", "time": 0, "level": "info",
                "message": "RCM step 2: difference min 0.1 max 0.4 mean 0.25, threshold 0.2"},
               {"type": "image", "time": 0, "path": "/o/a_rcm_mask_02.png", "kind": "rcm_mask", "step": 2},
+              {"type": "image", "time": 0, "path": "/o/previews/r_000_step001.png", "kind": "preview", "step": 1,
+               "total": 2, "index": 0},
               {"type": "image", "time": 0, "path": "/o/out.png", "kind": "output", "seed": 1}]
     log.write_text("$ python -m engine generate_image\n" + "\n".join(json.dumps(e) for e in events) + "\n")
     run = M.read_run(log)
     assert run.outputs == ["/o/out.png"] and run.rcm_masks == [(2, "/o/a_rcm_mask_02.png")]
+    assert [e["path"] for e in run.previews] == ["/o/previews/r_000_step001.png"]        # not an output
     assert run.rcm_stats[2] == {"min": 0.1, "max": 0.4, "mean": 0.25, "threshold": 0.2}

@@ -4,8 +4,8 @@ The form is GenerateImageConfig (app/forms.py), in sections: essentials open, th
 image inputs; control image 1 is a painter whose white-brush layer is the inpaint mask (its alpha, not a diff of
 the composite). A run copies the images into `<data_dir>/generate/inputs/<run>/`, pre-checks what it can without
 torch (engine/infer/validate.py's own checks), then goes through the job manager, so it outlives a browser
-refresh: the timer follows the newest generate job and rebuilds progress, results, errors and the RCM view from
-its event log (app/generate_media.py). VRAM preset cards and the live estimate come from app/presets_ui.py.
+refresh: the timer follows the newest generate job and rebuilds progress, the newest live preview
+(--preview_every), results, errors and the RCM view from its event log (app/generate_media.py). VRAM preset cards and the live estimate come from app/presets_ui.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PREFIX = "generate"
 IMAGE_FIELDS = ("control_image_path", "mask_path")      # filled from the image inputs, not typed
 SECTIONS = (   # (accordion title or None for the groups' own, fields, open)
     (None, ("prompt", "negative_prompt"), True),
-    (None, ("image_size", "infer_steps", "guidance_scale", "seed", "flow_shift"), True),
+    (None, ("image_size", "infer_steps", "guidance_scale", "seed", "flow_shift", "preview_every"), True),
     (None, ("model_version", "dit", "vae", "text_encoder", "tokenizer"), True),
 )
 EDIT_SECTIONS = (("resize_control_to_image_size", "resize_control_to_official_size", "append_original_name"),
@@ -55,7 +55,7 @@ def defaults(ctx) -> C.GenerateImageConfig:
     if ctx.demo:   # the demo works out of the box: its edit example, tiny size, few steps
         ex = ctx.demo["examples"]
         cfg = dataclasses.replace(cfg, prompt=ex["edit_prompt"], image_size=[ex["height"], ex["width"]],
-                                  infer_steps=8, seed=ex["seed"])
+                                  infer_steps=8, seed=ex["seed"], preview_every=2)   # a tiny VAE decode: cheap
     return cfg
 
 
@@ -148,6 +148,8 @@ def result_widgets() -> dict:
     o["error"] = gr.Markdown(visible=False, elem_id=f"{PREFIX}-error")
     o["job"] = gr.Textbox(label="Job", interactive=False, elem_id=f"{PREFIX}-job")
     o["status"] = gr.HTML(elem_id=f"{PREFIX}-status")
+    o["preview"] = gr.Image(label="Live preview (set Preview every)", interactive=False, format="png", height=200,
+                            elem_id=f"{PREFIX}-preview")
     o["cmdline"] = gr.Textbox(label="Command line (exactly what runs)", interactive=False, buttons=["copy"],
                               elem_id=f"{PREFIX}-command")
     o["gallery"] = gr.Gallery(label="Results", columns=3, height=300, format="png", elem_id=f"{PREFIX}-gallery")
@@ -189,17 +191,17 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
             precheck(cfg)
             job = ctx.submit_config("generate_image", cfg, title=title_of(cfg))
         except (C.ConfigError, EngineError, M.MaskError, ValueError, OSError) as e:
-            return gr.skip(), gr.skip(), error_update(e), "Not started.", *[gr.skip()] * 6
+            return gr.skip(), gr.skip(), error_update(e), "Not started.", *[gr.skip()] * 7
         # the previous run's results go: what shows from now on belongs to this job
         return (job.id, job.cmdline, gr.update(visible=False, value=""), f"Queued **{job.id}**.", "",
-                "<b>queued</b>", [], [], None, "")
+                "<b>queued</b>", [], [], None, "", None)
 
     o["run"].click(run, [*form.inputs, *image_inputs], [o["job"], o["cmdline"], o["error"], o["note"], o["seen"],
                                                        o["status"], o["gallery"], o["strip"], o["heatmap"],
-                                                       o["rcm_md"]], api_name="generate_run")
+                                                       o["rcm_md"], o["preview"]], api_name="generate_run")
 
     refresh_outputs = [o[k] for k in ("job", "status", "cmdline", "error", "gallery", "selected", "strip",
-                                      "heatmap", "rcm_md", "seen")]
+                                      "heatmap", "rcm_md", "preview", "seen")]
 
     def refresh(job_id, seen):
         # the job box is written only when it was empty (a fresh page follows the newest job): a tick that
@@ -217,7 +219,7 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
         return (gr.skip() if job_id else view["id"], progress_html(view, v.memory), view["cmdline"],
                 error_update(err) if err else gr.update(visible=False, value=""),
                 [(servable(ctx, p), Path(p).name) for p in v.outputs], v.outputs[0] if v.outputs else "",
-                v.strip, v.heatmap, v.markdown, sig)
+                v.strip, v.heatmap, v.markdown, preview_update(ctx, v.preview), sig)
 
     o["timer"].tick(refresh, [o["job"], o["seen"]], refresh_outputs, show_progress="hidden",
                     concurrency_limit=None, api_name="generate_refresh")
@@ -326,6 +328,7 @@ def precheck(cfg) -> None:
     if not cfg.prompt:
         raise OptionError("no prompt", "type what the image should show (or the edit to make)")
     variant = get_variant(cfg.resolved_version())
+    validate.check_preview(cfg)
     validate.check_loras(cfg)
     for job in jobs_from_config(cfg):
         validate.check_job(job, variant, cfg)
@@ -345,6 +348,13 @@ def error_update(err):
         message, hint = getattr(err, "message", str(err)), getattr(err, "hint", "")
     text = f"### ⚠️ {kind}\n\n{message}" + (f"\n\n**Fix:** {hint}" if hint else "")
     return gr.update(visible=True, value=text)
+
+
+def preview_update(ctx, preview: tuple[str, str] | None):
+    """The newest preview with its step, or an empty box (a run without previews, or none written yet)."""
+    if preview is None:
+        return gr.update(value=None, label="Live preview (set Preview every)")
+    return gr.update(value=servable(ctx, preview[0]), label=preview[1])
 
 
 def latest_job(ctx) -> str | None:
