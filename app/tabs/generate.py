@@ -5,7 +5,8 @@ image inputs; control image 1 is a painter whose white-brush layer is the inpain
 the composite). A run copies the images into `<data_dir>/generate/inputs/<run>/`, pre-checks what it can without
 torch (engine/infer/validate.py's own checks), then goes through the job manager, so it outlives a browser
 refresh: the timer follows the newest generate job and rebuilds progress, the newest live preview
-(--preview_every), results, errors and the RCM view from its event log (app/generate_media.py). VRAM preset cards and the live estimate come from app/presets_ui.py.
+(--preview_every), results, errors and the RCM view from its event log (app/generate_media.py). VRAM preset cards
+and the live estimate come from app/presets_ui.py.
 """
 
 from __future__ import annotations
