@@ -112,6 +112,28 @@ def test_previews_are_side_work(base, control, tmp_path):
     assert progress == [1, 2, 3, 4]
 
 
+def test_preview_out_of_memory_turns_previews_off_not_the_run(base, control, tmp_path, monkeypatch):
+    import torch
+
+    from engine.models import vae
+
+    real, calls = vae.decode_latents, []
+
+    def first_call_runs_out(*args):       # the first decode of the run is the step-1 preview (controls are encoded)
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    plain, _ = _gen(base, control, tmp_path, "plain")
+    monkeypatch.setattr(vae, "decode_latents", first_call_runs_out)
+    shown, events = _gen(base, control, tmp_path, "oom", "--preview_every", "1")
+    assert np.array_equal(shown, plain) and len(calls) == 2             # one failed preview, then the output only
+    assert not [e for e in events if e.get("kind") == "preview"]
+    warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert any("previews are off for the rest of this run" in w for w in warnings)
+
+
 def test_preview_steps_and_clean_estimate():
     import torch
 
