@@ -101,6 +101,9 @@ def encode_batch(vae, encode_pixels, loaded: list[Loaded], device) -> list[tuple
 def _encode(vae, encode_pixels, x: torch.Tensor, device) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] → (B, 16, 1, h, w) normalised latents on the CPU, NaNs replaced (as musubi)."""
     param = next(vae.parameters())
+    # channels-last pixels (how a decoded image lies in memory anyway) take a faster conv3d path: measured 0.30 →
+    # 0.19 s for four 256² images on 2 CPU cores, same latents within 4e-7
+    x = x.contiguous(memory_format=torch.channels_last)
     z = encode_pixels(vae, x.to(device=device, dtype=param.dtype))
     z = z.detach().to("cpu")
     if torch.isnan(z).any():
