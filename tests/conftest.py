@@ -35,6 +35,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -50,6 +51,13 @@ if str(ROOT) not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives the app in a headless chromium (Playwright)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    # property tests draw the same examples on every run (a CI result must not depend on the draw); explore more
+    # with fresh random draws: HYPOTHESIS_PROFILE=explore
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # ---------------------------------------------------------------------------------------------- no-torchvision

@@ -127,10 +127,20 @@ def test_checkpointing_never_needs_more_vram(run):
 @given(train_runs)
 def test_fp8_never_needs_more_vram_with_checkpointing(run):
     # Without checkpointing fp8 keeps a bf16 copy of every block's weights for backward, so there it can cost
-    # more (the estimate says so in its notes); with checkpointing only one block's copy is alive.
+    # more (the estimate says so in its notes); with checkpointing only one block's copy is alive. That copy is
+    # what fp8 can never save: once nearly every block is swapped out (56+ of 60), the halved resident weights
+    # (a few blocks; the swapped blocks' scales stay on the GPU, as in musubi) are worth less than it, so fp8
+    # may then cost up to that copy (and the in-flight dequantised Linear) more. Where a preset swaps (<= 48) fp8
+    # always saves.
+    from engine.vram.memory import BF16, BLOCK_WEIGHTS, LARGEST_LINEAR
+
     run = dict(run, gradient_checkpointing=True)
-    assert est(**dict(run, fp8_base=True, fp8_scaled=True))["vram_gib"] <= \
-        est(**dict(run, fp8_base=False, fp8_scaled=False))["vram_gib"]
+    fp8 = est(**dict(run, fp8_base=True, fp8_scaled=True))["vram_gib"]
+    plain = est(**dict(run, fp8_base=False, fp8_scaled=False))["vram_gib"]
+    if run["blocks_to_swap"] <= 55:
+        assert fp8 <= plain
+    else:
+        assert fp8 <= plain + (BLOCK_WEIGHTS + 2 * LARGEST_LINEAR) * BF16 / 2**30
 
 
 @settings(max_examples=40, deadline=None)
