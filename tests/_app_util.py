@@ -3,6 +3,7 @@ way a user starts it (`python launch.py --demo --no-browser --port N`) on a temp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -115,3 +116,25 @@ def demo_model_paths(manifest: dict) -> list[str]:
 
     paths = demo_paths(manifest)
     return [paths.get(r.key, "") for r in ROLES]
+
+
+# ---------------------------------------------------------------------------------------------- browser
+
+CHROMIUM = "/usr/bin/chromium"       # Debian's; `./test.sh` installs it as root (never `playwright install`)
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1280, height: int = 1000):
+    """A page in headless chromium with design.md's flags; the calling test is skipped when chromium is missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (./test.sh does it as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()

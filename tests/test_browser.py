@@ -5,32 +5,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
-from _app_util import REPO, studio  # noqa: F401  (studio is a fixture)
+from _app_util import REPO, browser_page, studio  # noqa: F401  (studio is a fixture)
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} is missing: `apt-get install -y chromium` (./test.sh does it as root)"),
-]
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
 def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1280, "height": 1000})
-        finally:
-            browser.close()
+    with browser_page() as page:
+        yield page
 
 
 def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _app_util import studio  # noqa: F401  (studio is a fixture)
+from _app_util import browser_page, studio  # noqa: F401  (studio is a fixture)
 
 from app import dataset_files as F
 
@@ -163,31 +163,24 @@ def test_layout_detection_and_toml_text(tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="/usr/bin/chromium is missing")
 def test_dataset_tab_in_a_browser(studio):
-    from playwright.sync_api import expect, sync_playwright
-    from test_browser import ARGS, CHROMIUM
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(studio["url"])
-            page.get_by_role("tab", name="Dataset").click()
-            folder = page.locator("#dataset-folder textarea, #dataset-folder input").first
-            expect(folder).to_have_value(studio["manifest"]["dataset"]["images"])       # the demo, pre-filled
-            page.locator("#dataset-import").click()
-            expect(page.locator("#dataset-summary")).to_contain_text("Ready", timeout=60_000)
-            expect(page.locator("#dataset-summary")).to_contain_text("8 item(s)")
-            expect(page.locator("#dataset-toml")).to_contain_text("control_directory")
-            thumbs = page.locator("#dataset-gallery img")
-            expect(thumbs).to_have_count(8, timeout=30_000)
-            thumbs.nth(6).click()
-            caption = page.locator("#dataset-caption textarea").first
-            expect(caption).to_have_value("a red circle and a small white triangle on a blue background",
-                                          timeout=30_000)
-            expect(page.locator("#dataset-target-view img")).to_be_visible()
-            expect(page.locator("#dataset-controls-view img")).to_have_count(1)
-            expect(page.locator("#dataset-item-info")).to_contain_text("shapes_06.png")
-        finally:
-            browser.close()
+    with browser_page(1280, 1000) as page:
+        page.goto(studio["url"])
+        page.get_by_role("tab", name="Dataset").click()
+        folder = page.locator("#dataset-folder textarea, #dataset-folder input").first
+        expect(folder).to_have_value(studio["manifest"]["dataset"]["images"])       # the demo, pre-filled
+        page.locator("#dataset-import").click()
+        expect(page.locator("#dataset-summary")).to_contain_text("Ready", timeout=60_000)
+        expect(page.locator("#dataset-summary")).to_contain_text("8 item(s)")
+        expect(page.locator("#dataset-toml")).to_contain_text("control_directory")
+        thumbs = page.locator("#dataset-gallery img")
+        expect(thumbs).to_have_count(8, timeout=30_000)
+        thumbs.nth(6).click()
+        caption = page.locator("#dataset-caption textarea").first
+        expect(caption).to_have_value("a red circle and a small white triangle on a blue background",
+                                      timeout=30_000)
+        expect(page.locator("#dataset-target-view img")).to_be_visible()
+        expect(page.locator("#dataset-controls-view img")).to_have_count(1)
+        expect(page.locator("#dataset-item-info")).to_contain_text("shapes_06.png")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _app_util import studio  # noqa: F401  (studio is a fixture)
+from _app_util import browser_page, studio  # noqa: F401  (studio is a fixture)
 from PIL import Image
 
 from app import generate_media as M
@@ -251,63 +251,54 @@ def test_edit_2509_takes_every_control_slot_in_order(studio):
 
 @pytest.mark.browser
 def test_browser_paints_a_mask_and_runs_an_edit(studio):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from test_browser import ARGS, CHROMIUM
+    with browser_page(1400, 1100) as page:
+        page.goto(studio["url"])
+        page.get_by_role("tab", name="Generate / Edit").click()
+        editor = page.locator("#generate-control1")
+        editor.get_by_role("button", name="Brush", exact=True).click()
+        box = editor.locator("canvas").first.bounding_box()
+        x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for i in range(1, 11):
+            page.mouse.move(x + 8 * i, y + 2 * i)
+        page.mouse.up()
+        expect(page.locator("#generate-mask-info")).to_contain_text("of the image may change", timeout=30_000)
+        page.locator("#generate-infer_steps input").fill(str(STEPS))
+        page.locator("#generate-run").click()
+        note = page.locator("#generate-note")
+        expect(note).to_contain_text("Queued", timeout=30_000)
+        job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
+        expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
+            1, timeout=240_000)
+        command = page.locator("#generate-command textarea, #generate-command input").first.input_value()
+        mask = np.asarray(Image.open(option(command, "--mask_path")))
+        assert 0 < (mask > 127).mean() < 1                                # the stroke, not the whole image
+        expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#generate-heatmap img").first).to_be_visible()
+        # the demo form previews every 2 steps: the step-2 estimate of this 3-step run stays beside the bar
+        expect(page.locator("#generate-preview img").first).to_be_visible()
+        expect(page.locator("#generate-preview")).to_contain_text("at step 2/3")
 
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(studio["url"])
-            page.get_by_role("tab", name="Generate / Edit").click()
-            editor = page.locator("#generate-control1")
-            editor.get_by_role("button", name="Brush", exact=True).click()
-            box = editor.locator("canvas").first.bounding_box()
-            x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2
-            page.mouse.move(x, y)
-            page.mouse.down()
-            for i in range(1, 11):
-                page.mouse.move(x + 8 * i, y + 2 * i)
-            page.mouse.up()
-            expect(page.locator("#generate-mask-info")).to_contain_text("of the image may change", timeout=30_000)
-            page.locator("#generate-infer_steps input").fill(str(STEPS))
-            page.locator("#generate-run").click()
-            note = page.locator("#generate-note")
-            expect(note).to_contain_text("Queued", timeout=30_000)
-            job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
-            expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
-                1, timeout=240_000)
-            command = page.locator("#generate-command textarea, #generate-command input").first.input_value()
-            mask = np.asarray(Image.open(option(command, "--mask_path")))
-            assert 0 < (mask > 127).mean() < 1                                # the stroke, not the whole image
-            expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=30_000)
-            expect(page.locator("#generate-heatmap img").first).to_be_visible()
-            # the demo form previews every 2 steps: the step-2 estimate of this 3-step run stays beside the bar
-            expect(page.locator("#generate-preview img").first).to_be_visible()
-            expect(page.locator("#generate-preview")).to_contain_text("at step 2/3")
-
-            # the same edit with RCM instead of the mask: the strip fills with one mask per step after the first
-            page.locator("#generate-mask-clear").click()
-            expect(page.locator("#generate-mask-info")).to_contain_text("No mask painted", timeout=30_000)
-            page.locator("#generate-rcm_threshold input, #generate-rcm_threshold textarea").first.fill("0.5")
-            page.locator("#generate-rcm_relative_threshold input").check()
-            page.locator("#generate-rcm_debug_save input").check()
-            page.locator("#generate-run").click()
-            expect(note).not_to_contain_text(job_id, timeout=30_000)
-            expect(note).to_contain_text("Queued", timeout=30_000)
-            job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
-            expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
-                1, timeout=240_000)
-            assert "--mask_path" not in page.locator("#generate-command textarea").first.input_value()
-            expect(page.locator("#generate-rcm-strip img")).to_have_count(STEPS - 1, timeout=30_000)
-            expect(page.locator("#generate-rcm-stats")).to_contain_text("tokens still changing")
-            if os.environ.get("QIS_SCREENSHOTS"):
-                page.screenshot(path=os.environ["QIS_SCREENSHOTS"], full_page=True)
-        finally:
-            browser.close()
+        # the same edit with RCM instead of the mask: the strip fills with one mask per step after the first
+        page.locator("#generate-mask-clear").click()
+        expect(page.locator("#generate-mask-info")).to_contain_text("No mask painted", timeout=30_000)
+        page.locator("#generate-rcm_threshold input, #generate-rcm_threshold textarea").first.fill("0.5")
+        page.locator("#generate-rcm_relative_threshold input").check()
+        page.locator("#generate-rcm_debug_save input").check()
+        page.locator("#generate-run").click()
+        expect(note).not_to_contain_text(job_id, timeout=30_000)
+        expect(note).to_contain_text("Queued", timeout=30_000)
+        job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
+        expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
+            1, timeout=240_000)
+        assert "--mask_path" not in page.locator("#generate-command textarea").first.input_value()
+        expect(page.locator("#generate-rcm-strip img")).to_have_count(STEPS - 1, timeout=30_000)
+        expect(page.locator("#generate-rcm-stats")).to_contain_text("tokens still changing")
+        if os.environ.get("QIS_SCREENSHOTS"):
+            page.screenshot(path=os.environ["QIS_SCREENSHOTS"], full_page=True)
 
 
 # ---------------------------------------------------------------------------------------------- helpers, no server

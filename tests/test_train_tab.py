@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from _app_util import REPO, studio  # noqa: F401  (studio is a fixture)
+from _app_util import REPO, browser_page, studio  # noqa: F401  (studio is a fixture)
 
 from app import train_runs as R
 from app.forms import values_to_config
@@ -235,11 +235,6 @@ def test_demo_training_live_view_reattach_stop_and_resume(studio, cached_dataset
 
 # ------------------------------------------------------------------ in a real browser
 
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
 def shot(locator, tries: int = 3) -> bytes:
     """An element screenshot; the plot may be re-mounted by an update while it is taken: try again."""
     from playwright.sync_api import Error
@@ -254,52 +249,46 @@ def shot(locator, tries: int = 3) -> bytes:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: `apt-get install -y chromium`")
 def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_dataset, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     def box(name):
         return page.locator(f"#train-{name} textarea, #train-{name} input").first
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(studio["url"])
-            page.get_by_role("tab", name="Train").click()
-            estimate = page.locator("#train-lora-estimate")
-            expect(estimate).to_contain_text("Estimated peak")
-            before = estimate.inner_text()
-            page.locator("#train-lora-apply-lora-12gb").click()               # a preset card
-            expect(box("blocks_to_swap")).to_have_value("48", timeout=30_000)
-            expect(estimate).not_to_have_text(before, timeout=30_000)
-            expect(box("command")).to_have_value(re.compile(r"--blocks_to_swap 48 "), timeout=30_000)  # follows
+    with browser_page(1280, 1000) as page:
+        page.goto(studio["url"])
+        page.get_by_role("tab", name="Train").click()
+        estimate = page.locator("#train-lora-estimate")
+        expect(estimate).to_contain_text("Estimated peak")
+        before = estimate.inner_text()
+        page.locator("#train-lora-apply-lora-12gb").click()               # a preset card
+        expect(box("blocks_to_swap")).to_have_value("48", timeout=30_000)
+        expect(estimate).not_to_have_text(before, timeout=30_000)
+        expect(box("command")).to_have_value(re.compile(r"--blocks_to_swap 48 "), timeout=30_000)  # follows
 
-            page.reload()                         # back to the form's defaults: the preset's fp8/bf16 are for GPUs
-            page.get_by_role("tab", name="Train").click()
-            for name, value in (("dataset_config", cached_dataset),
-                                ("output_dir", str(tmp_path / "browser_run")), ("max_train_steps", "2000"),
-                                ("sample_prompts", ""), ("sample_every_n_steps", ""), ("save_every_n_steps", "")):
-                box(name).fill(value)
-                box(name).press("Tab")
-            page.locator("#train-start").click()
-            message = page.locator("#train-message")
-            expect(message).to_contain_text("Started", timeout=30_000)
-            run_id = re.search(r"Started (\S+)", message.inner_text()).group(1)
-            status, progress = page.locator("#train-status"), page.locator("#train-progress")
-            expect(status).to_contain_text(run_id, timeout=30_000)              # the view follows the new run
-            expect(progress).to_contain_text("/2000 step", timeout=180_000)      # (earlier runs' charts are gone)
-            chart = page.locator("#train-loss")
-            expect(chart).to_be_visible(timeout=30_000)
-            first = shot(chart)
-            step = int(re.search(r"(\d+)/2000 step", progress.inner_text()).group(1))
-            expect(progress).not_to_contain_text(f"{step}/2000", timeout=60_000)
-            page.wait_for_timeout(1500)                                         # the next timer tick redraws
-            assert shot(chart) != first                                         # new points: the chart changed
-            page.locator("#train-kill").click()
-            expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
-        finally:
-            browser.close()
+        page.reload()                         # back to the form's defaults: the preset's fp8/bf16 are for GPUs
+        page.get_by_role("tab", name="Train").click()
+        for name, value in (("dataset_config", cached_dataset),
+                            ("output_dir", str(tmp_path / "browser_run")), ("max_train_steps", "2000"),
+                            ("sample_prompts", ""), ("sample_every_n_steps", ""), ("save_every_n_steps", "")):
+            box(name).fill(value)
+            box(name).press("Tab")
+        page.locator("#train-start").click()
+        message = page.locator("#train-message")
+        expect(message).to_contain_text("Started", timeout=30_000)
+        run_id = re.search(r"Started (\S+)", message.inner_text()).group(1)
+        status, progress = page.locator("#train-status"), page.locator("#train-progress")
+        expect(status).to_contain_text(run_id, timeout=30_000)              # the view follows the new run
+        expect(progress).to_contain_text("/2000 step", timeout=180_000)      # (earlier runs' charts are gone)
+        chart = page.locator("#train-loss")
+        expect(chart).to_be_visible(timeout=30_000)
+        first = shot(chart)
+        step = int(re.search(r"(\d+)/2000 step", progress.inner_text()).group(1))
+        expect(progress).not_to_contain_text(f"{step}/2000", timeout=60_000)
+        page.wait_for_timeout(1500)                                         # the next timer tick redraws
+        assert shot(chart) != first                                         # new points: the chart changed
+        page.locator("#train-kill").click()
+        expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
 
 
 def test_model_version_switches_the_default_files_but_keeps_the_users(studio, tmp_path):
