@@ -171,9 +171,9 @@ def status_markdown(view: dict | None) -> str:
     text = " · ".join(parts)
     err = view.get("error")
     if err and view["status"] != "running":
-        text += f"\n\n**{err.get('kind')}:** {err.get('message')}"
-        if err.get("hint"):
-            text += f"\n\n**Fix:** {err['hint']}"
+        from app.tabs.jobs import error_markdown
+
+        text += "\n\n" + error_markdown(err)
     return text
 
 

@@ -16,7 +16,7 @@ import gradio as gr
 
 from app.forms import build_form, values_to_config
 from app.jobs import FINAL
-from app.tabs.jobs import progress_text, status_text
+from app.tabs.jobs import error_markdown, progress_text, status_text
 from engine.config import CacheLatentsConfig, CacheTextEncoderConfig, ConfigError
 from engine.errors import EngineError
 
@@ -174,7 +174,7 @@ def _error_tail(v: dict) -> str:
     err = v.get("error")
     if not err or v["status"] == "done":
         return ""
-    return f"\n\n**Error:** {err.get('message')}" + (f"\n\n**Fix:** {err['hint']}" if err.get("hint") else "")
+    return "\n\n" + error_markdown(err)
 
 
 # ------------------------------------------------------------------------------------------ status

@@ -16,6 +16,7 @@ import gradio as gr
 from app import dataset_files as F
 from app.context import save_settings
 from app.forms import build_form
+from app.tabs.jobs import error_markdown
 from engine.config import CheckDatasetConfig
 from engine.errors import DatasetError
 
@@ -157,7 +158,7 @@ def default_save_path(ctx, name: str) -> Path:
 
 
 def error_text(e: DatasetError) -> str:
-    return f"**Error:** {e.message}" + (f"\n\n**Fix:** {e.hint}" if e.hint else "")
+    return error_markdown(e)
 
 
 # ------------------------------------------------------------------------------------------ import / open

@@ -23,6 +23,7 @@ from app import generate_media as M
 from app import presets_ui
 from app.forms import Form, build_form, gui_fields, to_widget
 from app.generate_view import progress_html, run_view
+from app.tabs.jobs import error_markdown
 from engine import config as C
 from engine.errors import EngineError, ModelFileError, OptionError
 from engine.variants import get_variant
@@ -342,13 +343,7 @@ def title_of(cfg) -> str:
 
 def error_update(err):
     """The error panel: the engine's message and hint, or a pre-check's."""
-    if isinstance(err, dict):
-        kind, message, hint = err.get("kind") or "error", err.get("message") or "", err.get("hint") or ""
-    else:
-        kind = getattr(err, "kind", type(err).__name__)
-        message, hint = getattr(err, "message", str(err)), getattr(err, "hint", "")
-    text = f"### ⚠️ {kind}\n\n{message}" + (f"\n\n**Fix:** {hint}" if hint else "")
-    return gr.update(visible=True, value=text)
+    return gr.update(visible=True, value="⚠️ " + error_markdown(err))
 
 
 def preview_update(ctx, preview: tuple[str, str] | None):

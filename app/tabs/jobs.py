@@ -127,10 +127,19 @@ def status_text(v: dict, log_path) -> str:
         text += "\n\nOutputs:\n" + "\n".join(f"- `{o}`" for o in outputs)
     err = v.get("error")
     if err and v["status"] != "running":
-        text += f"\n\n**Error [{err.get('kind')}]:** {err.get('message')}"
-        if err.get("hint"):
-            text += f"\n\n**Fix:** {err['hint']}"
+        text += "\n\n" + error_markdown(err)
     return text
+
+
+def error_markdown(err) -> str:
+    """An engine error — an `error` event's dict, or an EngineError raised in the app — as Markdown with its kind,
+    message and fix: one look on every tab."""
+    if isinstance(err, dict):
+        kind, message, hint = err.get("kind") or "error", err.get("message") or "", err.get("hint") or ""
+    else:
+        kind = getattr(err, "kind", type(err).__name__)
+        message, hint = getattr(err, "message", str(err)), getattr(err, "hint", "")
+    return f"**Error [{kind}]:** {message}" + (f"\n\n**Fix:** {hint}" if hint else "")
 
 
 def progress_text(v: dict) -> str:
