@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import atomic_write_text
-from engine.events import parse_line
+from engine.spec.config import atomic_write_text
+from engine.spec.events import parse_line
 
 from app.jobs import JobManager, engine_argv
 
@@ -86,10 +86,10 @@ class AppContext:
     # ---- engine ----------------------------------------------------------------------------------
     def submit_config(self, command: str, cfg, title: str = "", exclusive: bool | None = None,
                       accelerate: list[str] | None = None):
-        """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.config.to_argv),
+        """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.spec.config.to_argv),
         or `accelerate launch <accelerate options> -m engine <command> ...` when `accelerate` is given.
         Returns the Job; its `cmdline` is the exact command, for the tab to show."""
-        from engine.config import check_choices, to_argv
+        from engine.spec.config import check_choices, to_argv
 
         check_choices(cfg)
         if accelerate is None:
@@ -188,7 +188,7 @@ def demo_paths(manifest: dict) -> dict[str, str]:
 def ensure_demo(demo_dir: Path, timeout: float = 900.0) -> dict:
     """The demo's manifest, building the demo first (`python -m engine make_demo DIR`) when it is missing,
     incomplete or moved. The build runs in a subprocess: the GUI process never imports torch."""
-    from engine.demo import load_manifest   # torch-free: reads and checks demo.json only
+    from engine.spec.demo_manifest import load_manifest
 
     manifest = load_manifest(demo_dir)
     if manifest is None:

@@ -7,7 +7,7 @@ The rules this module keeps:
   `<data_dir>/caption_backups/`. Everything else we write (dataset configs, thumbnails, merged control folders
   of links, drafts) goes under the Studio's data dir.
 - A dataset config is handled as its TOML text, exactly as it will be (or was) written to disk; the engine's own
-  reader (`engine.data.schema.load_dataset_config`) checks it, through a draft file when it is not saved yet.
+  reader (`engine.spec.dataset.schema.load_dataset_config`) checks it, through a draft file when it is not saved yet.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.config import atomic_write_text
-from engine.data.schema import DEFAULT_CAPTION_EXTENSION, DatasetConfig, load_dataset_config
-from engine.data.sources import IMAGE_EXTENSIONS, Item, Problem, is_image, list_items
-from engine.errors import DatasetError
+from engine.spec.config import atomic_write_text
+from engine.spec.dataset.schema import DEFAULT_CAPTION_EXTENSION, DatasetConfig, load_dataset_config
+from engine.spec.dataset.sources import IMAGE_EXTENSIONS, Item, Problem, is_image, list_items
+from engine.spec.errors import DatasetError
 
 # Folder names people use for targets and controls (musubi examples, SimpleTuner's paired datasets, our demo).
 TARGET_NAMES = ("images", "image", "targets", "target", "edited", "output")
@@ -148,9 +148,9 @@ def parse_config(text: str, work_dir: Path, shown_as: str) -> DatasetConfig:
 
 
 def check_report(text: str, version: str | None, work_dir: Path, shown_as: str) -> dict:
-    """`engine.data.check.report` of the text (what `check_dataset --json` prints), file names as the user sees them."""
-    from engine.data.check import report
-    from engine.data.plan import build_plan
+    """`engine.spec.dataset.check.report` of the text (what `check_dataset --json` prints), file names as the user sees them."""
+    from engine.spec.dataset.check import report
+    from engine.spec.dataset.plan import build_plan
 
     with draft_file(text, work_dir) as path:
         try:

@@ -1,9 +1,9 @@
-"""Gradio inputs generated from engine/config.py fields, bound by NAME (never by position).
+"""Gradio inputs generated from engine/spec/config.py fields, bound by NAME (never by position).
 
     form = build_form(TrainNetworkConfig, include=[...], elem_prefix="train")   # inside a gr.Blocks
     button.click(fn, inputs=form.inputs, ...)                                   # fn(*values)
     cfg = form.to_config(*values)            # -> the typed config, validated like the CLI validates it
-    argv = engine.config.to_argv(cfg)        # the exact arguments the job runs with
+    argv = engine.spec.config.to_argv(cfg)        # the exact arguments the job runs with
 
 Widget kinds follow the field type: Checkbox for bool, Dropdown for choices, Number for int/float, Textbox for
 str/path and lists (path and text lists one item per line; number lists separated by spaces or commas).
@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from engine.config import ConfigError, _base_type, check_choices, from_dict, option_fields, to_dict
+from engine.spec.config import ConfigError, _base_type, check_choices, from_dict, option_fields, to_dict
 
 DEFAULT_CHOICE = "(default)"
 
@@ -67,7 +67,7 @@ def to_widget(f, value: Any) -> Any:
 
 
 def from_widget(f, value: Any) -> Any:
-    """A widget value as the config takes it (type checks happen in engine.config.from_dict)."""
+    """A widget value as the config takes it (type checks happen in engine.spec.config.from_dict)."""
     kind = widget_kind(f)
     if kind == "list":
         scalar = _base_type(f.type)[0]
@@ -82,7 +82,7 @@ def from_widget(f, value: Any) -> Any:
     if kind == "number" and (value is None or (isinstance(value, str) and not value.strip())):
         return _empty(f)
     if kind == "number" and isinstance(value, str):
-        return value.strip()          # an optional number's text box; engine.config.from_dict checks the type
+        return value.strip()          # an optional number's text box; engine.spec.config.from_dict checks the type
     return value
 
 

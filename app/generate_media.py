@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from engine.events import parse_line
-from engine.infer.controls import cover_crop
+from engine.spec.events import parse_line
+from engine.spec.controls import cover_crop
 
 # engine/infer/outputs.py's PARAMETERS_KEY; that module imports torch, so the name is repeated here (a test pins it)
 PARAMETERS_KEY = "parameters"

@@ -15,8 +15,8 @@ from pathlib import Path
 from PIL import Image
 
 from app import generate_media as M
-from engine import config as C
-from engine.infer.controls import cover_crop
+from engine.spec import config as C
+from engine.spec.controls import cover_crop
 
 
 @dataclass
@@ -44,7 +44,7 @@ def memory_text(view: dict, cfg) -> str:
     """The run's measured VRAM (the engine's `vram` events, CUDA only) beside the estimate: the job's own
     `estimate` event when it wrote one, else app/presets_ui's estimate of its config (pure Python)."""
     from app import presets_ui
-    from engine.errors import EngineError
+    from engine.spec.errors import EngineError
 
     est = view.get("estimate")
     if est is None and cfg is not None:

@@ -8,7 +8,7 @@ Decisions (gui-anchors.md §0 goals 1-4):
 - The child's stdout+stderr go straight into `jobs/<id>/log.txt`, not into a pipe: a pipe would break (EPIPE)
   the moment the GUI exits and take the job down with it, while the file keeps the whole log whatever happens
   to the GUI. One watcher thread per running job follows that file, keeps a bounded tail in memory and parses
-  the JSON event lines (engine.events) into the job's state. A fresh job and a re-attached one go through the
+  the JSON event lines (engine.spec.events) into the job's state. A fresh job and a re-attached one go through the
   same code, because both are just "follow this log file while this pid lives".
 - The job list is persisted in `jobs/jobs.json` (atomic writes). On start-up a job marked running whose pid is
   still alive *and* is the same process (psutil create_time and command line) is followed again; one whose
@@ -39,8 +39,8 @@ from typing import Any
 
 import psutil
 
-from engine.config import atomic_write_text
-from engine.events import human, parse_line
+from engine.spec.config import atomic_write_text
+from engine.spec.events import human, parse_line
 
 FINAL = ("done", "failed", "stopped")
 CHEAP_COMMANDS = frozenset({"inspect_model", "make_demo", "check_dataset", "estimate_vram"})

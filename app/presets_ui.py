@@ -17,10 +17,10 @@ import shutil
 import subprocess
 from typing import Any
 
-from engine import config as C
-from engine.errors import EngineError
-from engine.presets import Preset, apply_preset, estimate_preset, list_presets, preset_argv
-from engine.vram import estimate_config
+from engine.spec import config as C
+from engine.spec.errors import EngineError
+from engine.spec.presets import Preset, apply_preset, estimate_preset, list_presets, preset_argv
+from engine.spec.vram import estimate_config
 
 TRAIN_KINDS = ("train_network", "train")
 

@@ -10,8 +10,8 @@ import dataclasses
 import html
 from pathlib import Path
 
-from engine import config as C
-from engine.options import FinetuneOptions, NetworkOptions
+from engine.spec import config as C
+from engine.spec.options import FinetuneOptions, NetworkOptions
 
 from app.context import accelerate_argv
 from app.forms import gui_fields

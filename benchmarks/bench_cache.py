@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.__main__ import main  # noqa: E402
-from engine.data.buckets import resize_to_bucket  # noqa: E402
+from engine.spec.dataset.buckets import resize_to_bucket  # noqa: E402
 from engine.demo import (SEEDS, build_text_encoder, build_tokenizer, build_vae, qwen_token_ids,  # noqa: E402
                          save_text_encoder_comfy, save_vae)
-from engine.variants import T2I_TEMPLATE  # noqa: E402
+from engine.spec.variants import T2I_TEMPLATE  # noqa: E402
 
 
 def make_dataset(root: Path, n: int, size: int) -> Path:

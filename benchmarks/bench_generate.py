@@ -31,16 +31,16 @@ def build(tmp: Path):
 
 
 def ours_fn(manifest, version, prompt, neg, size, steps, guidance, controls):
-    from engine.infer.controls import prepare_control
+    from engine.spec.controls import prepare_control
     from engine.infer.generate import pil_to_pixels
     from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
-    from engine.latents import initial_noise, pack, unpack
+    from engine.models.latents import initial_noise, pack, unpack
     from engine.models.dit import load_dit
     from engine.models.text_encoder import load_text_encoder
     from engine.models.tokenizer import VisionProcessor, load_tokenizer
     from engine.models.vae import decode_latents, encode_pixels, load_vae
-    from engine.textenc import encode_prompts
-    from engine.variants import get_variant
+    from engine.models.textenc import encode_prompts
+    from engine.spec.variants import get_variant
 
     variant = get_variant(version)
     tok = load_tokenizer(manifest["tokenizer"])
@@ -127,7 +127,7 @@ def main() -> None:
 
             from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
-            from engine import variants
+            from engine.spec import variants
             plus.VAE_IMAGE_SIZE = variants.VAE_AREA = args.size ** 2
             plus.CONDITION_IMAGE_SIZE = (args.size // 2) ** 2
             variants.VARIANTS["edit-2509"] = dataclasses.replace(variants.VARIANTS["edit-2509"],

@@ -60,7 +60,7 @@ def ours_step_time(manifest: dict, toml: Path, out: Path, steps: int) -> tuple[d
     from _train_harness import train_argv
 
     from engine.__main__ import main
-    from engine.events import EventWriter
+    from engine.spec.events import EventWriter
 
     clock: list[tuple[float, float]] = []
     losses: list[float] = []
@@ -100,10 +100,10 @@ def reference_loop(manifest: dict, toml: Path, steps: int, seed: int = 7):
     from peft import LoraConfig
 
     from engine.data.cached import CachedDataset
-    from engine.latents import pack, unpack
-    from engine.lora_formats import BLOCK_LINEARS
+    from engine.models.latents import pack, unpack
+    from engine.models.lora_formats import BLOCK_LINEARS
     from engine.models.dit import load_dit
-    from engine.textenc import pad_embeddings
+    from engine.models.textenc import pad_embeddings
 
     dit = load_dit(manifest["dit"]["original"], device="cpu", dtype=torch.float32)
     dit.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Measure the activation memory of one Qwen-Image transformer block on CPU, for engine/vram.py.
+"""Measure the activation memory of one Qwen-Image transformer block on CPU, for engine/spec/vram/.
 
 Method (documented in docs/vram-constants.md): a TorchDispatchMode sees every tensor an operator returns,
 counts the bytes of each new storage once, and subtracts them again when the storage is freed (a

@@ -8,10 +8,10 @@ import os
 import sys
 import time
 
-from engine.commands import COMMANDS
-from engine.config import ConfigError, check_choices, parse_args
-from engine.errors import EngineError
-from engine.events import EventLogHandler, EventWriter
+from engine.spec.commands import COMMANDS
+from engine.spec.config import ConfigError, check_choices, parse_args
+from engine.spec.errors import EngineError
+from engine.spec.events import EventLogHandler, EventWriter
 
 
 def usage() -> str:

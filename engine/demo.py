@@ -21,14 +21,13 @@ import time
 import uuid
 from pathlib import Path
 
-from engine.config import atomic_write_text
-from engine.errors import EngineError, OptionError
-from engine.variants import VARIANTS
+from engine.spec.config import atomic_write_text
+from engine.spec.errors import EngineError, OptionError
+from engine.spec.demo_manifest import DEMO_VERSION, MANIFEST, load_manifest
+from engine.spec.variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
-MANIFEST = "demo.json"
 
 # Qwen2.5-VL's added tokens in id order. The real ids are 151643 + index; the demo tokenizer gives them ids
 # 0..21, so the offsets between them match the real ones.
@@ -90,23 +89,6 @@ def make_demo(dir: str | os.PathLike, force: bool = False, events=None) -> dict:
         return _install(tmp, root, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_manifest(root: str | os.PathLike) -> dict | None:
-    """The manifest of a complete, current demo in `root`, or None (missing, older version, moved, a file gone)."""
-    root = Path(root).expanduser().resolve()
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("version") != DEMO_VERSION:
-        return None
-    if manifest.get("root") != str(root):  # moved: the absolute paths inside are stale
-        return None
-    files = manifest.get("files") or []
-    if not files or not all((root / f).is_file() for f in files):
-        return None
-    return manifest
 
 
 def _check_replaceable(root: Path) -> None:

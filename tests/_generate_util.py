@@ -137,7 +137,7 @@ def shrink_official_area(monkeypatch, side: int = 64, vl_side: int = 32):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
-    from engine import variants
+    from engine.spec import variants
 
     area, vl_area = side * side, vl_side * vl_side
     for mod in (edit, plus):

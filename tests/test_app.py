@@ -15,8 +15,8 @@ import pytest
 from _app_util import REPO, demo_model_paths, studio  # noqa: F401  (studio is a fixture)
 
 from app.forms import config_to_values, gui_fields, values_to_config, widget_kind
-from engine import config as C
-from engine.config import ConfigError, to_argv
+from engine.spec import config as C
+from engine.spec.config import ConfigError, to_argv
 
 
 def client_for(studio):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _dit_util import dit_inputs, run, tiny_dit
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 from engine.models.block_swap import enable_block_swap
 from engine.models.checkpointing import enable_gradient_checkpointing
 from engine.train.lora import create_network

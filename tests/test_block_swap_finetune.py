@@ -12,8 +12,8 @@ import torch
 from transformers.optimization import Adafactor
 
 from _dit_util import dit_inputs, run, tiny_dit
-from engine import config as C
-from engine.errors import OptionError
+from engine.spec import config as C
+from engine.spec.errors import OptionError
 from engine.models.block_swap import enable_block_swap
 from engine.models.checkpointing import enable_gradient_checkpointing
 from engine.train.optim import enable_fused_backward
@@ -86,7 +86,7 @@ def test_train_accepts_block_swap_only_with_the_fused_backward():
 
 def test_every_training_preset_passes_its_commands_checks(tmp_path):
     """The presets are runnable: the option checks `train_network` / `train` make before loading accept each."""
-    from engine.presets import apply_preset, list_presets
+    from engine.spec.presets import apply_preset, list_presets
     from engine.train.validate import check_config
 
     (tmp_path / "dit.safetensors").write_bytes(b"")

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from engine.__main__ import main
-from engine.data import cache_files as CF
-from engine.data.buckets import resize_to_bucket
-from engine.data.plan import build_plan
-from engine.models.safetensors_io import load_file, read_header
+from engine.spec.dataset import cache_files as CF
+from engine.spec.dataset.buckets import resize_to_bucket
+from engine.spec.dataset.plan import build_plan
+from engine.models.safetensors_io import load_file
+from engine.spec.safetensors_header import read_header
 from test_generate_parity import reference_processor, same_areas
 
 CAPTIONS = {"a": "a red square on grass", "b": "two blue circles"}
@@ -293,7 +294,7 @@ def cache_contents(folder: Path) -> dict:
 
 def test_cached_dataset_batches_and_staleness(models, dataset, tmp_path):
     from engine.data.cached import CachedDataset
-    from engine.errors import CacheError
+    from engine.spec.errors import CacheError
 
     dataset.write_text(dataset.read_text().replace("enable_bucket = true", "enable_bucket = true\nnum_repeats = 2"))
     assert cache_latents(models, dataset, "edit-2509")[0] == 0

@@ -11,7 +11,7 @@ import pytest
 from _app_util import studio  # noqa: F401  (studio is a fixture)
 
 from app.tabs.cache import LATENT_ONLY, SHARED, TEXT_ONLY
-from engine.config import CacheLatentsConfig, CacheTextEncoderConfig, option_fields
+from engine.spec.config import CacheLatentsConfig, CacheTextEncoderConfig, option_fields
 
 STEMS = ("shapes_00", "shapes_06", "shapes_07")      # three buckets: 64x64, 80x48, 48x80
 

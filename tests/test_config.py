@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from engine import config as C
+from engine.spec import config as C
 
 SEED_TRAIN = """--dit path/to/dit_model --vae path/to/vae_model --text_encoder path/to/text_encoder
     --dataset_config path/to/toml --sdpa --mixed_precision bf16 --timestep_sampling shift

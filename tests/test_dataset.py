@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.data import buckets as B
-from engine.data.check import report
-from engine.data.plan import build_plan
-from engine.data.schema import load_dataset_config
-from engine.errors import DatasetError
+from engine.spec.dataset import buckets as B
+from engine.spec.dataset.check import report
+from engine.spec.dataset.plan import build_plan
+from engine.spec.dataset.schema import load_dataset_config
+from engine.spec.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,7 +279,7 @@ def test_check_dataset_cli_json_and_histogram(tmp_path):
 def test_checking_loads_no_model_library(tmp_path):
     _png(tmp_path / "img" / "a.png"), (tmp_path / "img" / "a.txt").write_text("x")
     cfg = _dataset(tmp_path, controls=False)
-    code = (f"import sys; from engine.data.plan import build_plan; from engine.data.check import report; "
+    code = (f"import sys; from engine.spec.dataset.plan import build_plan; from engine.spec.dataset.check import report; "
             f"report(build_plan({str(cfg)!r}, 'original')); "
             f"print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

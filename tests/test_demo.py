@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 
 from engine import demo, demo_data
-from engine.errors import OptionError
-from engine.events import parse_line
-from engine.variants import VARIANTS
+from engine.spec.errors import OptionError
+from engine.spec.events import parse_line
+from engine.spec.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +263,7 @@ def test_refuses_to_replace_an_unrelated_folder(tmp_path):
 
 def test_manifest_reading_needs_no_torch():
     """The app checks for a demo at start-up, where torch must not be imported (it costs seconds)."""
-    code = "import sys, engine.demo; engine.demo.load_manifest('/nonexistent'); print('torch' in sys.modules)"
+    code = "import sys, engine.spec.demo_manifest as m; m.load_manifest('/nonexistent'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 from engine.models import common
 from engine.models.dit import (MARKER_2511, PUBLISHED_DIT_CONFIG, PUBLISHED_DIT_PARAMS, dit_class, load_dit)
 from engine.models.safetensors_io import save_file_atomic

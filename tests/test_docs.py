@@ -20,7 +20,7 @@ def test_every_command_has_help_that_exits_zero():
     import subprocess
     import sys
 
-    from engine.commands import COMMANDS
+    from engine.spec.commands import COMMANDS
 
     for name in COMMANDS:
         proc = subprocess.run([sys.executable, "-m", "engine", name, "--help"], capture_output=True, text=True)

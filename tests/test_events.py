@@ -4,7 +4,7 @@ import io
 import json
 import logging
 
-from engine.events import EVENT_TYPES, EventLogHandler, EventWriter, human, parse_line
+from engine.spec.events import EVENT_TYPES, EventLogHandler, EventWriter, human, parse_line
 
 
 def test_every_event_is_one_json_line_with_type_and_time(tmp_path):

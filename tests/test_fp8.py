@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _dit_util import dit_inputs, run, tiny_dit
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 from engine.models.fp8 import (FP8, Fp8Quantizer, chain, dequantize_weight, is_target, patch_fp8_linears,
                                quantize_model, quantize_weight, scale_shape)
 
@@ -89,7 +89,7 @@ def test_load_time_transform_with_lora_merge(tmp_path):
     quantising an already loaded model."""
     from safetensors.torch import save_file
 
-    from engine.lora_formats import LoraMerger, merge_loras, read_lora
+    from engine.models.lora_formats import LoraMerger, merge_loras, read_lora
     from engine.models import common, dit as dit_mod
     from engine.train.lora import create_network
 

@@ -148,8 +148,8 @@ def test_preview_steps_and_clean_estimate():
 
 
 def test_preview_decode_counts_in_the_estimate():
-    from engine.config import GenerateImageConfig
-    from engine.vram import estimate_config
+    from engine.spec.config import GenerateImageConfig
+    from engine.spec.vram import estimate_config
 
     plain = estimate_config(GenerateImageConfig(image_size=[1024, 1024]))
     shown = estimate_config(GenerateImageConfig(image_size=[1024, 1024], preview_every=5))
@@ -210,8 +210,8 @@ def test_from_file_batch_metadata_and_latents(demo_manifest, tmp_path):
     assert sum(x.startswith("loading text encoder") for x in logs) == 1     # encoded all prompts, then freed
     assert sum(x.startswith("loading DiT") for x in logs) == 1               # DiT loaded once
     (est,) = [e for e in events if e["type"] == "estimate"]          # the log holds the estimate beside the peak
-    from engine.config import GenerateImageConfig
-    from engine.vram import estimate_config
+    from engine.spec.config import GenerateImageConfig
+    from engine.spec.vram import estimate_config
     assert est["vram_gib"] == estimate_config(GenerateImageConfig(image_size=[32, 48],
                                                                        preview_every=1))["vram_gib"] > 0
     first, second = (read_parameters(p) for p in pngs)
@@ -253,7 +253,7 @@ def test_edit_dit_without_edit_mode_refused_before_loading(demo_manifest, tmp_pa
 
 
 def test_prompt_line_options():
-    from engine.infer.jobs import Job, parse_prompt_line
+    from engine.spec.jobs import Job, parse_prompt_line
 
     base = Job("x", None, 256, 256, 1, 25, 4.0, None)
     job = parse_prompt_line("a cat --w 512 --h 384 --d 9 --s 10 --l 3.5 --fs 2.0 --n bad --ci a.png --ci b.png "

@@ -11,8 +11,8 @@ from _generate_util import (inject_mm_token_type_ids, qwen_scheduler, real_token
                             small_vision_processor, tiny_dit, tiny_text_encoder)
 from engine.infer import masks
 from engine.infer.sampling import Conditioning, DenoiseRequest, calculate_mu, denoise, make_scheduler
-from engine.latents import initial_noise, pack
-from engine.textenc import encode_prompts
+from engine.models.latents import initial_noise, pack
+from engine.models.textenc import encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_edit_plus_latents_equal_diffusers(te, tok, monkeypatch):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
     from PIL import Image
 
-    from engine.infer.controls import calculate_dimensions
+    from engine.spec.controls import calculate_dimensions
 
     monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 48 * 48)
     monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 32 * 32)

@@ -45,7 +45,7 @@ def reference_processor(tokenizer):
 
 def same_areas(monkeypatch, areas):
     """Give our engine the control areas the fixture gave diffusers' edit pipelines."""
-    from engine import variants
+    from engine.spec import variants
 
     monkeypatch.setattr(variants, "VAE_AREA", areas.vae_area)
     for name in ("edit-2509", "edit-2511"):

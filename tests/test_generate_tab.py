@@ -19,7 +19,7 @@ from PIL import Image
 from app import generate_media as M
 from app.forms import config_to_values
 from app.tabs.generate import EXTRA_CONTROLS, form_fields
-from engine import config as C
+from engine.spec import config as C
 
 STEPS = 3
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from _dit_util import dit_inputs, run, tiny_dit
-from engine.errors import ModelFileError
-from engine.lora_formats import LoraMerger, merge_loras, module_path_from_kohya, read_lora
+from engine.spec.errors import ModelFileError
+from engine.models.lora_formats import LoraMerger, merge_loras, module_path_from_kohya, read_lora
 from engine.train.lora import create_network
 
 

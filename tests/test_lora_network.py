@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from _dit_util import dit_inputs, run, tiny_dit
-from engine.errors import ModelFileError, OptionError
+from engine.spec.errors import ModelFileError, OptionError
 from engine.train.lora import create_network, parse_network_args, target_paths
 
 
@@ -131,7 +131,7 @@ def test_loraplus_groups(dit):
 
 
 def _cfg(**kw):
-    from engine.config import TrainNetworkConfig
+    from engine.spec.config import TrainNetworkConfig
 
     return TrainNetworkConfig(output_name="mylora", dit="/models/qwen_image_bf16.safetensors",
                               network_args=["rank_dropout=0.1"], **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 from engine.train.optim import (copy_stochastic_, create_optimizer, create_scheduler, enable_fused_backward,
                                 parse_optimizer_args)
 

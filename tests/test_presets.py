@@ -1,4 +1,4 @@
-"""VRAM presets (presets/*.toml, engine/presets.py): valid, under budget by the estimator, one config."""
+"""VRAM presets (presets/*.toml, engine/spec/presets.py): valid, under budget by the estimator, one config."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from engine import config as C
-from engine.errors import OptionError
-from engine.presets import (KIND_CONFIG, PRESET_DIR, apply_preset, estimate_preset, list_presets, load_preset,
+from engine.spec import config as C
+from engine.spec.errors import OptionError
+from engine.spec.presets import (KIND_CONFIG, PRESET_DIR, apply_preset, estimate_preset, list_presets, load_preset,
                             preset_argv, ram_header_value)
 
 PRESETS = list_presets()

@@ -1,4 +1,4 @@
-"""engine.models.safetensors_io: our header parser and per-tensor reader against safetensors' own files."""
+"""engine.spec.safetensors_header and engine.models.safetensors_io: our header parser and per-tensor reader against safetensors' own files."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 from engine.models import safetensors_io as sio
+from engine.spec import safetensors_header as hdr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_reads_every_dtype_bit_exact_and_agrees_with_safetensors(tmp_path):
     tensors = sample_tensors()
     path = sio.save_file_atomic(tensors, tmp_path / "all.safetensors", {"config": '{"a": 1}', "x": "y"})
-    header = sio.read_header(path)
+    header = hdr.read_header(path)
     assert header.metadata == {"config": '{"a": 1}', "x": "y"}
     assert set(header.tensors) == set(tensors)
     assert header.tensors["bf16"].dtype == "BF16" and header.tensors["e4m3"].dtype == "F8_E4M3"
@@ -110,28 +111,28 @@ def write_shards(folder: Path, n: int = 3, with_index: bool = False) -> list[Pat
 
 def test_expand_shards_from_any_shard_folder_and_index(tmp_path):
     files = write_shards(tmp_path / "a")
-    assert sio.expand_shards(files[1]) == files
-    assert sio.expand_shards(tmp_path / "a") == files
+    assert hdr.expand_shards(files[1]) == files
+    assert hdr.expand_shards(tmp_path / "a") == files
     files_b = write_shards(tmp_path / "b", with_index=True)
-    assert sio.expand_shards(tmp_path / "b") == files_b
-    merged = sio.read_headers(files_b)
+    assert hdr.expand_shards(tmp_path / "b") == files_b
+    merged = hdr.read_headers(files_b)
     assert {k: p for k, (p, _) in merged.items()} == {"t0": files_b[0], "t1": files_b[1], "t2": files_b[2]}
     assert dict(sio.iter_tensors(files_b))["t2"].tolist() == [2.0, 2.0]
     single = tmp_path / "c" / "only.safetensors"
     single.parent.mkdir()
     st_save_file({"x": torch.ones(1)}, str(single))
-    assert sio.expand_shards(single.parent) == [single]
+    assert hdr.expand_shards(single.parent) == [single]
 
 
 def test_missing_shard_names_it(tmp_path):
     files = write_shards(tmp_path / "a")
     files[2].unlink()
     with pytest.raises(ModelFileError, match="model-00003-of-00003.safetensors") as e:
-        sio.expand_shards(files[0])
+        hdr.expand_shards(files[0])
     assert "shards" in e.value.hint
     write_shards(tmp_path / "b", with_index=True)[1].unlink()
     with pytest.raises(ModelFileError, match=r"model-00002-of-00003.safetensors is missing"):
-        sio.expand_shards(tmp_path / "b")
+        hdr.expand_shards(tmp_path / "b")
 
 
 def test_duplicate_tensor_across_shards_is_an_error(tmp_path):
@@ -139,7 +140,7 @@ def test_duplicate_tensor_across_shards_is_an_error(tmp_path):
     st_save_file({"x": torch.ones(1)}, str(a))
     st_save_file({"x": torch.ones(1)}, str(b))
     with pytest.raises(ModelFileError, match="'x' is also in"):
-        sio.read_headers([a, b])
+        hdr.read_headers([a, b])
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -157,7 +158,7 @@ def test_not_safetensors_is_named(tmp_path, content, expected):
     else:
         path.write_bytes(content)
     with pytest.raises(ModelFileError, match=expected) as e:
-        sio.read_header(path)
+        hdr.read_header(path)
     assert str(path) in e.value.message and "not a safetensors file" in e.value.message
     assert ".safetensors" in e.value.hint
 
@@ -168,7 +169,7 @@ def test_truncated_file_says_so(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(full - 100)
     with pytest.raises(ModelFileError, match="truncated") as e:
-        sio.read_header(path)
+        hdr.read_header(path)
     assert f"{full:,}" in e.value.message and "download" in e.value.hint.lower()
 
 
@@ -177,11 +178,11 @@ def test_broken_header_json(tmp_path):
     body = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]'   # missing the closing brace
     path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 4)
     with pytest.raises(ModelFileError, match="header JSON is broken"):
-        sio.read_header(path)
+        hdr.read_header(path)
     body = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}'  # 2 floats need 8 bytes
     path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 8)
     with pytest.raises(ModelFileError, match="do not match its size"):
-        sio.read_header(path)
+        hdr.read_header(path)
 
 
 def test_save_file_atomic_replaces_and_leaves_no_temp(tmp_path):
@@ -197,7 +198,7 @@ def test_save_file_atomic_replaces_and_leaves_no_temp(tmp_path):
 
 def test_header_reading_does_not_import_torch(tmp_path):
     path = sio.save_file_atomic({"a": torch.ones(2)}, tmp_path / "x.safetensors")
-    code = ("import sys; from engine.models import safetensors_io as s; h = s.read_header(sys.argv[1]); "
+    code = ("import sys; from engine.spec import safetensors_header as s; h = s.read_header(sys.argv[1]); "
             "assert h.tensors['a'].shape == (2,); assert 'torch' not in sys.modules, 'torch imported'")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, timeout=60)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 from engine.models import text_encoder as te
 from engine.models.safetensors_io import save_file_atomic
 

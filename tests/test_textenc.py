@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.infer import controls
-from engine.textenc import encode_prompts, pad_embeddings
-from engine.variants import VARIANTS
+from engine.spec import controls
+from engine.models.textenc import encode_prompts, pad_embeddings
+from engine.spec.variants import VARIANTS
 from _generate_util import (image_only_processor, inject_mm_token_type_ids, real_tokenizer, small_vision_processor,
                             tiny_text_encoder)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 from engine.train.timesteps import (TimestepSampler, loss_weighting, noisy_input, qwen_shift,
                                     schedule_timesteps)
 

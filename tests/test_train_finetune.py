@@ -59,7 +59,7 @@ def test_streaming_writer_matches_safetensors(tmp_path):
 @pytest.mark.parametrize("mem_eff", [False, True])
 def test_edit_2511_dit_keeps_its_marker(tmp_path, mem_eff):
     from engine.demo import build_dit
-    from engine.errors import ModelFileError
+    from engine.spec.errors import ModelFileError
 
     dit = build_dit("edit-2511")
     path = save_dit_file(dit, tmp_path / "qwen_image_edit_2511_ft.safetensors", torch.bfloat16, {}, mem_eff, True)
@@ -114,8 +114,8 @@ def test_missing_caches_name_the_dataset_and_the_commands(setup, tmp_path):
 def test_flash_attention_with_padded_batches_needs_split_attn():
     from types import SimpleNamespace
 
-    from engine.errors import OptionError
-    from engine.options import TrainNetworkConfig
+    from engine.spec.errors import OptionError
+    from engine.spec.options import TrainNetworkConfig
     from engine.train.validate import check_batches
 
     cfg = TrainNetworkConfig(flash_attn=True, dataset_config="data.toml")

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from _train_util import cached_dataset, done_outputs, fixed_loss, losses, train
-from engine.lora_formats import BLOCK_LINEARS
+from engine.models.lora_formats import BLOCK_LINEARS
 
 STEPS = 40
 
@@ -35,7 +35,7 @@ def run(demo_manifest, t2i, tmp_path_factory):
 
 
 def _merged_dit(dit_path, lora_path):
-    from engine.lora_formats import LoraMerger, read_lora
+    from engine.models.lora_formats import LoraMerger, read_lora
     from engine.models.dit import load_dit
 
     merger = LoraMerger([(read_lora(lora_path), 1.0)]) if lora_path else None
@@ -67,7 +67,7 @@ def test_lora_file_keys_and_metadata(run):
 def test_saves_and_events(run):
     out, events = run
     assert (out / "demo-step00000020.safetensors").is_file() and (out / "demo_diffusers.safetensors").is_file()
-    from engine.config import TrainNetworkConfig, load_toml
+    from engine.spec.config import TrainNetworkConfig, load_toml
 
     saved = load_toml(TrainNetworkConfig, out / "demo_config.toml")       # the resolved run, reloadable
     assert (saved.network_dim, saved.seed, saved.output_name, saved.events_file) == (8, 3, "demo", None)

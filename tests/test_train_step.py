@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _train_util import cached_dataset, losses, train
-from engine.latents import pack
+from engine.models.latents import pack
 from engine.train.step import flow_loss, predict, prepare_inputs
 from engine.train.timesteps import TimestepSampler
 

@@ -19,8 +19,8 @@ from _app_util import REPO, browser_page, studio  # noqa: F401  (studio is a fix
 
 from app import train_runs as R
 from app.forms import values_to_config
-from engine import config as C
-from engine.presets import PRESET_DIR, estimate_preset, load_preset
+from engine.spec import config as C
+from engine.spec.presets import PRESET_DIR, estimate_preset, load_preset
 
 NAMES = ["kind", "procs", *R.form_names()]          # the argument order of train_preview / train_start / ...
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 from engine.models import common
 from engine.models import vae as V
 from engine.models.safetensors_io import save_file_atomic

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import config as C
-from engine.errors import OptionError
-from engine.vram import estimate_config
-from engine.vram import params as P
-from engine.vram.constants import CONSTANTS
+from engine.spec import config as C
+from engine.spec.errors import OptionError
+from engine.spec.vram import estimate_config
+from engine.spec.vram import params as P
+from engine.spec.vram.constants import CONSTANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_fp8_never_needs_more_vram_with_checkpointing(run):
     # (a few blocks; the swapped blocks' scales stay on the GPU, as in musubi) are worth less than it, so fp8
     # may then cost up to that copy (and the in-flight dequantised Linear) more. Where a preset swaps (<= 48) fp8
     # always saves.
-    from engine.vram.memory import BF16, BLOCK_WEIGHTS, LARGEST_LINEAR
+    from engine.spec.vram.memory import BF16, BLOCK_WEIGHTS, LARGEST_LINEAR
 
     run = dict(run, gradient_checkpointing=True)
     fp8 = est(**dict(run, fp8_base=True, fp8_scaled=True))["vram_gib"]
@@ -287,22 +287,22 @@ def test_cli_error_is_an_error_event_and_exit_2():
 
 
 def test_estimator_and_presets_do_not_import_torch():
-    code = ("import sys, engine.vram, engine.presets\n"
-            "engine.presets.estimate_preset(engine.presets.list_presets()[0])\n"
+    code = ("import sys, engine.spec.vram, engine.spec.presets\n"
+            "engine.spec.presets.estimate_preset(engine.spec.presets.list_presets()[0])\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_constants_doc_lists_every_constant_with_its_value():
-    from engine.vram.constants import markdown_table
+    from engine.spec.vram.constants import markdown_table
 
     doc = (ROOT / "docs/vram-constants.md").read_text(encoding="utf-8")
-    assert markdown_table() in doc, "docs/vram-constants.md: paste engine.vram.constants.markdown_table() output"
+    assert markdown_table() in doc, "docs/vram-constants.md: paste engine.spec.vram.constants.markdown_table() output"
 
 
 def test_commands_own_configs_estimate_directly():
-    # train_network / train / generate_image can call engine.vram.estimate_config(cfg) on their own config
+    # train_network / train / generate_image can call engine.spec.vram.estimate_config(cfg) on their own config
     lora = estimate_config(C.TrainNetworkConfig(mixed_precision="bf16", gradient_checkpointing=True))
     assert lora["command"] == "train_network" and lora["inputs"]["width"] == 1024
     full = estimate_config(C.TrainConfig(full_bf16=True, mixed_precision="bf16", gradient_checkpointing=True,

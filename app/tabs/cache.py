@@ -1,10 +1,10 @@
 """Cache tab: per-dataset cache status (fresh / stale / missing, with the reason) and the two caching steps,
 `cache_latents` and `cache_text_encoder_outputs`, run as jobs through the job manager.
 
-The options are the commands' own config fields (engine/options.py via app/forms.build_form); a button builds
+The options are the commands' own config fields (engine/spec/options.py via app/forms.build_form); a button builds
 the config and hands it to ctx.submit_config, which runs the exact `python -m engine ...` shown here. Progress
 and the log come from the job's events (the job manager's views, formatted as the Jobs tab does); when a job
-ends, the status is read again. The status itself is `engine.data.cache_files.staleness_report`: file headers
+ends, the status is read again. The status itself is `engine.spec.dataset.cache_files.staleness_report`: file headers
 and source fingerprints only, no model loaded, no torch imported.
 """
 
@@ -17,8 +17,8 @@ import gradio as gr
 from app.forms import build_form, values_to_config
 from app.jobs import FINAL
 from app.tabs.jobs import error_markdown, progress_text, status_text
-from engine.config import CacheLatentsConfig, CacheTextEncoderConfig, ConfigError
-from engine.errors import EngineError
+from engine.spec.config import CacheLatentsConfig, CacheTextEncoderConfig, ConfigError
+from engine.spec.errors import EngineError
 
 SHARED = ["model_version", "device", "batch_size", "num_workers", "skip_existing", "keep_cache"]
 LATENT_ONLY = ["vae"]
@@ -181,8 +181,8 @@ def _error_tail(v: dict) -> str:
 
 def status_view(dataset, version, vae, text_encoder, tokenizer):
     """(summary markdown, table rows) for the dataset config; errors become the summary."""
-    from engine.data.cache_files import staleness_report
-    from engine.data.schema import load_dataset_config
+    from engine.spec.dataset.cache_files import staleness_report
+    from engine.spec.dataset.schema import load_dataset_config
 
     if not dataset:
         return "Pick a dataset config (save one in the Dataset tab).", []

@@ -17,8 +17,8 @@ from app import dataset_files as F
 from app.context import save_settings
 from app.forms import build_form
 from app.tabs.jobs import error_markdown
-from engine.config import CheckDatasetConfig
-from engine.errors import DatasetError
+from engine.spec.config import CheckDatasetConfig
+from engine.spec.errors import DatasetError
 
 PROBLEM_HEADERS = ["level", "file", "problem", "fix"]
 GALLERY_MAX = 400        # thumbnails shown at once; any image is reachable by typing its name

@@ -3,7 +3,7 @@
 The form is GenerateImageConfig (app/forms.py), in sections: essentials open, the rest folded. Control images are
 image inputs; control image 1 is a painter whose white-brush layer is the inpaint mask (its alpha, not a diff of
 the composite). A run copies the images into `<data_dir>/generate/inputs/<run>/`, pre-checks what it can without
-torch (engine/infer/validate.py's own checks), then goes through the job manager, so it outlives a browser
+torch (engine/spec/checks.py's own checks), then goes through the job manager, so it outlives a browser
 refresh: the timer follows the newest generate job and rebuilds progress, the newest live preview
 (--preview_every), results, errors and the RCM view from its event log (app/generate_media.py). VRAM preset cards
 and the live estimate come from app/presets_ui.py.
@@ -24,9 +24,11 @@ from app import presets_ui
 from app.forms import Form, build_form, gui_fields, to_widget
 from app.generate_view import progress_html, run_view
 from app.tabs.jobs import error_markdown
-from engine import config as C
-from engine.errors import EngineError, ModelFileError, OptionError
-from engine.variants import get_variant
+from engine.spec import config as C
+from engine.spec import checks
+from engine.spec.errors import EngineError
+from engine.spec.jobs import jobs_from_config
+from engine.spec.variants import get_variant
 
 PREFIX = "generate"
 IMAGE_FIELDS = ("control_image_path", "mask_path")      # filled from the image inputs, not typed
@@ -313,27 +315,11 @@ def attach_images(ctx, cfg, editor, *rest):
 
 
 def precheck(cfg) -> None:
-    """What can be refused in milliseconds, without torch; the engine re-checks everything (validate.check_run)."""
-    from engine.infer import validate
-    from engine.infer.jobs import jobs_from_config
-
-    if not cfg.save_path:
-        raise OptionError("--save_path is missing", "give the folder the images should be written to")
-    needed = ("vae",) if cfg.latent_path else ("dit", "vae", "text_encoder")
-    for name in needed:
-        value = getattr(cfg, name)
-        if not value or not Path(value).exists():
-            raise ModelFileError(f"--{name} {value or ''}: " + ("missing" if not value else "no such file or folder"),
-                                 "set it here or in the Models tab")
-    if cfg.latent_path:
-        return
-    if not cfg.prompt:
-        raise OptionError("no prompt", "type what the image should show (or the edit to make)")
-    variant = get_variant(cfg.resolved_version())
-    validate.check_preview(cfg)
-    validate.check_loras(cfg)
-    for job in jobs_from_config(cfg):
-        validate.check_job(job, variant, cfg)
+    """What can be refused in milliseconds, without torch: the engine's own pre-load checks
+    (engine/spec/checks.py); the engine runs them again, with the DiT header check, before it loads a model."""
+    checks.check_run_files(cfg)
+    if not cfg.latent_path:
+        checks.check_run_jobs(cfg, jobs_from_config(cfg), get_variant(cfg.resolved_version()))
 
 
 def title_of(cfg) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.context import ROLES, EngineCommandError
-from engine.models import downloads
+from engine.spec import downloads
 
 TABLE_HEADERS = ["role", "file", "component", "variant", "dtype", "parameters", "size", "notes"]
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))

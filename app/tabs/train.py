@@ -1,7 +1,7 @@
 """Train tab: a LoRA (`train_network`) or a full finetune (`train`), set up from the option dataclasses, launched
 through the job manager and watched live.
 
-- The form is engine/options.py's fields (app/forms.build_form), essentials first, the rest folded. LoRA-only
+- The form is engine/spec/options.py's fields (app/forms.build_form), essentials first, the rest folded. LoRA-only
   (Network) and finetune-only (Finetune) groups show for their kind; the other widgets are shared, so switching
   kind keeps what was typed. Two Form views over the same widgets give each kind its typed config.
 - What will run is shown before it runs: the exact argument list (`python -m engine ...`, or `accelerate launch
@@ -22,7 +22,7 @@ from app import presets_ui
 from app import train_runs as R
 from app.forms import Form, build_form
 from app.tabs.jobs import loss_frame
-from engine import config as C
+from engine.spec import config as C
 
 POLL_S = 1.0
 # engine/train/loop.py catches the SIGINT that JobManager.stop sends and saves before it exits.

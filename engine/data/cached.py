@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from engine.data import cache_files as CF
-from engine.data.plan import PlannedItem, build_plan
-from engine.errors import CacheError
-from engine.variants import get_variant
+from engine.spec.dataset import cache_files as CF
+from engine.spec.dataset.plan import PlannedItem, build_plan
+from engine.spec.errors import CacheError
+from engine.spec.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _batch_key(name: str) -> str:
 
 def _cached_item(item: PlannedItem, arch: str) -> CachedItem:
     latent_path = CF.latent_cache_path(item, arch)
-    from engine.models.safetensors_io import read_header
+    from engine.spec.safetensors_header import read_header
 
     names = sorted(read_header(latent_path).tensors)
     key = tuple(n.rsplit("_", 1)[0] for n in names)   # shapes without dtype

@@ -19,10 +19,10 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
-from engine.data.cache_files import EntryStatus, is_our_cache_file
-from engine.data.plan import Plan, PlannedItem, build_plan
-from engine.errors import OptionError
-from engine.variants import Variant, get_variant
+from engine.spec.dataset.cache_files import EntryStatus, is_our_cache_file
+from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
+from engine.spec.errors import OptionError
+from engine.spec.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
 

@@ -8,5 +8,5 @@
 - masks.py      inpaint mask and Reference Consistency Mask (blend hooks for the loop), torchvision-free blur
 - dit_setup.py  DiT loading with LoRA merge, fp8, block swap and the attention backend
 - outputs.py    PNG (+ `parameters` JSON text chunk) and latent files with musubi's names
-Prompt embeddings come from `engine.textenc.encode_prompts`.
+Prompt embeddings come from `engine.models.textenc.encode_prompts`.
 """

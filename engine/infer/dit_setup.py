@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from engine.variants import Variant
+from engine.spec.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def lora_merger(cfg):
     """A load-time merge hook for --lora_weight (None without LoRA)."""
     if not cfg.lora_weight:
         return None
-    from engine.lora_formats import LoraMerger, read_lora
+    from engine.models.lora_formats import LoraMerger, read_lora
 
     multipliers = list(cfg.lora_multiplier) or [1.0]
     if len(multipliers) == 1:

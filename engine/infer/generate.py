@@ -17,16 +17,17 @@ import torch
 from PIL import Image
 
 from engine.infer import masks
-from engine.infer.controls import prepare_control
-from engine.infer.jobs import Job, jobs_from_config
+from engine.spec.controls import prepare_control
+from engine.spec.jobs import Job, jobs_from_config
 from engine.infer.outputs import (latent_metadata, load_latent, original_suffix, save_image, save_latent,
                                   to_pil)
 from engine.infer.preview import Previewer
 from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
-from engine.infer.validate import check_run
-from engine.latents import initial_noise, pack, unpack
-from engine.runtime import compute_dtype, resolve_device
-from engine.variants import Variant, get_variant
+from engine.spec import checks
+from engine.models.dit import check_dit_headers
+from engine.models.latents import initial_noise, pack, unpack
+from engine.models.runtime import compute_dtype, resolve_device
+from engine.spec.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,21 @@ def run(cfg, events) -> list[str]:
     return outputs
 
 
+def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
+    """Every refusal before a model loads: options and files, the DiT's headers (milliseconds), then each job."""
+    checks.check_run_files(cfg)
+    if cfg.latent_path:
+        return
+    check_dit_headers(cfg.dit, variant)
+    checks.check_run_jobs(cfg, jobs, variant)
+
+
 def emit_estimate(cfg, jobs: list[Job], events) -> None:
     """The estimator's VRAM/RAM for the largest image of this run, so the job log holds estimate and measured peak."""
     from dataclasses import replace
 
-    from engine.errors import EngineError
-    from engine.vram import estimate_config
+    from engine.spec.errors import EngineError
+    from engine.spec.vram import estimate_config
 
     if not jobs:
         return
@@ -182,7 +192,7 @@ def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, 
     """All prompts (and negatives) first, then the text encoder is freed before the DiT loads."""
     from engine.models.text_encoder import load_text_encoder
     from engine.models.tokenizer import VisionProcessor, load_tokenizer
-    from engine.textenc import encode_prompts
+    from engine.models.textenc import encode_prompts
 
     te_device = torch.device("cpu") if cfg.text_encoder_cpu else device
     te_dtype = compute_dtype(te_device) if te_device.type != "cpu" or device.type == "cpu" else torch.bfloat16

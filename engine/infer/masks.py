@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.infer.controls import cover_crop
-from engine.latents import unpack
+from engine.spec.controls import cover_crop
+from engine.models.latents import unpack
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine.infer.outputs import time_flag, to_pil
-from engine.latents import unpack
+from engine.models.latents import unpack
 
 log = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: Ste
 
 def _joint(pos: Conditioning, neg: Conditioning) -> Conditioning:
     """cond and uncond text as one batch of 2, zero-padded to the longer one with a mask (None if equal)."""
-    from engine.textenc import pad_embeddings
+    from engine.models.textenc import pad_embeddings
 
     embeds, mask = pad_embeddings([pos.embeds[0], neg.embeds[0]])
     return Conditioning(embeds, mask)

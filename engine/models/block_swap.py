@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 
 def _in_backward() -> bool:

@@ -24,9 +24,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-from engine.errors import ModelFileError
-from engine.models import downloads
-from engine.models.safetensors_io import FP8_DTYPES, TensorInfo, Transform, iter_tensors, read_header, torch_dtype
+from engine.spec.errors import ModelFileError
+from engine.spec import downloads
+from engine.models.safetensors_io import Transform, iter_tensors, torch_dtype
+from engine.spec.safetensors_header import FP8_DTYPES, TensorInfo, read_header
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so header-only callers (inspect) stay fast
     import torch
@@ -181,10 +182,10 @@ def file_dtype(tensors: TensorMap) -> torch.dtype | None:
 
 
 def choose_dtype(device: torch.device, tensors: TensorMap, requested: torch.dtype | None = None) -> torch.dtype:
-    """The asked dtype, else the file's bf16 on CUDA and float32 on CPU (engine.runtime.compute_dtype)."""
+    """The asked dtype, else the file's bf16 on CUDA and float32 on CPU (engine.models.runtime.compute_dtype)."""
     import torch
 
-    from engine.runtime import compute_dtype
+    from engine.models.runtime import compute_dtype
 
     return requested if requested is not None else compute_dtype(torch.device(device), file_dtype(tensors))
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ModelFileError, OptionError
-from engine.models import common, downloads
-from engine.models.safetensors_io import Transform, expand_shards, read_headers
-from engine.variants import get_variant
+from engine.spec.errors import ModelFileError, OptionError
+from engine.models import common
+from engine.spec import downloads
+from engine.models.safetensors_io import Transform
+from engine.spec.safetensors_header import expand_shards, read_headers
+from engine.spec.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def load_dit(path: str | os.PathLike, model_version: str = "original", device: t
              dtype: torch.dtype | None = None, transform: Transform | None = None):
     """Load a Qwen-Image DiT as diffusers' `QwenImageTransformer2DModel` on `device`, in eval mode.
 
-    dtype: None = the file's bf16 on CUDA, float32 on CPU (engine.runtime.compute_dtype).
+    dtype: None = the file's bf16 on CUDA, float32 on CPU (engine.models.runtime.compute_dtype).
     transform(name, tensor): called per tensor after the dtype/device cast, with diffusers key names
     (prefix already stripped); return a tensor, {name: tensor} or None — the hook for fp8 quantisation and
     LoRA merging at load time (see safetensors_io.iter_tensors). Any extra keys it returns must exist in the
@@ -159,3 +161,13 @@ def check_edit_evidence(tensors: common.TensorMap, path: Path, variant) -> None:
                     "text-to-image DiTs have identical shapes, so loading it anyway.", path, evidence, variant.name)
     else:
         log.info("DiT %s: %s model (evidence: %s)", path, "edit" if looks_edit else "text-to-image", evidence)
+
+
+def check_dit_headers(path: str, variant) -> None:
+    """The DiT's kind and edit evidence from its headers (milliseconds), so a wrong file or a missing edit mode
+    fails before the text encoder has run or a training dataset is opened."""
+    files, _ = dit_files(path)
+    tensors = read_headers(files)
+    check_is_qwen_dit(tensors, files[0])
+    common.check_not_prequantized(tensors, "dit", variant.name)
+    check_edit_evidence(tensors, Path(path), variant)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0          # largest finite float8_e4m3fn

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import EngineError
-from engine.models.safetensors_io import (DTYPE_SHORT, FP8_DTYPES, Header, TensorInfo, expand_shards, read_header)
-from engine.variants import VARIANTS
+from engine.spec.errors import EngineError
+from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, Header, TensorInfo, expand_shards, read_header
+from engine.spec.variants import VARIANTS
 
 JSON_KEYS = ("path", "component", "variant", "dtype", "params", "size_bytes", "problems")
 COMFY_DIT_PREFIX = "model.diffusion_model."
@@ -325,7 +325,7 @@ def parse_cli_output(stdout: str) -> list[dict]:
 
 
 def run(cfg, events) -> list[str]:
-    from engine.errors import OptionError
+    from engine.spec.errors import OptionError
 
     if not cfg.files:
         raise OptionError("inspect_model needs at least one FILE (or folder).",

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ModelFileError
-from engine.models import common, downloads
-from engine.models.safetensors_io import expand_shards, read_headers
+from engine.spec.errors import ModelFileError
+from engine.models import common
+from engine.spec import downloads
+from engine.spec.safetensors_header import expand_shards, read_headers
 
 log = logging.getLogger(__name__)
 

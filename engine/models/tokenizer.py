@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 

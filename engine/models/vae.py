@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ModelFileError
-from engine.models import common, downloads
-from engine.models.safetensors_io import expand_shards, read_headers
+from engine.spec.errors import ModelFileError
+from engine.models import common
+from engine.spec import downloads
+from engine.spec.safetensors_header import expand_shards, read_headers
 from engine.models.text_encoder import sibling_config
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _UP_RE = re.compile(r"^decoder\.upsamples\.(\d+)\.(.*)$")
 def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Load the Qwen-Image VAE as diffusers' `AutoencoderKLQwenImage` on `device`, in eval mode, frozen.
 
-    dtype: None = float32 on CPU, the file's bf16 on CUDA (engine.runtime.compute_dtype).
+    dtype: None = float32 on CPU, the file's bf16 on CUDA (engine.models.runtime.compute_dtype).
     """
     files, folder_config = vae_files(path)
     tensors = read_headers(files)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 log = logging.getLogger(__name__)
 

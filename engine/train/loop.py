@@ -34,7 +34,7 @@ from engine.train import checkpoints as ckpt
 from engine.train import samples
 from engine.train.items import ItemCache
 from engine.train.step import flow_loss, predict, prepare_inputs
-from engine.variants import get_variant
+from engine.spec.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def step_generator(seed: int, batch_index: int) -> torch.Generator:
 
 
 def run_training(cfg, events, full: bool) -> list[str]:
-    from engine.infer.validate import check_dit_headers
+    from engine.models.dit import check_dit_headers
     from engine.train.validate import check_batches, check_config, open_dataset
 
     variant = get_variant(cfg.resolved_version())
@@ -86,8 +86,8 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    from engine.errors import OptionError
-    from engine.runtime import resolve_device
+    from engine.spec.errors import OptionError
+    from engine.models.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.mixed_precision == "fp16":

@@ -13,7 +13,7 @@ API:
 - `net.prepare_optimizer_params(lr)`                  param groups (LoRA+: lora_up at lr × loraplus_lr_ratio)
 - `net.state_dict()`                                  kohya keys: lora_unet_<path>.lora_down/.lora_up/.alpha
 - `net.save_weights(path, dtype, metadata)`           atomic safetensors; `save_diffusers(path, dtype)` too
-- `net.load_weights(path)`                            continue from any LoRA file format (engine.lora_formats)
+- `net.load_weights(path)`                            continue from any LoRA file format (engine.models.lora_formats)
 - `lora_metadata(cfg, ...)` lives in engine.train.lora_metadata (ss_* + modelspec).
 """
 
@@ -27,8 +27,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from engine.errors import ModelFileError, OptionError
-from engine.lora_formats import BLOCK_LINEARS, kohya_name, read_lora
+from engine.spec.errors import ModelFileError, OptionError
+from engine.models.lora_formats import BLOCK_LINEARS, kohya_name, read_lora
 
 DEFAULT_DIM = 4
 DEFAULT_ALPHA = 1.0

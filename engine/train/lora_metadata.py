@@ -16,7 +16,7 @@ import os
 import time
 from datetime import datetime
 
-from engine.variants import get_variant
+from engine.spec.variants import get_variant
 
 MINIMAL_KEYS = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")

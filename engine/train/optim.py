@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 
 def parse_key_values(items, option: str, example: str) -> dict:

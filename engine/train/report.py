@@ -1,5 +1,5 @@
 """What a training run reports besides the loop's own progress: the resolved run config saved next to its
-outputs, the VRAM/RAM `estimate` event at the start (engine.vram, from the run's own options and the dataset's
+outputs, the VRAM/RAM `estimate` event at the start (engine.spec.vram, from the run's own options and the dataset's
 largest bucket) and `vram` events with the measured peak, so the job log shows measured against estimated."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def write_run_config(cfg, command: str) -> Path:
     job's event file and resume folder are left out: a run started again from it is a new run."""
     from dataclasses import replace
 
-    from engine.config import save_toml
+    from engine.spec.config import save_toml
 
     path = Path(cfg.output_dir) / f"{cfg.output_name}_config.toml"
     save_toml(replace(cfg, events_file=None, resume=None), path)
@@ -30,9 +30,9 @@ def write_run_config(cfg, command: str) -> Path:
 
 def emit_estimate(cfg, data, events, full: bool) -> dict | None:
     """The estimator's answer for this run (largest bucket, largest batch, caches ready)."""
-    from engine.errors import EngineError
-    from engine.options import EstimateVramConfig
-    from engine.vram import estimate_config
+    from engine.spec.errors import EngineError
+    from engine.spec.options import EstimateVramConfig
+    from engine.spec.vram import estimate_config
 
     largest = max(data.items, key=lambda it: _pixels(it.key))
     h, w = _latent_hw(largest.key[0])

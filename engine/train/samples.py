@@ -1,7 +1,7 @@
 """Sample images during training (musubi-tuner.md §5.8), through the inference code (engine/infer).
 
 `--sample_prompts FILE`: one prompt per line with the reference's per-line options (`--w --h --d --s --l --fs --n
---ci`, parsed by engine.infer.jobs.parse_prompt_line); `#` lines are comments. The prompts (and control images of
+--ci`, parsed by engine.spec.jobs.parse_prompt_line); `#` lines are comments. The prompts (and control images of
 edit models) are encoded once before the DiT loads, then the text encoder is freed, as musubi does. Each sample
 runs the same denoising loop as `generate_image` on the model being trained (LoRA applied), so a sample shows
 what Generate would give for that checkpoint.
@@ -34,7 +34,7 @@ DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_SEED = 256, 20, 4.0, 42
 
 def generation_config(cfg, variant_name: str):
     """The generate_image config the sample lines are read against (their defaults)."""
-    from engine.options import GenerateImageConfig
+    from engine.spec.options import GenerateImageConfig
 
     return GenerateImageConfig(
         device=cfg.device, model_version=variant_name, dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder,
@@ -47,8 +47,8 @@ def generation_config(cfg, variant_name: str):
 
 def check_prompts(cfg, variant) -> list:
     """Parse and validate the prompt file (control images exist, sizes ...) before any model loads."""
-    from engine.infer.jobs import jobs_from_config
-    from engine.infer.validate import check_run
+    from engine.spec.jobs import jobs_from_config
+    from engine.infer.generate import check_run
 
     gcfg = generation_config(cfg, variant.name)
     jobs = jobs_from_config(gcfg)
@@ -88,7 +88,7 @@ class SamplePrompts:
         back; the RNG state is left as it was."""
         from engine.infer.generate import batch_cfg_ok
         from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
-        from engine.latents import initial_noise, unpack
+        from engine.models.latents import initial_noise, unpack
         from engine.models.vae import decode_latents
 
         if not is_main:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.latents import pack, unpack
+from engine.models.latents import pack, unpack
 from engine.train.timesteps import TimestepSampler, loss_weighting, noisy_input
 
 
@@ -46,7 +46,7 @@ def prepare_inputs(batch: dict, sampler: TimestepSampler, generator: torch.Gener
                    dtype: torch.dtype) -> StepInputs:
     """Noise and timesteps are drawn on the CPU from `generator`, so a step is reproducible on any device and a
     resumed run draws exactly what the uninterrupted one drew."""
-    from engine.textenc import pad_embeddings
+    from engine.models.textenc import pad_embeddings
 
     latents = batch["latents"].float()                                  # (B, 16, 1, h, w)
     b, _, _, h, w = latents.shape

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 METHODS = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift", "logsnr", "qinglong_qwen")
 NUM_TRAIN_TIMESTEPS = 1000

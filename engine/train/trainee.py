@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.runtime import compute_dtype
-from engine.variants import Variant
+from engine.models.runtime import compute_dtype
+from engine.spec.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def load_training_dit(cfg, variant: Variant, device: torch.device, dtype: torch.
 
 
 def _attention(dit, cfg, device: torch.device) -> None:
-    from engine.errors import OptionError
+    from engine.spec.errors import OptionError
 
     mode = cfg.attn_mode()
     if mode == "sdpa":

@@ -1,13 +1,13 @@
 """Every check that can run before a model loads (train_network and train): files, option combinations, the
 caches, the sample prompt file, the resume folder. Each failure is one error naming the option, the cause and
-the fix (engine.errors)."""
+the fix (engine.spec.errors)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 
 def check_config(cfg, full: bool) -> None:

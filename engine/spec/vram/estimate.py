@@ -6,12 +6,12 @@ gradients, activations, block-swap buffers, workspace), and the process's RAM at
 
 from __future__ import annotations
 
-from engine.config import EDIT_VERSIONS
-from engine.errors import OptionError
-from engine.variants import VAE_AREA, get_variant
-from engine.vram import memory as M
-from engine.vram.constants import GIB
-from engine.vram.constants import value as K
+from engine.spec.config import EDIT_VERSIONS
+from engine.spec.errors import OptionError
+from engine.spec.variants import VAE_AREA, get_variant
+from engine.spec.vram import memory as M
+from engine.spec.vram.constants import GIB
+from engine.spec.vram.constants import value as K
 
 PARTS = ("weights", "lora_and_optimizer", "gradients", "activations", "block_swap_buffers", "workspace")
 

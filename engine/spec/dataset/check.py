@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.data.plan import Plan, build_plan
+from engine.spec.dataset.plan import Plan, build_plan
 
 
 def report(plan: Plan) -> dict:
@@ -58,7 +58,7 @@ def format_text(rep: dict) -> str:
 
 
 def run(cfg, events) -> list[str]:
-    from engine.errors import DatasetError, OptionError
+    from engine.spec.errors import DatasetError, OptionError
 
     if not cfg.dataset_config:
         raise OptionError("check_dataset needs --dataset_config.", "Pass the dataset TOML file.")

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from engine.variants import Variant, get_variant
+from engine.spec.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def encode_prompts(text_encoder, tokenizer, processor, prompts: Sequence[str],
     """Embeddings for each prompt: a list of (L_i, hidden) tensors in the text encoder's dtype, on its device.
 
     images_per_prompt: for edit variants, one list of PIL images per prompt, already sized for the vision
-    encoder (see `engine.infer.controls`). Edit (v1) uses only the first image of each list (its template has
+    encoder (see `engine.spec.controls`). Edit (v1) uses only the first image of each list (its template has
     one image slot); Edit-2509/2511 use all of them ("Picture N:" prefixes). Ignored for text-to-image.
     processor: `engine.models.tokenizer.VisionProcessor` or a transformers Qwen2VLProcessor; only edit needs it.
     batch_size: prompts per forward pass (default: all at once, as diffusers does for a list of prompts).

@@ -1,15 +1,15 @@
 """Bytes of each thing that lives in GPU memory or RAM: weights, LoRA, optimiser states, activations.
 
 Pure Python. Every function takes a `Workload` (what the run does) and returns bytes. Constants come from
-engine/vram/constants.py, parameter counts from engine/vram/params.py.
+engine/spec/vram/constants.py, parameter counts from engine/spec/vram/params.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.vram import params as P
-from engine.vram.constants import value as K
+from engine.spec.vram import params as P
+from engine.spec.vram.constants import value as K
 
 BF16, FP32, FP8 = 2, 4, 1
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import config as C
-from engine.errors import OptionError
+from engine.spec import config as C
+from engine.spec.errors import OptionError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 KIND_CONFIG = {"train_network": C.TrainNetworkConfig, "train": C.TrainConfig,
                "generate_image": C.GenerateImageConfig}
 HEADER_KEYS = {"name": str, "kind": str, "vram_budget_gib": (int, float), "resolution": list, "ram_gib": (int, float),
@@ -137,7 +137,7 @@ def estimate_config(preset: Preset, base=None):
 
 
 def estimate_preset(preset: Preset) -> dict:
-    from engine.vram import estimate_config as run_estimate
+    from engine.spec.vram import estimate_config as run_estimate
 
     return run_estimate(estimate_config(preset))
 

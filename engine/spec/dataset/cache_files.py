@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.data.plan import Plan, PlannedItem
+from engine.spec.dataset.plan import Plan, PlannedItem
 
 FORMAT_VERSION = "1.0.1"
 ARCHITECTURE = "qwen_image"      # musubi writes this full name for qi and qie alike
@@ -123,7 +123,7 @@ def _content(fp: Any) -> Any:
 def encoder_identity(paths: Iterable[str | os.PathLike | None]) -> dict:
     """Identity of model files: resolved path, size, mtime and a hash of each safetensors header (or, for a
     tokenizer folder, of its small files). The header hash is what we compare; path and mtime are for people."""
-    from engine.models.safetensors_io import expand_shards, read_header
+    from engine.spec.safetensors_header import expand_shards, read_header
 
     files = []
     for p in paths:
@@ -171,8 +171,8 @@ def latent_settings(item: PlannedItem, dtype: str) -> dict:
 
 def read_metadata(path: Path) -> dict[str, str] | None:
     """The file's metadata, or None when it is not a readable safetensors file (e.g. a half-written one)."""
-    from engine.errors import ModelFileError
-    from engine.models.safetensors_io import read_header
+    from engine.spec.errors import ModelFileError
+    from engine.spec.safetensors_header import read_header
 
     try:
         return read_header(path).metadata
@@ -285,7 +285,7 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
     compare the dataset-derived settings (bucket, control sizes, resize keys).
     vae / text_encoder (+ tokenizer): when given, files made with other weights are stale.
     """
-    from engine.variants import get_variant
+    from engine.spec.variants import get_variant
 
     variant = get_variant(model_version)
     out = []
@@ -317,7 +317,7 @@ def staleness_report(dataset_config: str | os.PathLike, model_version: str, vae:
     """JSON-ready report for the Cache tab: dataset problems, per-entry state with reason, counts per kind.
 
     Reads headers and source files only (no model is loaded; torch is not imported)."""
-    from engine.data.plan import build_plan
+    from engine.spec.dataset.plan import build_plan
 
     plan = build_plan(dataset_config, model_version)
     statuses = cache_status(plan, model_version, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from engine.errors import ModelFileError
+from engine.spec.errors import ModelFileError
 
 KOHYA_PREFIX = "lora_unet_"
 
@@ -157,7 +157,8 @@ def _known_path(path: str) -> str | None:
 def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = None,
               metadata: Mapping[str, str] | None = None) -> LoraFile:
     """Read a LoRA file (or an already loaded state dict + metadata) into normalised factors."""
-    from engine.models.safetensors_io import load_file, read_header
+    from engine.models.safetensors_io import load_file
+    from engine.spec.safetensors_header import read_header
 
     path = Path(path)
     if tensors is None:

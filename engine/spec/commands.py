@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import config as C
+from engine.spec import config as C
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "Identify model files: component, variant, dtype, parameter count, problems."),
     Command("make_demo", C.MakeDemoConfig, "engine.demo:run",
             "Build the tiny random demo model set and sample dataset (seconds, CPU)."),
-    Command("check_dataset", C.CheckDatasetConfig, "engine.data.check:run",
+    Command("check_dataset", C.CheckDatasetConfig, "engine.spec.dataset.check:run",
             "Check a dataset config without loading a model: problems with fixes, bucket histogram."),
     Command("cache_latents", C.CacheLatentsConfig, "engine.data.cache_latents:run",
             "VAE-encode the dataset's target and control images into latent cache files."),
     Command("cache_text_encoder_outputs", C.CacheTextEncoderConfig, "engine.data.cache_text:run",
             "Encode the dataset's captions (with control images for edit models) into cache files."),
-    Command("estimate_vram", C.EstimateVramConfig, "engine.vram:run",
+    Command("estimate_vram", C.EstimateVramConfig, "engine.spec.vram:run",
             "Estimate peak VRAM and RAM of train_network / train / generate_image from their options (JSON).",
             result_on_stdout=True),
     Command("train_network", C.TrainNetworkConfig, "engine.train.run:train_network",

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from engine import variants as V
-from engine.variants import Variant
+from engine.spec import variants as V
+from engine.spec.variants import Variant
 
 BUCKET_STEP = 16
 

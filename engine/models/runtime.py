@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from engine.data.buckets import BucketSelector, control_size
-from engine.data.schema import DatasetConfig, DatasetSpec, load_dataset_config
-from engine.data.sources import Item, Problem, list_items
-from engine.errors import DatasetError
-from engine.variants import get_variant
+from engine.spec.dataset.buckets import BucketSelector, control_size
+from engine.spec.dataset.schema import DatasetConfig, DatasetSpec, load_dataset_config
+from engine.spec.dataset.sources import Item, Problem, list_items
+from engine.spec.errors import DatasetError
+from engine.spec.variants import get_variant
 
 MIN_SIDE = 16
 

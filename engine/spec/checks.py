@@ -11,14 +11,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from engine.errors import ModelFileError, OptionError
-from engine.infer.controls import control_sizes
-from engine.infer.jobs import Job
-from engine.variants import Variant
+from engine.spec.errors import ModelFileError, OptionError
+from engine.spec.controls import control_sizes
+from engine.spec.jobs import Job
+from engine.spec.variants import Variant
 
 
-def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
-    decode_only = bool(cfg.latent_path)
+def check_run_files(cfg) -> None:
+    """The run's options and files. A --latent_path run needs only the VAE and its latent files."""
     if not cfg.save_path:
         raise OptionError("--save_path is missing", "give the folder the images should be written to")
     if cfg.resize_control_to_image_size and cfg.resize_control_to_official_size:
@@ -26,32 +26,21 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
                           "choose one: the output size, or the official pipelines' sizes (recommended for 2509/2511)")
     _require_file(cfg.vae, "--vae", "the Qwen-Image VAE (qwen_image_vae.safetensors)")
     check_preview(cfg)
-    if decode_only:
+    if cfg.latent_path:
         for p in cfg.latent_path:
             _require_file(p, "--latent_path", "a latent file written with --output_type latent")
         return
     _require_file(cfg.dit, "--dit", "the Qwen-Image DiT (.safetensors file, shard or transformer/ folder)")
     _require_file(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (qwen_2.5_vl_7b.safetensors or a folder)")
-    check_dit_headers(cfg.dit, variant)
+
+
+def check_run_jobs(cfg, jobs: list[Job], variant: Variant) -> None:
+    """The LoRA list, the prompt and every job (one per --from_file line)."""
     check_loras(cfg)
     if not cfg.from_file and not cfg.prompt and cfg.prompt != "":
         raise OptionError("no prompt: give --prompt or --from_file", "e.g. --prompt \"a red fox in the snow\"")
     for job in jobs:
         check_job(job, variant, cfg)
-
-
-def check_dit_headers(path: str, variant: Variant) -> None:
-    """The DiT's kind and edit evidence from its headers (milliseconds), so a wrong file or a missing edit mode
-    fails now rather than after the text encoder has run."""
-    from engine.models import common
-    from engine.models.dit import check_edit_evidence, check_is_qwen_dit, dit_files
-    from engine.models.safetensors_io import read_headers
-
-    files, _ = dit_files(path)
-    tensors = read_headers(files)
-    check_is_qwen_dit(tensors, files[0])
-    common.check_not_prequantized(tensors, "dit", variant.name)
-    check_edit_evidence(tensors, Path(path), variant)
 
 
 def check_preview(cfg) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import DatasetError
+from engine.spec.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

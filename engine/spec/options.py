@@ -1,6 +1,6 @@
 """Option groups and command configs: every engine option declared once, as a typed dataclass field.
 
-Commands compose the groups by inheritance. `engine.config` re-exports everything here and holds the machinery
+Commands compose the groups by inheritance. `engine.spec.config` re-exports everything here and holds the machinery
 that turns these classes into argparse parsers, TOML files and GUI forms. Importable without torch.
 """
 

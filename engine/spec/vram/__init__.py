@@ -1,7 +1,7 @@
 """Analytic VRAM/RAM estimator (issue 6): `python -m engine estimate_vram --for <command> [its options]`.
 
 Pure Python (no torch import), so the GUI can recompute an estimate on every form change. The model:
-engine/vram/params.py (exact parameter counts), memory.py (bytes per component), estimate.py (phases),
+engine/spec/vram/params.py (exact parameter counts), memory.py (bytes per component), estimate.py (phases),
 constants.py (every constant with its source; docs/vram-constants.md explains them).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.vram.estimate import PARTS, estimate, phases_for, workload_from_config  # noqa: F401
-from engine.vram.memory import Workload  # noqa: F401
+from engine.spec.vram.estimate import PARTS, estimate, phases_for, workload_from_config  # noqa: F401
+from engine.spec.vram.memory import Workload  # noqa: F401
 
 
 def estimate_config(cfg) -> dict:

@@ -2,7 +2,7 @@
 
 All sizes are (width, height). `resize_to_bucket` scales to cover the bucket (LANCZOS when enlarging, area
 averaging when shrinking — musubi uses OpenCV's INTER_AREA, PIL's BOX filter is the same box average) and
-then crops the centre; it and `area_bucket` come from `engine.infer.controls`, shared with inference.
+then crops the centre; it and `area_bucket` come from `engine.spec.controls`, shared with inference.
 
 Importable without torch.
 """
@@ -14,7 +14,7 @@ import math
 from PIL import Image
 
 # One implementation of musubi's area bucket and cover-crop, shared with inference's control sizing.
-from engine.infer.controls import bucket_resolution, cover_crop
+from engine.spec.controls import bucket_resolution, cover_crop
 
 STEP = 16   # RESOLUTION_STEPS for qi / qie
 

@@ -22,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from engine.options import (  # noqa: F401  (re-exported: engine.config is the one import point)
+from engine.spec.options import (  # noqa: F401  (re-exported: engine.spec.config is the one import point)
     MODEL_VERSIONS, EDIT_VERSIONS, ConfigError, opt, CommonOptions, ModelVersionOptions, DitOption, VaeOption,
     TextEncoderOptions, DatasetOption, CachingOptions, Fp8VlOption, TrainAttentionOptions, TrainingOptions,
     NetworkOptions, FinetuneOptions, GenerationOptions, InspectModelConfig, MakeDemoConfig, CheckDatasetConfig,

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.errors import OptionError
+from engine.spec.errors import OptionError
 
 
 @dataclass
