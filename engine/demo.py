@@ -1,4 +1,4 @@
-"""The demo set (design.md §2.5): tiny random models with the real architectures, in the real file layouts, plus
+"""The demo set (docs/architecture.md, "The demo"): tiny random models with the real architectures, in the real file layouts, plus
 a small edit dataset, so every button of the app works on a laptop with no downloads and no GPU.
 
 `make_demo(dir)` builds it once, in seconds on CPU, with fixed seeds. The build happens in a hidden sibling
@@ -21,9 +21,17 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import Qwen2Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from engine import demo_data
+from engine.models.safetensors_io import save_file_atomic
 from engine.spec.config import atomic_write_text
-from engine.spec.errors import EngineError, OptionError
 from engine.spec.demo_manifest import DEMO_VERSION, MANIFEST, load_manifest
+from engine.spec.errors import EngineError, OptionError
 from engine.spec.variants import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -50,13 +58,13 @@ COMFY_DIT_PREFIX = "model.diffusion_model."
 MARKER_2511 = "__index_timestep_zero__"
 SEEDS = {"text_encoder": 1, "vae": 2, "original": 10, "edit": 11, "edit-2509": 12, "edit-2511": 13}
 
-# env notes §4, profile "real": the real channel layout and VAE scale, 92K parameters.
+# The real channel layout and VAE scale (64 packed latent channels, 16 latent channels, 8× VAE), 92K parameters.
 TINY_DIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 4, 4))
 # latents_mean/std are left at diffusers' defaults, which are the real Qwen-Image VAE's.
 TINY_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
-# env notes §3. mrope sections sum to head_dim / 2 = 8; lm_head is separate, as in Qwen2.5-VL-7B.
+# mrope sections sum to head_dim / 2 = 8; lm_head is separate, as in Qwen2.5-VL-7B.
 TINY_TE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False,
                     rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default"})
@@ -156,8 +164,6 @@ def _fsync_tree(folder: Path) -> None:
 
 def _build(tmp: Path, root: Path, events) -> dict:
     """Everything lands in `tmp`; paths written into files and the manifest point at the final `root`."""
-    from engine import demo_data
-
     steps = ("tokenizer", "text encoder", "DiTs", "VAE", "dataset")
     say = _Progress(events, steps)
     (tmp / "models").mkdir(parents=True)
@@ -215,10 +221,6 @@ def build_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE):
     Trained on a corpus holding the prompt templates, it splits their prefixes into exactly the real tokens
     (34 for text-to-image, 64 for edit), which is what the pipelines' drop index counts.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -270,8 +272,6 @@ def qwen_token_ids(tokenizer) -> dict[str, int]:
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Seed torch for one build without disturbing the caller's random state."""
-    import torch
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -279,8 +279,6 @@ def _seeded(seed: int):
 
 def _bf16_exact(model):
     """Round the weights to bf16 values (kept in fp32) so the bf16 file and the in-memory model are identical."""
-    import torch
-
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).to(p.dtype))
@@ -288,8 +286,6 @@ def _bf16_exact(model):
 
 
 def text_encoder_config(vocab_size: int, token_ids: dict[str, int]):
-    from transformers import Qwen2_5_VLConfig
-
     text = dict(TINY_TE_TEXT, vocab_size=vocab_size, bos_token_id=token_ids["bos_token_id"],
                 eos_token_id=token_ids["eos_token_id"])
     ids = {k: v for k, v in token_ids.items() if k not in ("bos_token_id", "eos_token_id")}
@@ -299,8 +295,6 @@ def text_encoder_config(vocab_size: int, token_ids: dict[str, int]):
 
 def build_text_encoder(vocab_size: int, token_ids: dict[str, int], seed: int = SEEDS["text_encoder"]):
     """A tiny `Qwen2_5_VLForConditionalGeneration` (hidden 32) with bf16-exact random weights."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     with _seeded(seed):
         model = Qwen2_5_VLForConditionalGeneration(text_encoder_config(vocab_size, token_ids))
     return _bf16_exact(model)
@@ -316,10 +310,6 @@ def comfy_text_encoder_key(key: str) -> str:
 
 
 def save_text_encoder_comfy(model, path: str | os.PathLike) -> Path:
-    import torch
-
-    from engine.models.safetensors_io import save_file_atomic
-
     tensors = {comfy_text_encoder_key(k): v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     config["dtype"] = "bfloat16"
@@ -332,8 +322,6 @@ def dit_config(version: str) -> dict:
 
 def build_dit(version: str = "original", seed: int | None = None):
     """A tiny `QwenImageTransformer2DModel` for `version` (Edit-2511 gets zero_cond_t) with bf16-exact weights."""
-    from diffusers import QwenImageTransformer2DModel
-
     with _seeded(SEEDS[version] if seed is None else seed):
         model = QwenImageTransformer2DModel(**dit_config(version))
     return _bf16_exact(model)
@@ -342,10 +330,6 @@ def build_dit(version: str = "original", seed: int | None = None):
 def save_dit_comfy(model, path: str | os.PathLike) -> Path:
     """ComfyUI layout: `model.diffusion_model.` keys, bf16, the diffusers config in metadata; Edit-2511 files
     carry ComfyUI's `__index_timestep_zero__` marker (an empty tensor: ComfyUI registers `torch.tensor([])`)."""
-    import torch
-
-    from engine.models.safetensors_io import save_file_atomic
-
     tensors = {COMFY_DIT_PREFIX + k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     if model.config.zero_cond_t:
         tensors[COMFY_DIT_PREFIX + MARKER_2511] = torch.zeros(0, dtype=torch.bfloat16)
@@ -354,8 +338,6 @@ def save_dit_comfy(model, path: str | os.PathLike) -> Path:
 
 def build_vae(seed: int = SEEDS["vae"]):
     """A tiny `AutoencoderKLQwenImage` (vae scale 8, 16 latent channels, the real latents_mean/std)."""
-    from diffusers import AutoencoderKLQwenImage
-
     with _seeded(seed):
         model = AutoencoderKLQwenImage(**TINY_VAE)
     return _bf16_exact(model)
@@ -363,9 +345,5 @@ def build_vae(seed: int = SEEDS["vae"]):
 
 def save_vae(model, path: str | os.PathLike) -> Path:
     """diffusers layout (the keys of `AutoencoderKLQwenImage.state_dict()`), bf16, config in metadata."""
-    import torch
-
-    from engine.models.safetensors_io import save_file_atomic
-
     tensors = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     return save_file_atomic(tensors, path, metadata={"format": "pt", "config": model.to_json_string()})

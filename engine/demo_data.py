@@ -1,5 +1,5 @@
 """The demo's sample edit dataset: procedural shapes drawn with PIL, musubi-tuner dataset TOMLs and sample
-prompt files (design.md §2.5). Used by `engine.demo`; no torch here.
+prompt files (docs/architecture.md, "The demo"). Used by `engine.demo`; no torch here.
 
 Each item is an edit pair: the control shows a scene, the target shows the same scene with one shape in another
 colour, the mask is white where the shape changed, and the caption describes the target. `control2/` holds two
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
+from PIL import Image, ImageDraw
 
 from engine.spec.variants import VARIANTS
 
@@ -113,8 +116,6 @@ def _write_item(data: Path, item: Item) -> None:
 
 def _scene(item: Item, colour: str):
     """The item's picture with its changing shape in `colour`; returns (image, bounding box of that shape)."""
-    from PIL import Image, ImageDraw
-
     w, h = item.size
     image = Image.new("RGB", item.size, COLOURS[item.background])
     draw = ImageDraw.Draw(image)
@@ -137,8 +138,6 @@ def _draw(draw, shape: str, centre, radius: float, fill) -> tuple[int, int, int,
 
 
 def _swatch(colour: str):
-    from PIL import Image, ImageDraw
-
     image = Image.new("RGB", SWATCH_SIZE, (200, 200, 200))
     ImageDraw.Draw(image).ellipse((6, 6, SWATCH_SIZE[0] - 7, SWATCH_SIZE[1] - 7), fill=COLOURS[colour],
                                   outline=(0, 0, 0))
@@ -147,8 +146,6 @@ def _swatch(colour: str):
 
 def _mask(size, box, margin: int = 3):
     """White = change (musubi's convention), a little larger than the shape."""
-    from PIL import Image, ImageDraw
-
     mask = Image.new("L", size, 0)
     x0, y0, x1, y1 = box
     ImageDraw.Draw(mask).rectangle((x0 - margin, y0 - margin, x1 + margin, y1 + margin), fill=255)
@@ -163,8 +160,6 @@ def _save(image, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- configs
 
 def _write_toml(path: Path, images: Path, control: Path | None, cache: Path) -> Path:
-    import tomli_w
-
     dataset = {"image_directory": str(images), "cache_directory": str(cache), "num_repeats": 1}
     if control is not None:
         dataset["control_directory"] = str(control)

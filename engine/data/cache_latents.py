@@ -2,7 +2,7 @@
 
 Per item one file `<stem>_<W:04d>x<H:04d>_<qi|qie>.safetensors` holding
   latents_1x{h}x{w}_{dtype}            (16, 1, h, w)  the target at its bucket size
-  latents_control_{i}_1x{h}x{w}_{dtype} (16, 1, h, w)  control i at its cached size (reference §3.4 rules)
+  latents_control_{i}_1x{h}x{w}_{dtype} (16, 1, h, w)  control i at its cached size (engine/spec/dataset/buckets.py)
 normalised with the VAE's latents mean/std (posterior mode, input pixels in [-1, 1]), plus the fingerprint
 metadata of `engine.spec.dataset.cache_files`. Targets of one bucket are encoded together; controls one by one
 (their sizes may differ).
@@ -17,20 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.spec.dataset import cache_files as CF
-from engine.spec.dataset.buckets import resize_to_bucket
 from engine.data.caching import (Progress, batches_by_shape, is_text_file, open_rgb, pending, prefetch, prepare,
                                  remove_leftover_temps, remove_unused)
+from engine.models.runtime import resolve_device
+from engine.models.safetensors_io import save_file_atomic
+from engine.models.vae import encode_pixels, load_vae
+from engine.spec.dataset import cache_files as CF
+from engine.spec.dataset.buckets import resize_to_bucket
 from engine.spec.dataset.plan import PlannedItem
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg, events) -> list[str]:
-    from engine.models.safetensors_io import save_file_atomic
-    from engine.models.vae import encode_pixels, load_vae
-    from engine.models.runtime import resolve_device
-
     events.phase("checking")
     plan, variant = prepare(cfg, "vae")
     device = resolve_device(cfg.device)

@@ -4,7 +4,7 @@ Per item one file `<stem>_<qi|qie>_te.safetensors` with `varlen_vl_embed_{dtype}
 only, template prefix dropped — computed by `engine.models.textenc.encode_prompts`, the same code inference uses, with
 the template of --model_version (t2i: drop 34; Edit: image inline, drop 64; Edit-2509/2511: "Picture N:",
 drop 64). Edit versions give the vision encoder each control image at the size inference gives it
-(design.md §2.6, `engine.spec.controls` official sizes: ~1 MP for Edit, 384² area for Edit-2509/2511), made
+(docs/architecture.md, `engine.spec.controls` official sizes: ~1 MP for Edit, 384² area for Edit-2509/2511), made
 from the original control file. fp8 outputs (--fp8_vl) are stored as bfloat16 (musubi PR #440).
 """
 
@@ -15,23 +15,22 @@ import logging
 
 import torch
 
-from engine.spec.dataset import cache_files as CF
 from engine.data.caching import (Progress, batches_by_shape, is_text_file, open_rgb, pending, prefetch, prepare,
                                  remove_leftover_temps, remove_unused)
-from engine.spec.dataset.plan import PlannedItem
+from engine.models.runtime import resolve_device
+from engine.models.safetensors_io import save_file_atomic
+from engine.models.text_encoder import load_text_encoder
+from engine.models.textenc import encode_prompts
+from engine.models.tokenizer import VisionProcessor, load_tokenizer, resolve_tokenizer_folder
 from engine.spec import controls
+from engine.spec.dataset import cache_files as CF
+from engine.spec.dataset.plan import PlannedItem
 from engine.spec.variants import Variant
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg, events) -> list[str]:
-    from engine.models.safetensors_io import save_file_atomic
-    from engine.models.text_encoder import load_text_encoder
-    from engine.models.tokenizer import VisionProcessor, load_tokenizer, resolve_tokenizer_folder
-    from engine.models.runtime import resolve_device
-    from engine.models.textenc import encode_prompts
-
     events.phase("checking")
     plan, variant = prepare(cfg, "text_encoder")
     device = resolve_device(cfg.device)

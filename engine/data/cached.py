@@ -28,9 +28,12 @@ from pathlib import Path
 
 import torch
 
+from engine.models.safetensors_io import load_file
+from engine.models.tokenizer import resolve_tokenizer_folder
 from engine.spec.dataset import cache_files as CF
 from engine.spec.dataset.plan import PlannedItem, build_plan
 from engine.spec.errors import CacheError
+from engine.spec.safetensors_header import read_header
 from engine.spec.variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ class CachedDataset:
         plan = build_plan(dataset_config, model_version)
         plan.raise_if_errors()
         arch = get_variant(model_version).cache_arch
-        tok = _tokenizer_folder(tokenizer) if text_encoder else None
+        tok = resolve_tokenizer_folder(tokenizer) if text_encoder else None
         status = CF.cache_status(plan, model_version, vae=vae, text_encoder=text_encoder, tokenizer=tok)
         bad = [s for s in status if s.state != "ok"]
         if bad and not allow_stale:
@@ -101,8 +104,6 @@ class CachedDataset:
         return len(self.epoch_batches(0))
 
     def load_batch(self, batch: list[CachedItem]) -> dict:
-        from engine.models.safetensors_io import load_file
-
         per_key: dict[str, list[torch.Tensor]] = {}
         embeds = []
         for item in batch:
@@ -123,14 +124,6 @@ def _batch_key(name: str) -> str:
 
 def _cached_item(item: PlannedItem, arch: str) -> CachedItem:
     latent_path = CF.latent_cache_path(item, arch)
-    from engine.spec.safetensors_header import read_header
-
     names = sorted(read_header(latent_path).tensors)
     key = tuple(n.rsplit("_", 1)[0] for n in names)   # shapes without dtype
     return CachedItem(item.stem, latent_path, CF.text_cache_path(item, arch), key, item.spec.index)
-
-
-def _tokenizer_folder(tokenizer: str | None):
-    from engine.models.tokenizer import resolve_tokenizer_folder
-
-    return resolve_tokenizer_folder(tokenizer)

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
+from engine.spec import naming
 from engine.spec.dataset.cache_files import EntryStatus, is_our_cache_file
 from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
 from engine.spec.errors import OptionError
@@ -97,7 +98,7 @@ def remove_unused(plan: Plan, arch: str, produced: Iterable[Path], keep_cache: b
 
 
 def is_text_file(path: Path) -> bool:
-    return path.name.endswith("_te.safetensors")
+    return naming.is_text_cache_name(path.name)
 
 
 def _cache_dirs(plan: Plan) -> list[Path]:

@@ -8,26 +8,36 @@ free the DiT → decode and save. The math matches diffusers' official pipelines
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from engine.infer import masks
-from engine.spec.controls import prepare_control
-from engine.spec.jobs import Job, jobs_from_config
-from engine.infer.outputs import (latent_metadata, load_latent, original_suffix, save_image, save_latent,
-                                  to_pil)
+from engine.infer.outputs import latent_metadata, load_latent, original_suffix, save_image, save_latent, to_pil
 from engine.infer.preview import Previewer
 from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
-from engine.spec import checks
+from engine.models import dit_setup
 from engine.models.dit import check_dit_headers
 from engine.models.latents import initial_noise, pack, unpack
 from engine.models.runtime import compute_dtype, resolve_device
+from engine.models.text_encoder import load_text_encoder
+from engine.models.textenc import encode_prompts
+from engine.models.tokenizer import VisionProcessor, load_tokenizer
+from engine.models.vae import decode_latents, encode_pixels, load_vae
+from engine.spec import checks
+from engine.spec.controls import prepare_control
+from engine.spec.errors import EngineError
+from engine.spec.events import IMAGE_OUTPUT, RcmStep
+from engine.spec.jobs import Job, jobs_from_config
 from engine.spec.variants import Variant, get_variant
+from engine.spec.vram import estimate_config
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +81,6 @@ def run(cfg, events) -> list[str]:
     encode_all_prompts(prepared, variant, cfg, device, dtype)
 
     events.phase("loading", model="dit")
-    from engine.infer.dit_setup import load_transformer
-
     dit = load_transformer(cfg, variant, device, dtype)
     report_memory(events, device, "dit loaded")
     results = []
@@ -103,18 +111,12 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
 
 def emit_estimate(cfg, jobs: list[Job], events) -> None:
     """The estimator's VRAM/RAM for the largest image of this run, so the job log holds estimate and measured peak."""
-    from dataclasses import replace
-
-    from engine.spec.errors import EngineError
-    from engine.spec.vram import estimate_config
-
     if not jobs:
         return
     big = max(jobs, key=lambda j: j.width * j.height)
-    controls = max(len(j.control_paths) for j in jobs)
+    controls = max(len(j.control_image_path) for j in jobs)
     try:
-        result = estimate_config(replace(cfg, image_size=[big.height, big.width],
-                                         control_image_path=["control"] * controls))
+        result = estimate_config(cfg, image_size=list(big.image_size), control_image_path=["control"] * controls)
     except EngineError as e:      # a setting the estimator does not model; generation itself is fine
         log.warning("no VRAM estimate for this run: %s", e.message)
         return
@@ -124,10 +126,19 @@ def emit_estimate(cfg, jobs: list[Job], events) -> None:
 
 # ---- models ----------------------------------------------------------------------------------------------------
 
-def load_vae_model(path, device):
-    from engine.models.vae import load_vae
+def load_transformer(cfg, variant: Variant, device: torch.device, dtype: torch.dtype):
+    """The DiT once, in engine/models/dit_setup.py's order: LoRA merged and fp8 applied while reading, then
+    block swap and the attention kernel."""
+    merger = dit_setup.lora_merger(cfg.lora_weight, cfg.lora_multiplier)
+    dit = dit_setup.load(cfg.dit, variant, device, dtype, fp8=cfg.fp8 or cfg.fp8_scaled, fp8_scaled=cfg.fp8_scaled,
+                         swap=cfg.blocks_to_swap > 0, merger=merger)
+    dit.eval().requires_grad_(False)
+    dit_setup.finish(dit, device, blocks_to_swap=cfg.blocks_to_swap, attention=cfg.attn_mode)
+    return dit
 
-    # float32 on every device: bf16 decoding can give NaN/black images (diffusers-transformers.md §1.3)
+
+def load_vae_model(path, device):
+    # float32 on every device: this VAE's bf16 decode can give NaN (black) images
     return load_vae(path, device=device, dtype=torch.float32)
 
 
@@ -140,8 +151,6 @@ def report_memory(events, device: torch.device, phase: str) -> None:
     """A `vram` event (CUDA only): what the GUI's memory readout shows."""
     if device.type != "cuda":
         return
-    import resource
-
     gib = 1024 ** 3
     ram = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib      # peak RSS (Linux reports KiB)
     events.vram(round(torch.cuda.memory_allocated(device) / gib, 2), round(torch.cuda.memory_reserved(device) / gib, 2),
@@ -158,10 +167,8 @@ def free_memory(device: torch.device) -> None:
 
 def encode_controls(p: Prepared, variant: Variant, cfg, vae, dtype) -> None:
     """VAE latents (packed, in order) and vision-encoder images of the job's control images."""
-    from engine.models.vae import encode_pixels
-
     packed, shapes, vl_images = [], [], []
-    for path in p.job.control_paths:
+    for path in p.job.control_image_path:
         vae_img, vl_img = prepare_control(variant, Image.open(path), (p.job.width, p.job.height),
                                           cfg.resize_control_to_official_size, cfg.resize_control_to_image_size)
         latents = encode_pixels(vae, pil_to_pixels(vae_img))           # (1, 16, 1, h, w) normalised
@@ -175,8 +182,6 @@ def encode_controls(p: Prepared, variant: Variant, cfg, vae, dtype) -> None:
 
 def pil_to_pixels(image: Image.Image) -> torch.Tensor:
     """RGB PIL → (1, 3, 1, H, W) in [-1, 1], as diffusers' VaeImageProcessor.preprocess."""
-    import numpy as np
-
     arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
     return (arr.permute(2, 0, 1)[None, :, None] * 2.0 - 1.0).contiguous()
 
@@ -190,10 +195,6 @@ def negative_text(job: Job) -> str | None:
 
 def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, dtype) -> None:
     """All prompts (and negatives) first, then the text encoder is freed before the DiT loads."""
-    from engine.models.text_encoder import load_text_encoder
-    from engine.models.tokenizer import VisionProcessor, load_tokenizer
-    from engine.models.textenc import encode_prompts
-
     te_device = torch.device("cpu") if cfg.text_encoder_cpu else device
     te_dtype = compute_dtype(te_device) if te_device.type != "cpu" or device.type == "cpu" else torch.bfloat16
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -203,7 +204,7 @@ def encode_all_prompts(prepared: list[Prepared], variant: Variant, cfg, device, 
 
     def embed(prompts: list[str], p: Prepared) -> list[torch.Tensor]:
         """The job's prompt and negative in one text-encoder pass (cached by prompt, controls and size)."""
-        keys = [(text, tuple(p.job.control_paths), p.job.width, p.job.height) for text in prompts]
+        keys = [(text, tuple(p.job.control_image_path), p.job.width, p.job.height) for text in prompts]
         todo = [text for text, key in zip(prompts, keys) if key not in cache]
         if todo:
             images = [p.vl_images] * len(todo) if variant.is_edit else None
@@ -230,7 +231,7 @@ def sample_job(p: Prepared, cfg, dit, device, dtype, events, save_dir: Path, ind
     job = p.job
     noise = initial_noise(job.seed, job.height, job.width).to(device, dtype)
     request = DenoiseRequest(
-        noise=noise, height=job.height, width=job.width, steps=job.steps, guidance_scale=job.guidance_scale,
+        noise=noise, height=job.height, width=job.width, steps=job.infer_steps, guidance_scale=job.guidance_scale,
         positive=Conditioning(p.positive[None]),
         negative=Conditioning(p.negative[None]) if p.negative is not None else None,
         control_latents=None if p.control_latents is None else p.control_latents.to(device),
@@ -269,15 +270,11 @@ def make_blend(p: Prepared, cfg, noise: torch.Tensor, events, save_dir: Path, in
     ref0 = p.control_latents[:, :noise.shape[1]].to(noise.device, noise.dtype)
     if job.mask_path is not None:
         return masks.inpaint_blend(masks.load_mask_tokens(job.mask_path, job.width, job.height), ref0, noise)
-    settings = masks.RcmSettings(
-        threshold=job.rcm_threshold, relative=job.rcm_relative, kernel_size=job.rcm_kernel_size,
-        dilate_size=job.rcm_dilate_size, debug_dir=save_dir if cfg.rcm_debug_save else None,
-        debug_stem=Path(job.control_paths[0]).stem)
 
-    def on_mask(step: int, path: str) -> None:
-        events.image(path, kind="rcm_mask", step=step, index=index)
+    def on_step(record: RcmStep) -> None:
+        events.write(replace(record, index=index))
 
-    return masks.rcm_blend(settings, ref0, noise, job.height, job.width, on_mask)
+    return masks.rcm_blend(job, ref0, noise, save_dir if cfg.rcm_debug_save else None, on_step)
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------------
@@ -293,7 +290,7 @@ def parameters_of(job: Job, cfg, variant: Variant) -> dict:
 
 def save_outputs(p: Prepared, latents: torch.Tensor, cfg, variant: Variant, vae, events, save_dir: Path) -> list[str]:
     job = p.job
-    suffix = original_suffix(job.control_paths, cfg.append_original_name)
+    suffix = original_suffix(job.control_image_path, cfg.append_original_name)
     params = None if cfg.no_metadata else parameters_of(job, cfg, variant)
     unpacked = unpack(latents, job.height, job.width)
     outputs = []
@@ -305,13 +302,11 @@ def save_outputs(p: Prepared, latents: torch.Tensor, cfg, variant: Variant, vae,
     if cfg.output_type in ("images", "latent_images"):
         path = decode_and_save(vae, unpacked, save_dir, job.seed, suffix, params)
         outputs.append(str(path))
-        events.image(str(path), kind="output", seed=job.seed)
+        events.image(str(path), kind=IMAGE_OUTPUT, seed=job.seed)
     return outputs
 
 
 def decode_and_save(vae, unpacked: torch.Tensor, save_dir: Path, seed: int, suffix: str, params) -> Path:
-    from engine.models.vae import decode_latents
-
     pixels = decode_latents(vae, unpacked)       # (1, 3, H, W) in [0, 1]
     return save_image(to_pil(pixels[0]), save_dir, seed, suffix, params)
 
@@ -325,10 +320,8 @@ def decode_latent_files(cfg, vae, device, events, save_dir: Path) -> list[str]:
         seed = meta.get("seeds", "0")
         params = None
         if not cfg.no_metadata and meta.get("parameters"):
-            import json
-
             params = json.loads(meta["parameters"])
         out = decode_and_save(vae, latent.to(device, torch.float32), save_dir, seed, "", params)
         outputs.append(str(out))
-        events.image(str(out), kind="output", seed=seed)
+        events.image(str(out), kind=IMAGE_OUTPUT, seed=seed)
     return outputs

@@ -1,5 +1,5 @@
 """Inpaint mask and Reference Consistency Mask (RCM) for edit models, as musubi-tuner does them
-(reference musubi-tuner.md §7.4–7.5). White / 1 = change, black / 0 = keep the first control image.
+(docs/architecture.md, "Precise semantics"). White / 1 = change, black / 0 = keep the first control image.
 
 Both blend the current latents with the first control re-noised to the current time,
 `ref_t = z_ctrl0·(1 − t/1000) + ε0·t/1000`, between the velocity prediction and the scheduler step.
@@ -7,8 +7,6 @@ Both blend the current latents with the first control re-noised to the current t
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.spec.controls import cover_crop
 from engine.models.latents import unpack
-
-log = logging.getLogger(__name__)
-
+from engine.spec.controls import cover_crop
+from engine.spec.events import RcmStep
+from engine.spec.jobs import Job
 
 def load_mask_tokens(path: str | Path, width: int, height: int) -> torch.Tensor:
     """(1, S, 1) soft mask on the token grid: cover-resize + centre crop to the output size, red channel,
@@ -68,63 +65,51 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return F.conv2d(padded, weight, groups=c)
 
 
-@dataclass
-class RcmSettings:
-    threshold: float
-    relative: bool = False
-    kernel_size: int = 3
-    dilate_size: int = 0
-    debug_dir: Path | None = None        # --rcm_debug_save: write one PNG per step into --save_path
-    debug_stem: str = "control"          # the first control image's file stem
+def rcm_mask_name(job: Job, step: int) -> str:
+    """musubi's debug mask name: first control's stem, the RCM settings, the step."""
+    return (f"{Path(job.control_image_path[0]).stem}_th{job.rcm_threshold}_rel{int(job.rcm_relative_threshold)}"
+            f"_ks{job.rcm_kernel_size}_ds{job.rcm_dilate_size}_rcm_mask_{step:02d}.png")
 
 
-def rcm_mask_name(s: RcmSettings, step: int) -> str:
-    return (f"{s.debug_stem}_th{s.threshold}_rel{int(s.relative)}_ks{s.kernel_size}_ds{s.dilate_size}"
-            f"_rcm_mask_{step:02d}.png")
-
-
-def rcm_difference(latents: torch.Tensor, ref_t: torch.Tensor, height: int, width: int,
-                   s: RcmSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def rcm_difference(latents: torch.Tensor, ref_t: torch.Tensor, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, th): the channel-mean |blurred latents − blurred reference| on the latent grid, and the threshold."""
-    lat = unpack(latents, height, width)[:, :, 0].float()
-    ref = unpack(ref_t, height, width)[:, :, 0].float()
-    if s.kernel_size > 1:
-        k = gaussian_kernel_size(s.kernel_size)
+    lat = unpack(latents, job.height, job.width)[:, :, 0].float()
+    ref = unpack(ref_t, job.height, job.width)[:, :, 0].float()
+    if job.rcm_kernel_size > 1:
+        k = gaussian_kernel_size(job.rcm_kernel_size)
         lat, ref = gaussian_blur(lat, k), gaussian_blur(ref, k)
     d = (lat - ref).abs().mean(dim=1, keepdim=True)
-    th = s.threshold * d.max() if s.relative else torch.tensor(s.threshold)
+    th = job.rcm_threshold * d.max() if job.rcm_relative_threshold else torch.tensor(job.rcm_threshold)
     return d, th
 
 
-def rcm_mask(latents: torch.Tensor, ref_t: torch.Tensor, height: int, width: int, s: RcmSettings,
-             step: int | None = None) -> torch.Tensor:
+def rcm_mask(d: torch.Tensor, th: torch.Tensor, job: Job, dtype: torch.dtype) -> torch.Tensor:
     """(1, 1, H/16, W/16) mask: 1 where the latents moved away from the noisy reference (keep generating)."""
-    d, th = rcm_difference(latents, ref_t, height, width, s)
-    if s.debug_dir is not None:
-        log.info("RCM step %s: difference min %.6f max %.6f mean %.6f, threshold %.6f", step, d.min().item(),
-                 d.max().item(), d.mean().item(), float(th))
-    mask = (d >= th).to(latents.dtype)
-    mask = F.interpolate(mask, size=(height // 16, width // 16), mode="bilinear", align_corners=False)
-    if s.dilate_size > 0:
-        r = s.dilate_size
+    mask = (d >= th).to(dtype)
+    mask = F.interpolate(mask, size=(job.height // 16, job.width // 16), mode="bilinear", align_corners=False)
+    if job.rcm_dilate_size > 0:
+        r = job.rcm_dilate_size
         mask = F.max_pool2d(mask, kernel_size=2 * r + 1, stride=1, padding=r)
     return mask
 
 
-def rcm_blend(settings: RcmSettings, ref0: torch.Tensor, noise0: torch.Tensor, height: int, width: int,
-              on_mask: Callable[[int, str], None] | None = None) -> Callable:
-    """Blend hook for `sampling.denoise`: from the second step on, reset regions that still match the reference."""
+def rcm_blend(job: Job, ref0: torch.Tensor, noise0: torch.Tensor, debug_dir: Path | None = None,
+              on_step: Callable[[RcmStep], None] | None = None) -> Callable:
+    """Blend hook for `sampling.denoise`: from the second step on, reset regions that still match the reference.
+    With `debug_dir` (--rcm_debug_save) each step's mask is saved there and `on_step` gets its RcmStep record."""
 
     def blend(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         if i == 0:
             return latents
         ref_t = noisy_reference(ref0, noise0, t)
-        mask = rcm_mask(latents, ref_t, height, width, settings, step=i)
-        if settings.debug_dir is not None:
-            path = Path(settings.debug_dir) / rcm_mask_name(settings, i)
+        d, th = rcm_difference(latents, ref_t, job)
+        mask = rcm_mask(d, th, job, latents.dtype)
+        if debug_dir is not None:
+            path = Path(debug_dir) / rcm_mask_name(job, i)
             save_mask_png(mask, path)
-            if on_mask is not None:
-                on_mask(i, str(path))
+            if on_step is not None:
+                on_step(RcmStep(str(path), step=i, min=d.min().item(), max=d.max().item(), mean=d.mean().item(),
+                                threshold=float(th)))
         m = mask.reshape(latents.shape[0], -1, 1).to(latents.dtype)
         return latents * m + ref_t * (1 - m)
 

@@ -18,8 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors import safe_open
 
-PARAMETERS_KEY = "parameters"
+from engine.models.safetensors_io import save_file_atomic
+from engine.spec import naming
+
+PARAMETERS_KEY = naming.PNG_PARAMETERS_KEY
 
 
 def time_flag() -> str:
@@ -71,8 +75,6 @@ def read_parameters(path: str | Path) -> dict | None:
 
 
 def save_latent(latent: torch.Tensor, save_dir: Path, seed: int, suffix: str, job_meta: dict | None) -> Path:
-    from engine.models.safetensors_io import save_file_atomic
-
     save_dir.mkdir(parents=True, exist_ok=True)
     path = _unique(save_dir / f"{time_flag()}_{seed}_latent{suffix}.safetensors")
     metadata = None
@@ -84,7 +86,7 @@ def save_latent(latent: torch.Tensor, save_dir: Path, seed: int, suffix: str, jo
 
 
 def latent_metadata(job, embedded_cfg_scale: float, parameters: dict) -> dict:
-    meta = dict(seeds=job.seed, prompt=job.prompt, height=job.height, width=job.width, infer_steps=job.steps,
+    meta = dict(seeds=job.seed, prompt=job.prompt, height=job.height, width=job.width, infer_steps=job.infer_steps,
                 embedded_cfg_scale=embedded_cfg_scale, guidance_scale=job.guidance_scale)
     if job.negative_prompt is not None:
         meta["negative_prompt"] = job.negative_prompt
@@ -94,8 +96,6 @@ def latent_metadata(job, embedded_cfg_scale: float, parameters: dict) -> dict:
 
 def load_latent(path: str | Path) -> tuple[torch.Tensor, dict]:
     """A latent file of ours or musubi's: (latent (1, 16, 1, h, w), metadata)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         latent = f.get_tensor("latent")

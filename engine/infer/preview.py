@@ -21,6 +21,9 @@ import torch
 
 from engine.infer.outputs import time_flag, to_pil
 from engine.models.latents import unpack
+from engine.models.vae import decode_latents
+from engine.spec import naming
+from engine.spec.events import Preview
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class Previewer:
     def __init__(self, every: int, vae, save_dir: Path, events):
         self.every = every
         self.vae = vae
-        self.folder = save_dir / "previews"
+        self.folder = save_dir / naming.PREVIEW_FOLDER
         self.stamp = time_flag()          # runs sharing a --save_path (the GUI's) must not overwrite each other
         self.events = events
         self.enabled = True
@@ -54,8 +57,6 @@ class Previewer:
     def save(self, x0: torch.Tensor, step: int, total: int, height: int, width: int, index: int) -> Path | None:
         """Decode x0 (1, S, 64 packed) and write the preview; a CUDA out-of-memory here turns previews off for
         the rest of the run with a warning rather than losing the generation."""
-        from engine.models.vae import decode_latents
-
         if not self.enabled:
             return None
         try:
@@ -70,7 +71,7 @@ class Previewer:
         image.thumbnail((MAX_SIDE, MAX_SIDE))
         path = self.folder / f"{self.stamp}_{index:03d}_step{step:03d}.png"
         _save_png(image, path)
-        self.events.image(str(path), kind="preview", step=step, total=total, index=index)
+        self.events.write(Preview(str(path), step=step, total=total, index=index))
         return path
 
 

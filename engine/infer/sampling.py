@@ -15,6 +15,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from engine.infer.preview import clean_estimate, preview_steps
+from engine.models.textenc import pad_embeddings
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json
 QWEN_SCHEDULER_CONFIG = dict(
@@ -27,8 +31,6 @@ QWEN_SCHEDULER_CONFIG = dict(
 def make_scheduler(flow_shift: float | None = None):
     """diffusers' FlowMatchEulerDiscreteScheduler with the published config; a fixed --flow_shift replaces the
     resolution-dependent (dynamic) shift, the terminal stretch to 0.02 stays."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     config = dict(QWEN_SCHEDULER_CONFIG)
     if flow_shift is not None:
         config.update(use_dynamic_shifting=False, shift=float(flow_shift))
@@ -95,8 +97,6 @@ def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: Ste
             on_estimate: EstimateFn | None = None, estimate_every: int | None = None) -> torch.Tensor:
     """Run the loop; returns the packed latents (1, S, 64) in the noise dtype. `on_estimate` is called after the
     steps preview.preview_steps(steps, estimate_every) picks."""
-    from engine.infer.preview import clean_estimate, preview_steps
-
     scheduler = make_scheduler(req.flow_shift)
     latents = req.noise
     n_target = latents.shape[1]
@@ -130,8 +130,6 @@ def denoise(dit, req: DenoiseRequest, blend: BlendFn | None = None, on_step: Ste
 
 def _joint(pos: Conditioning, neg: Conditioning) -> Conditioning:
     """cond and uncond text as one batch of 2, zero-padded to the longer one with a mask (None if equal)."""
-    from engine.models.textenc import pad_embeddings
-
     embeds, mask = pad_embeddings([pos.embeds[0], neg.embeds[0]])
     return Conditioning(embeds, mask)
 

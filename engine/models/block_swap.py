@@ -1,4 +1,4 @@
-"""Block swap (`--blocks_to_swap N`, musubi-tuner.md §5.4): the Linear weights of N of the DiT's blocks live in
+"""Block swap (`--blocks_to_swap N`, as in musubi-tuner): the Linear weights of N of the DiT's blocks live in
 host RAM (pinned on CUDA) and are streamed to the compute device just before use, with asynchronous copies on a
 separate CUDA stream, in forward and in backward (with or without gradient checkpointing).
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.spec.checks import check_blocks_to_swap
 from engine.spec.errors import OptionError
 
 
@@ -82,9 +83,7 @@ class BlockSwap:
         self.blocks = blocks
         self.num = len(blocks)
         self.n = blocks_to_swap
-        if not 0 < blocks_to_swap <= self.num - 1:
-            raise OptionError(f"--blocks_to_swap {blocks_to_swap}: the DiT has {self.num} blocks, so it must be "
-                              f"between 1 and {self.num - 1}.", "Lower --blocks_to_swap (0 disables it).")
+        check_blocks_to_swap(blocks_to_swap, self.num, lowest=1)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.supports_backward = supports_backward

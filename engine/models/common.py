@@ -22,15 +22,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-from engine.spec.errors import ModelFileError
-from engine.spec import downloads
+import torch
+from accelerate import init_empty_weights
+
+from engine.models.runtime import compute_dtype
 from engine.models.safetensors_io import Transform, iter_tensors, torch_dtype
+from engine.spec import downloads
+from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import FP8_DTYPES, TensorInfo, read_header
-
-if TYPE_CHECKING:  # torch is imported where weights are touched, so header-only callers (inspect) stay fast
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,6 @@ def build_empty(cls, config: Mapping) -> torch.nn.Module:
     """Build `cls` from `config` with parameters on the meta device (no memory); plain tensor attributes
     such as RoPE tables are computed normally on CPU. Works for diffusers (`from_config`) and transformers
     (`_from_config` with a config object) classes."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         if hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
             # diffusers re-applies defaults for names in `_use_default_values` (saved configs carry it), which
@@ -183,10 +182,6 @@ def file_dtype(tensors: TensorMap) -> torch.dtype | None:
 
 def choose_dtype(device: torch.device, tensors: TensorMap, requested: torch.dtype | None = None) -> torch.dtype:
     """The asked dtype, else the file's bf16 on CUDA and float32 on CPU (engine.models.runtime.compute_dtype)."""
-    import torch
-
-    from engine.models.runtime import compute_dtype
-
     return requested if requested is not None else compute_dtype(torch.device(device), file_dtype(tensors))
 
 
@@ -196,8 +191,6 @@ def load_weights(model: torch.nn.Module, files: Iterable[str | os.PathLike], dty
     """Fill a meta-built `model` from `files`, one tensor read at a time, strict and with assign=True (the
     read buffers become the parameters: no second copy). `extra` supplies tensors a file may lack.
     Non-parameter tensors created at build time (RoPE tables) are moved to `device` afterwards."""
-    import torch
-
     device = torch.device(device)
     state = dict(iter_tensors(files, dtype=dtype, device=device, rename=rename, transform=transform))
     for name, t in (extra or {}).items():

@@ -1,6 +1,6 @@
 """The Qwen-Image DiT loader: any of the published layouts → diffusers' `QwenImageTransformer2DModel`.
 
-Layouts (design.md §2.2): a ComfyUI single file (keys with or without the `model.diffusion_model.` prefix,
+Layouts (docs/architecture.md, "Model files"): a ComfyUI single file (keys with or without the `model.diffusion_model.` prefix,
 Edit-2511's `__index_timestep_zero__` marker), a diffusers `transformer/` folder (config.json + one file or an
 index + shards), a pipeline folder holding `transformer/`, or any shard of an HF shard set.
 
@@ -17,11 +17,13 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers import QwenImageTransformer2DModel
 
-from engine.spec.errors import ModelFileError, OptionError
 from engine.models import common
-from engine.spec import downloads
+from engine.models.inspect import identify_tensors
 from engine.models.safetensors_io import Transform
+from engine.spec import downloads
+from engine.spec.errors import ModelFileError, OptionError
 from engine.spec.safetensors_header import expand_shards, read_headers
 from engine.spec.variants import get_variant
 
@@ -48,8 +50,6 @@ PUBLISHED_DIT_PARAMS = 20_430_401_088
 
 
 def dit_class():
-    from diffusers import QwenImageTransformer2DModel
-
     return QwenImageTransformer2DModel
 
 
@@ -116,8 +116,6 @@ def _variant(model_version: str):
 
 def check_is_qwen_dit(tensors: common.TensorMap, first: Path) -> None:
     """Refuse a file that is not a Qwen-Image DiT, naming what it looks like."""
-    from engine.models.inspect import identify_tensors
-
     ident = identify_tensors(tensors)
     if ident.component == "dit" and ident.family == "qwen-image":
         return
@@ -127,7 +125,7 @@ def check_is_qwen_dit(tensors: common.TensorMap, first: Path) -> None:
 
 
 def edit_evidence(tensors: common.TensorMap, path: Path) -> tuple[bool, str | None]:
-    """(looks like an edit model, the evidence). Edit and t2i DiTs have identical shapes (design.md §2.6):
+    """(looks like an edit model, the evidence). Edit and t2i DiTs have identical shapes:
     only the 2511 marker key or "edit" in the file/folder name tells them apart."""
     if any(strip_prefix(k) is None for k in tensors):
         return True, f"the Edit-2511 marker key {MARKER_2511!r}"

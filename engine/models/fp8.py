@@ -1,4 +1,4 @@
-"""fp8 storage of the DiT's block Linear weights (`--fp8_base`, `--fp8_scaled`; musubi-tuner.md §5.4).
+"""fp8 storage of the DiT's block Linear weights (`--fp8_base`, `--fp8_scaled`, as in musubi-tuner).
 
 - Targets: `*.weight` keys containing `transformer_blocks` and none of `norm`, `time_text_embed` — i.e. the 14
   Linear layers of every block (modulation included: "modulation layers are large and block-wise scaling may be
@@ -17,6 +17,8 @@ API:
 - `quantize_weight(w, scaled=True) -> (q, scale)`  per tensor; refuses tensors that are already fp8
 - `dequantize_weight(q, scale, dtype)`
 - `Fp8Quantizer(scaled).transform(key, tensor)`    load hook: {key: q, key.scale_weight: scale} for targets
+- `Fp8Hook(scaled)`: `.transform` quantises while loading a plain model, `.finish(model)` attaches the scales
+                                                   and the fp8 forward afterwards (engine/models/dit_setup.py)
 - `patch_fp8_linears(model, scaled)`               give target Linears the fp8 forward (+ scale buffers, also
                                                    on meta models, so a state dict with scale_weight loads)
 - `quantize_model(model, scaled)`                  quantise an already loaded model in place, layer by layer
@@ -25,6 +27,7 @@ API:
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.spec.errors import ModelFileError
+
+log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
@@ -146,6 +151,32 @@ class Fp8Quantizer:
         if scale is None:
             return q
         return {key: q, key[: -len("weight")] + "scale_weight": scale}
+
+
+class Fp8Hook:
+    """fp8 storage of the block Linear weights while loading: each weight is quantised as it is read; the
+    block-wise scales are attached after loading (load_dit builds the plain model, which has no scale buffers
+    for a strict load to fill)."""
+
+    def __init__(self, scaled: bool):
+        self.scaled = scaled
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def transform(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not is_target(key) or tensor.dim() == 1:
+            return tensor
+        q, scale = quantize_weight(tensor, self.scaled, key)
+        if scale is not None:
+            self.scales[key] = scale
+        return q
+
+    def finish(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for key, scale in self.scales.items():
+            modules[key[: -len(".weight")]].register_buffer("scale_weight", scale)
+        patched = patch_fp8_linears(model, self.scaled)
+        log.info("fp8%s: %d block Linear weights stored as float8_e4m3fn", " (block-wise scaled)" * self.scaled,
+                 len(patched))
 
 
 def chain(*transforms: Callable) -> Callable:

@@ -3,7 +3,8 @@
 For each path (a file, any shard of a set, or a folder): component (dit / text_encoder / vae / lora /
 unknown), variant (original / edit / edit-2509 / edit-2511, or None when the file cannot tell), main dtype,
 exact parameter count from the shapes, size on disk, and a list of problems. Reads headers only and never
-imports torch, so it answers in well under a second even for 40 GB files (design.md §2.6).
+imports torch, so it answers in well under a second even for 40 GB files (docs/architecture.md lists the
+JSON fields).
 
 The GUI's Models tab runs the command in a subprocess with --json; `inspect_paths` is the same as a function.
 """
@@ -15,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.spec.errors import EngineError
+from engine.spec.errors import EngineError, OptionError
 from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, Header, TensorInfo, expand_shards, read_header
 from engine.spec.variants import VARIANTS
 
@@ -315,18 +316,7 @@ def _human(n: int, base: int, units: list[str]) -> str:
     return f"{value:.2f}{unit}" if unit != units[0] else f"{int(value)}{unit}"
 
 
-def parse_cli_output(stdout: str) -> list[dict]:
-    """The result list from the stdout of `python -m engine inspect_model --json` (a line holding a JSON
-    list; event lines around it are JSON objects)."""
-    for line in stdout.splitlines():
-        if line.startswith("["):
-            return json.loads(line)
-    raise ValueError("no JSON list in inspect_model output")
-
-
 def run(cfg, events) -> list[str]:
-    from engine.spec.errors import OptionError
-
     if not cfg.files:
         raise OptionError("inspect_model needs at least one FILE (or folder).",
                           "Example: python -m engine inspect_model qwen_image_bf16.safetensors --json")

@@ -1,4 +1,5 @@
-"""Latent packing and the seed → noise recipe (design.md §2.6), shared by inference and training."""
+"""Latent packing and the seed → noise recipe (docs/architecture.md, "Precise semantics"), shared by inference
+and training."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Read LoRA files in any common Qwen-Image layout and apply them to a loaded or loading DiT.
 
-Layouts read (reference/diffusers-transformers.md §4, musubi-tuner.md §6):
+Layouts read:
 - kohya / musubi / ours:  `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`
 - diffusers / PEFT:       `transformer.<module>.lora_A.weight`, `.lora_B.weight`; alpha from the safetensors
                           metadata `lora_adapter_metadata` (PEFT LoraConfig JSON) when present, else scale 1
@@ -29,11 +29,13 @@ from typing import Iterable, Mapping
 
 import torch
 
+from engine.models.safetensors_io import load_file
 from engine.spec.errors import ModelFileError
+from engine.spec.safetensors_header import read_header
 
 KOHYA_PREFIX = "lora_unet_"
 
-# The Linear layers inside one QwenImageTransformerBlock (design.md §2.6: all 14 are LoRA targets).
+# The Linear layers inside one QwenImageTransformerBlock (all 14 are LoRA targets by default).
 BLOCK_LINEARS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
     "attn.to_out.0", "attn.to_add_out", "img_mod.1", "txt_mod.1",
@@ -157,9 +159,6 @@ def _known_path(path: str) -> str | None:
 def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = None,
               metadata: Mapping[str, str] | None = None) -> LoraFile:
     """Read a LoRA file (or an already loaded state dict + metadata) into normalised factors."""
-    from engine.models.safetensors_io import load_file
-    from engine.spec.safetensors_header import read_header
-
     path = Path(path)
     if tensors is None:
         if not path.is_file():

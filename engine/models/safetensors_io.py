@@ -42,7 +42,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, (_, a) in DTYPE_INFO.items() if a == attr)
 
 
-
 def read_tensor(f, header: Header, name: str) -> torch.Tensor:
     """Read one tensor from open binary file `f` (whose header is `header`) in its stored dtype, on CPU."""
     info = header.tensors[name]

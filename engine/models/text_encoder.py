@@ -1,6 +1,6 @@
 """The Qwen2.5-VL-7B text encoder loader → transformers' `Qwen2_5_VLForConditionalGeneration`.
 
-Layouts (design.md §2.2):
+Layouts (docs/architecture.md, "Model files"):
 - ComfyUI `qwen_2.5_vl_7b.safetensors` and the transformers-4 files of Qwen/Qwen-Image `text_encoder/`: keys
   `model.*` (language model), `visual.*` (vision tower), optional `lm_head.*`;
 - the current transformers layout: `model.language_model.*`, `model.visual.*`, `lm_head.*`;
@@ -11,7 +11,7 @@ Qwen-Image reads only hidden states, so a missing `lm_head` is not an error: it 
 (no extra memory) and a log line says that generated text would be meaningless.
 `fp8_vl` stores the Linear weights as float8_e4m3fn (half the memory of bf16) and upcasts each to the compute
 dtype when it is used; embeddings, norms, biases and the patch embedding stay in the compute dtype, and RMSNorm is
-computed in float32 (musubi-tuner's --fp8_vl, reference §1.5).
+computed in float32 (musubi-tuner's --fp8_vl).
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import types
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from engine.spec.errors import ModelFileError
 from engine.models import common
+from engine.models.inspect import identify_tensors
 from engine.spec import downloads
+from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import expand_shards, read_headers
 
 log = logging.getLogger(__name__)
@@ -119,8 +122,6 @@ def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu
 
 
 def model_class():
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     return Qwen2_5_VLForConditionalGeneration
 
 
@@ -149,9 +150,6 @@ def sibling_config(file: Path, key: str, value: str) -> Path | None:
 def make_config(config_dict: dict, source: str):
     """A `Qwen2_5_VLConfig` from the current nested layout or the transformers-4 flat one (whose top-level
     text fields the config class routes into text_config)."""
-    from huggingface_hub.errors import StrictDataclassError   # transformers 5 configs validate field types
-    from transformers import Qwen2_5_VLConfig
-
     model_type = config_dict.get("model_type", "qwen2_5_vl")
     if model_type != "qwen2_5_vl":
         raise ModelFileError(f"{source} describes a {model_type!r} model, not Qwen2.5-VL ('qwen2_5_vl').",
@@ -167,8 +165,6 @@ def make_config(config_dict: dict, source: str):
 def check_is_qwen25vl(tensors: common.TensorMap, first: Path) -> None:
     """Refuse a file that is not a Qwen2.5-VL text encoder with its vision tower, naming what it looks like
     (headers only; the identification is inspect_model's)."""
-    from engine.models.inspect import identify_tensors
-
     ident = identify_tensors(tensors)
     if ident.component == "text_encoder" and ident.family == "qwen2.5-vl" and not ident.problems:
         return

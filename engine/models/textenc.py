@@ -24,6 +24,7 @@ import logging
 from typing import Sequence
 
 import torch
+from transformers import ProcessorMixin
 
 from engine.spec.variants import Variant, get_variant
 
@@ -93,7 +94,6 @@ def run_processor(processor, tokenizer, texts: list[str], images: list) -> dict:
     if processor is None:
         raise ValueError("edit models need the vision processor (engine.models.tokenizer.VisionProcessor)")
     try:
-        from transformers import ProcessorMixin
         is_hf = isinstance(processor, ProcessorMixin)
     except ImportError:  # pragma: no cover - transformers is a hard requirement
         is_hf = False

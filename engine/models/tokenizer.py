@@ -12,6 +12,12 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import Qwen2Tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
 from engine.spec.errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,6 @@ def load_tokenizer(path_or_id: str | os.PathLike | None = None, cache_dir: str |
     """A transformers `Qwen2Tokenizer` from a local folder or a hub id (None = Qwen/Qwen-Image's tokenizer)."""
     folder = resolve_tokenizer_folder(path_or_id, cache_dir)
     check_tokenizer_folder(folder)
-    from transformers import Qwen2Tokenizer
 
     try:
         tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
@@ -96,9 +101,6 @@ def _looks_like_hub_id(text: str) -> bool:
 
 def _download(repo_id: str, cache_dir) -> Path:
     """snapshot_download of the tokenizer files only (cached after the first call; works offline once cached)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
     patterns = [f"{HUB_SUBFOLDER}/*", *FAST_FILES, *HUB_FILES]
     try:
         root = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
@@ -133,8 +135,6 @@ class VisionProcessor:
     """
 
     def __init__(self, tokenizer, **overrides):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
         self.tokenizer = tokenizer
         self.settings = {**IMAGE_PROCESSOR_SETTINGS, **overrides}
         # BICUBIC resampling and rescale 1/255 + normalise are the class defaults, as in the published config.
@@ -143,8 +143,6 @@ class VisionProcessor:
         self.merge_size = self.settings["merge_size"]
 
     def __call__(self, texts: list[str] | str, images=None) -> dict:
-        import torch
-
         texts = [texts] if isinstance(texts, str) else list(texts)
         images = [] if images is None else list(images)
         n_pads = sum(t.count(IMAGE_TOKEN) for t in texts)

@@ -1,8 +1,8 @@
 """The Qwen-Image VAE loader → diffusers' `AutoencoderKLQwenImage`, plus pixel ↔ normalised-latent helpers.
 
-Layouts (design.md §2.2): the diffusers layout (Qwen/Qwen-Image `vae/` folder with config.json, or a single file),
+Layouts (docs/architecture.md, "Model files"): the diffusers layout (Qwen/Qwen-Image `vae/` folder with config.json, or a single file),
 and the ComfyUI `qwen_image_vae.safetensors` file, which keeps the original Wan-2.1 key names (detected by its
-top-level `conv1.bias`). The Wan names are converted by the rules below (reference musubi-tuner.md §1.6).
+top-level `conv1.bias`). The Wan names are converted by the rules below (musubi-tuner converts them the same way).
 
 Latent convention (shared by caching, training and inference): `encode_pixels` gives the posterior mode,
 normalised as (z − latents_mean) / latents_std, shape (B, 16, 1, h, w); `decode_latents` undoes it and returns
@@ -17,12 +17,14 @@ import re
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLQwenImage
 
-from engine.spec.errors import ModelFileError
 from engine.models import common
-from engine.spec import downloads
-from engine.spec.safetensors_header import expand_shards, read_headers
+from engine.models.inspect import identify_tensors
 from engine.models.text_encoder import sibling_config
+from engine.spec import downloads
+from engine.spec.errors import ModelFileError
+from engine.spec.safetensors_header import expand_shards, read_headers
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
 
 
 def model_class():
-    from diffusers import AutoencoderKLQwenImage
-
     return AutoencoderKLQwenImage
 
 
@@ -109,8 +109,6 @@ def vae_files(path: str | os.PathLike) -> tuple[list[Path], Path | None]:
 def check_is_qwen_vae(tensors: common.TensorMap, first: Path, comfy: bool) -> None:
     """Refuse files that are not a 16-channel RGB Qwen-Image VAE, naming what they look like (headers only; the
     identification is inspect_model's)."""
-    from engine.models.inspect import identify_tensors
-
     def refuse(what: str):
         raise ModelFileError(f"{first}: this is not the Qwen-Image VAE; it looks like {what}.",
                              f"Pass the Qwen-Image VAE to --vae. {downloads.hint('vae')}")

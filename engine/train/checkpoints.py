@@ -1,8 +1,7 @@
-"""Saving during training: model files, their pruning, and resumable states (musubi-tuner.md §5.7).
+"""Saving during training: model files, their pruning, and resumable states (musubi-tuner's names and rules).
 
-Names (the reference's): final `<output_name>.safetensors`, per epoch `<output_name>-{epoch:06d}.safetensors`, per
-step `<output_name>-step{step:08d}.safetensors`; states `<name>-state`, `<name>-{epoch:06d}-state`,
-`<name>-step{step:08d}-state`. `--save_last_n_epochs/steps` prune the older intermediate files and states.
+Names are engine/spec/naming.py's (musubi-tuner's): `<output_name>.safetensors`, `-{epoch:06d}`, `-step{step:08d}`,
+states `<stem>-state`. `--save_last_n_epochs/steps` prune the older intermediate files and states.
 
 Atomicity: model files go through a temp file + fsync + os.replace (safetensors_io.save_file_atomic, or the
 streaming writer below for --mem_eff_save). A state is written into a hidden temp folder (accelerate's
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from engine.models.safetensors_io import atomic_output, save_file_atomic
+from engine.spec import naming
 from engine.spec.errors import OptionError
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,11 @@ MARKER_2511 = "__index_timestep_zero__"
 # ---------------------------------------------------------------------------------------------- names
 
 def model_path(cfg, epoch: int | None = None, step: int | None = None) -> Path:
-    return Path(cfg.output_dir) / f"{_stem(cfg, epoch, step)}.safetensors"
+    return naming.model_file(cfg.output_dir, cfg.output_name, epoch, step)
 
 
 def state_path(cfg, epoch: int | None = None, step: int | None = None) -> Path:
-    return Path(cfg.output_dir) / f"{_stem(cfg, epoch, step)}-state"
-
-
-def _stem(cfg, epoch, step) -> str:
-    if step is not None:
-        return f"{cfg.output_name}-step{step:08d}"
-    if epoch is not None:
-        return f"{cfg.output_name}-{epoch:06d}"
-    return cfg.output_name
+    return naming.state_folder(cfg.output_dir, cfg.output_name, epoch, step)
 
 
 def prune(cfg, kind: str, current: int) -> list[Path]:
@@ -67,8 +60,7 @@ def prune(cfg, kind: str, current: int) -> list[Path]:
     if not keep or not every:
         return []
     limit = current - keep * every
-    pattern = re.compile(re.escape(cfg.output_name) + (r"-(\d{6})" if kind == "epoch" else r"-step(\d{8})")
-                         + r"(\.safetensors|_diffusers\.safetensors|-state)$")
+    pattern = naming.intermediate_save(cfg.output_name, kind)
     removed = []
     for path in Path(cfg.output_dir).iterdir():
         m = pattern.match(path.name)
@@ -121,8 +113,6 @@ def save_dit_file(dit, path: Path, dtype: torch.dtype, metadata: dict[str, str],
     if mem_eff:
         return write_streaming(dit.state_dict(), path, meta, dtype, prefix=COMFY_PREFIX,
                                extra={MARKER_2511: torch.zeros(0, dtype=dtype)} if marker_2511 else None)
-    from engine.models.safetensors_io import save_file_atomic
-
     return save_file_atomic({k: v.detach().to("cpu", dtype) for k, v in items()}, path, meta)
 
 
@@ -136,8 +126,6 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     """--mem_eff_save: the header is computed from shapes alone, then each tensor is converted to `dtype`,
     copied to the host and written on its own, so at most one converted tensor exists in RAM at a time
     (a full state-dict copy of the 20B DiT would be 40 GB). Temp file + fsync + os.replace, as every save."""
-    from engine.models.safetensors_io import atomic_output
-
     entries = [(prefix + k, v) for k, v in state.items()] + [(prefix + k, v) for k, v in (extra or {}).items()]
     entries.sort(key=lambda kv: kv[0])
     out_dtype = lambda t: dtype if t.is_floating_point() else t.dtype            # noqa: E731

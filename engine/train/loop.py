@@ -20,8 +20,8 @@ API: `run_training(cfg, events, full) -> [output paths]`
 
 from __future__ import annotations
 
-import datetime
 import contextlib
+import datetime
 import logging
 import math
 import time
@@ -29,12 +29,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-from engine.train import checkpoints as ckpt
-from engine.train import samples
-from engine.train.items import ItemCache
-from engine.train.step import flow_loss, predict, prepare_inputs
+from engine.models.dit import check_dit_headers
+from engine.models.runtime import resolve_device
+from engine.spec.errors import OptionError
 from engine.spec.variants import get_variant
+from engine.train import samples
+from engine.train import checkpoints as ckpt
+from engine.train.items import ItemCache
+from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
+from engine.train.report import emit_estimate, report_memory, write_run_config
+from engine.train.step import flow_loss, predict, prepare_inputs
+from engine.train.timesteps import TimestepSampler
+from engine.train.trainee import dit_dtype, full_trainee, lora_trainee
+from engine.train.validate import check_batches, check_config, open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +72,6 @@ def step_generator(seed: int, batch_index: int) -> torch.Generator:
 
 
 def run_training(cfg, events, full: bool) -> list[str]:
-    from engine.models.dit import check_dit_headers
-    from engine.train.validate import check_batches, check_config, open_dataset
-
     variant = get_variant(cfg.resolved_version())
     if cfg.seed is None:
         log.info("no --seed given: using 42 (recorded in the run config), so the run can be repeated")
@@ -83,16 +92,10 @@ def run_training(cfg, events, full: bool) -> list[str]:
 
 def make_accelerator(cfg):
     logging.getLogger("accelerate").setLevel(logging.WARNING)     # its per-file save/load lines flood the job log
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
-    from engine.spec.errors import OptionError
-    from engine.models.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise OptionError("--mixed_precision fp16 needs a CUDA device.", "Use bf16 or no on the CPU.")
-    from accelerate.state import AcceleratorState
 
     # A second run in the same process (tests, notebooks) may use another precision: accelerate keeps it in a
     # singleton. The process-level state (distributed setup) is kept.
@@ -123,11 +126,6 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
-        from engine.train.report import emit_estimate, write_run_config
-        from engine.train.timesteps import TimestepSampler
-        from engine.train.trainee import dit_dtype, full_trainee, lora_trainee
-
         cfg = self.cfg
         if self.main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -169,14 +167,10 @@ class Run:
 
     def _broadcast_weights(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             for p in self.params:
                 dist.broadcast(p.data, src=0)
 
     def _reduce_grad(self, param) -> None:
-        import torch.distributed as dist
-
         dist.all_reduce(param.grad, op=dist.ReduceOp.AVG if param.grad.device.type == "cuda" else dist.ReduceOp.SUM)
         if param.grad.device.type != "cuda":           # gloo has no AVG
             param.grad.div_(self.world)
@@ -274,8 +268,6 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ reporting
     def _after_step(self, loss: float) -> None:
-        from engine.train.report import report_memory
-
         cfg, sch = self.cfg, self.schedule
         self.losses.append(loss)
         recent = self.losses[-sch.steps_per_epoch:]
@@ -376,8 +368,6 @@ class Run:
         end_state = cfg.save_state or cfg.save_state_on_train_end
         self._save(ckpt.model_path(cfg), ckpt.state_path(cfg), None, with_state=end_state)
         if self.main:
-            from engine.train.report import report_memory
-
             report_memory(self.events, self.device, "end")
             if cfg.log_with:
                 self.acc.end_training()

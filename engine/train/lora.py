@@ -1,7 +1,7 @@
 """The trainable LoRA network for the Qwen-Image DiT (musubi-tuner's networks/lora_qwen_image.py semantics).
 
 Why forward wrappers and not PEFT: kohya's math (per-module `alpha` buffer, scale = alpha/rank, rank and module
-dropout, neuron dropout, a global multiplier) and its key names are the contract of our files (design.md §2.4),
+dropout, neuron dropout, a global multiplier) and its key names are the contract of our files (docs/architecture.md, "Outputs"),
 and the wrapped Linear's own forward stays in place, so fp8-patched Linears (engine.models.fp8) and block-swapped
 weights (engine.models.block_swap) work underneath unchanged. PEFT would need a key conversion on every save
 and has no rank/module dropout.
@@ -19,19 +19,21 @@ API:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from engine.spec.errors import ModelFileError, OptionError
 from engine.models.lora_formats import BLOCK_LINEARS, kohya_name, read_lora
+from engine.models.safetensors_io import save_file_atomic
+from engine.spec.config import parse_network_args  # noqa: F401  (part of this module's API)
+from engine.spec.errors import ModelFileError, OptionError
+from engine.spec.options import DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM
+from engine.train.lora_metadata import add_hashes
 
-DEFAULT_DIM = 4
-DEFAULT_ALPHA = 1.0
 SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                "bf16": torch.bfloat16}
 
@@ -140,9 +142,6 @@ class LoRANetwork(nn.Module):
     def save_weights(self, path: str | Path, dtype: torch.dtype = torch.float32,
                      metadata: dict[str, str] | None = None) -> Path:
         """kohya/musubi layout (all tensors incl. alpha cast to `dtype`), atomic, with the kohya hashes."""
-        from engine.models.safetensors_io import save_file_atomic
-        from engine.train.lora_metadata import add_hashes
-
         state = self.export_state(dtype)
         meta = add_hashes(state, dict(metadata or {}))
         return save_file_atomic(state, path, meta)
@@ -150,8 +149,6 @@ class LoRANetwork(nn.Module):
     def diffusers_state(self, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
         """diffusers layout `transformer.<path>.lora_A/B.weight` with alpha baked in (scale split √ between A
         and B), so lora_alpha == rank and ComfyUI's implicit scale 1.0 is right. Never writes `.alpha` keys."""
-        import json
-
         state = {}
         ranks = set()
         for m in self.loras:
@@ -160,7 +157,7 @@ class LoRANetwork(nn.Module):
             state[f"transformer.{path}.lora_A.weight"] = (m.lora_down.weight.detach().float() * root).to("cpu", dtype)
             state[f"transformer.{path}.lora_B.weight"] = (m.lora_up.weight.detach().float() * root).to("cpu", dtype)
             ranks.add(m.lora_dim)
-        rank = max(ranks) if ranks else DEFAULT_DIM
+        rank = max(ranks) if ranks else DEFAULT_NETWORK_DIM
         peft = {"r": rank, "lora_alpha": rank, "target_modules": sorted({p.split(".", 2)[-1] for p in
                                                                           self._module_paths.values()}),
                 "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False}
@@ -172,8 +169,6 @@ class LoRANetwork(nn.Module):
         return state, {"format": "pt", "lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
 
     def save_diffusers(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-        from engine.models.safetensors_io import save_file_atomic
-
         state, meta = self.diffusers_state(dtype)
         return save_file_atomic(state, path, meta)
 
@@ -201,13 +196,6 @@ class LoRANetwork(nn.Module):
             m.refresh_scale()
 
 
-def parse_network_args(items: Iterable[str]) -> dict:
-    """`["rank_dropout=0.1", "exclude_patterns=['.*mod.*']"]` → {..}; values via ast.literal_eval, else strings."""
-    from engine.train.optim import parse_key_values
-
-    return parse_key_values(items, "network_args", "rank_dropout=0.1")
-
-
 def target_paths(dit: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
     """Dotted paths of the targeted Linear layers: the 14 per block, minus `exclude` fullmatches unless an
     `include` pattern fullmatches (include overrides exclude, musubi semantics)."""
@@ -224,7 +212,7 @@ def target_paths(dit: nn.Module, include: list[str] | None = None, exclude: list
     return paths
 
 
-def create_network(dit: nn.Module, dim: int | None = None, alpha: float | None = DEFAULT_ALPHA,
+def create_network(dit: nn.Module, dim: int | None = None, alpha: float | None = DEFAULT_NETWORK_ALPHA,
                    multiplier: float = 1.0, dropout: float | None = None, **network_args) -> LoRANetwork:
     """Build (not yet applied) LoRA modules over the DiT's block Linears. `network_args` are the parsed
     --network_args: include_patterns, exclude_patterns, rank_dropout, module_dropout, loraplus_lr_ratio, verbose."""
@@ -233,7 +221,7 @@ def create_network(dit: nn.Module, dim: int | None = None, alpha: float | None =
     unknown = set(network_args) - known
     if unknown:
         raise OptionError(f"--network_args: unknown key(s) {sorted(unknown)}.", f"Known keys: {sorted(known)}.")
-    dim = dim or DEFAULT_DIM
+    dim = dim or DEFAULT_NETWORK_DIM
     paths = target_paths(dit, _as_list(network_args.get("include_patterns")),
                          _as_list(network_args.get("exclude_patterns")))
     if not paths:

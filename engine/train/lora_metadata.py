@@ -1,5 +1,5 @@
 """Metadata written into LoRA files: kohya's `ss_*` keys, the SAI modelspec and the kohya hashes
-(reference/musubi-tuner.md §5.9). Values that only the training loop knows (item counts, steps, times) are
+(as musubi-tuner writes them). Values that only the training loop knows (item counts, steps, times) are
 passed in `stats`; everything else comes from the typed config and the variant registry.
 
 API:
@@ -16,6 +16,9 @@ import os
 import time
 from datetime import datetime
 
+from safetensors.torch import save
+
+from engine.spec.config import parse_network_args
 from engine.spec.variants import get_variant
 
 MINIMAL_KEYS = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -30,8 +33,6 @@ def _s(value) -> str:
 def lora_metadata(cfg, stats: dict | None = None, title: str | None = None) -> dict[str, str]:
     """ss_* and modelspec metadata for a TrainNetworkConfig. `stats` may carry ss_* values the loop knows
     (ss_num_train_items, ss_num_batches_per_epoch, ss_num_epochs, ss_steps, ss_epoch, ss_datasets, ...)."""
-    from engine.train.lora import DEFAULT_DIM, parse_network_args
-
     variant = get_variant(cfg.resolved_version())
     net_args = parse_network_args(cfg.network_args) if cfg.network_args else None
     now = time.time()
@@ -48,7 +49,7 @@ def lora_metadata(cfg, stats: dict | None = None, title: str | None = None) -> d
         "ss_lr_scheduler": _s(cfg.lr_scheduler),
         "ss_base_model_version": variant.base_model_version,
         "ss_network_module": _s(cfg.network_module),
-        "ss_network_dim": _s(cfg.network_dim or DEFAULT_DIM),
+        "ss_network_dim": _s(cfg.network_rank()),
         "ss_network_alpha": _s(cfg.network_alpha),
         "ss_network_dropout": _s(cfg.network_dropout),
         "ss_mixed_precision": _s(cfg.mixed_precision),
@@ -106,8 +107,6 @@ def modelspec(variant, title: str, timestamp: float, cfg=None, is_lora: bool = T
 def add_hashes(state: dict, metadata: dict[str, str]) -> dict[str, str]:
     """kohya's sshs_model_hash (sha256 of the tensor bytes of the file written with only ss_* metadata) and
     sshs_legacy_hash (sha256 of 64 KiB at offset 1 MiB, 8 hex digits), so tools that index LoRAs by hash agree."""
-    from safetensors.torch import save
-
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     data = save({k: v.contiguous() for k, v in state.items()}, ss_only or None)
     buf = io.BytesIO(data)

@@ -1,4 +1,4 @@
-"""Optimizers, LR schedulers and the fused Adafactor backward pass (musubi-tuner.md §5.5–5.6).
+"""Optimizers, LR schedulers and the fused Adafactor backward pass (musubi-tuner's options and behaviour).
 
 API:
 - `parse_optimizer_args(["k=v", ...]) -> dict`           values via ast.literal_eval (strings otherwise)
@@ -16,31 +16,14 @@ API:
 
 from __future__ import annotations
 
-import ast
 import importlib
 
 import torch
+from transformers import get_scheduler
+from transformers.optimization import AdafactorSchedule
 
+from engine.spec.config import parse_optimizer_args
 from engine.spec.errors import OptionError
-
-
-def parse_key_values(items, option: str, example: str) -> dict:
-    """musubi's `--optimizer_args` / `--network_args` lists: `["k=v", ...]` → {k: v}, each value through
-    ast.literal_eval (lists, numbers, bools) and kept as a string when it is not a Python literal."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise OptionError(f"--{option} {item!r} is not key=value.", f"Write e.g. {example}.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
-
-
-def parse_optimizer_args(items) -> dict:
-    return parse_key_values(items, "optimizer_args", "weight_decay=0.01")
 
 
 def _import_class(path: str):
@@ -91,11 +74,7 @@ def _steps(value, total: int) -> int:
 
 def create_scheduler(optimizer, name: str, total_steps: int, warmup=0, decay=0, num_cycles: int = 1,
                      power: float = 1.0, min_lr_ratio: float | None = None):
-    from transformers import get_scheduler
-
     if name == "adafactor":
-        from transformers.optimization import AdafactorSchedule
-
         return AdafactorSchedule(optimizer, getattr(optimizer, "initial_lr", 0.0))
     warmup_steps = _steps(warmup, total_steps)
     extra = {}

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import logging
 import resource
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from engine.spec.config import save_toml
+from engine.spec.errors import EngineError
+from engine.spec.vram import estimate_config
 
 log = logging.getLogger(__name__)
 GIB = 1024 ** 3
@@ -18,11 +22,7 @@ GIB = 1024 ** 3
 def write_run_config(cfg, command: str) -> Path:
     """`<output_dir>/<output_name>_config.toml`: the full resolved config (loadable with --config_file). This
     job's event file and resume folder are left out: a run started again from it is a new run."""
-    from dataclasses import replace
-
-    from engine.spec.config import save_toml
-
-    path = Path(cfg.output_dir) / f"{cfg.output_name}_config.toml"
+    path = naming.run_toml(cfg.output_dir, cfg.output_name)
     save_toml(replace(cfg, events_file=None, resume=None), path)
     log.info("%s: run config saved to %s", command, path)
     return path
@@ -30,21 +30,12 @@ def write_run_config(cfg, command: str) -> Path:
 
 def emit_estimate(cfg, data, events, full: bool) -> dict | None:
     """The estimator's answer for this run (largest bucket, largest batch, caches ready)."""
-    from engine.spec.errors import EngineError
-    from engine.spec.options import EstimateVramConfig
-    from engine.spec.vram import estimate_config
-
     largest = max(data.items, key=lambda it: _pixels(it.key))
     h, w = _latent_hw(largest.key[0])
-    values = {f.name: getattr(cfg, f.name) for f in fields(EstimateVramConfig) if hasattr(cfg, f.name)}
-    est_cfg = EstimateVramConfig(**values)
-    est_cfg.for_command = "train" if full else "train_network"
-    est_cfg.resolution = [w * 8, h * 8]
-    est_cfg.batch_size = max(data.batch_sizes.values())
-    est_cfg.num_control_images = sum(1 for k in largest.key if "control" in k)
-    est_cfg.caches_ready = True
     try:
-        result = estimate_config(est_cfg)
+        result = estimate_config(cfg, "train" if full else "train_network", resolution=[w * 8, h * 8],
+                                 batch_size=max(data.batch_sizes.values()), caches_ready=True,
+                                 num_control_images=sum(1 for k in largest.key if "control" in k))
     except EngineError as e:     # e.g. a size the estimator does not model; the run itself is fine
         log.warning("no VRAM estimate for this run: %s", e.message)
         return None

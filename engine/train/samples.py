@@ -1,6 +1,6 @@
-"""Sample images during training (musubi-tuner.md §5.8), through the inference code (engine/infer).
+"""Sample images during training (musubi-tuner's --sample_prompts), through the inference code (engine/infer).
 
-`--sample_prompts FILE`: one prompt per line with the reference's per-line options (`--w --h --d --s --l --fs --n
+`--sample_prompts FILE`: one prompt per line with musubi-tuner's per-line options (`--w --h --d --s --l --fs --n
 --ci`, parsed by engine.spec.jobs.parse_prompt_line); `#` lines are comments. The prompts (and control images of
 edit models) are encoded once before the DiT loads, then the text encoder is freed, as musubi does. Each sample
 runs the same denoising loop as `generate_image` on the model being trained (LoRA applied), so a sample shows
@@ -21,11 +21,24 @@ API:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
+from PIL import PngImagePlugin
+
+from engine.infer import generate as G
+from engine.infer.generate import batch_cfg_ok, check_run
+from engine.infer.outputs import to_pil
+from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
+from engine.models.latents import initial_noise, unpack
+from engine.models.vae import decode_latents
+from engine.spec import naming
+from engine.spec.jobs import jobs_from_config
+from engine.spec.options import GenerateImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +47,6 @@ DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_SEED = 256, 20, 4.0, 42
 
 def generation_config(cfg, variant_name: str):
     """The generate_image config the sample lines are read against (their defaults)."""
-    from engine.spec.options import GenerateImageConfig
-
     return GenerateImageConfig(
         device=cfg.device, model_version=variant_name, dit=cfg.dit, vae=cfg.vae, text_encoder=cfg.text_encoder,
         tokenizer=cfg.tokenizer, from_file=cfg.sample_prompts, image_size=[DEFAULT_SIZE, DEFAULT_SIZE],
@@ -47,9 +58,6 @@ def generation_config(cfg, variant_name: str):
 
 def check_prompts(cfg, variant) -> list:
     """Parse and validate the prompt file (control images exist, sizes ...) before any model loads."""
-    from engine.spec.jobs import jobs_from_config
-    from engine.infer.generate import check_run
-
     gcfg = generation_config(cfg, variant.name)
     jobs = jobs_from_config(gcfg)
     check_run(gcfg, jobs, variant)
@@ -66,7 +74,6 @@ class SamplePrompts:
     def prepare(cls, cfg, variant, device: torch.device, dtype: torch.dtype, name: str) -> "SamplePrompts | None":
         if not cfg.sample_prompts:
             return None
-        from engine.infer import generate as G
 
         gcfg = generation_config(cfg, variant.name)
         if gcfg.text_encoder_cpu:
@@ -74,7 +81,7 @@ class SamplePrompts:
         prepared = [G.Prepared(job) for job in check_prompts(cfg, variant)]
         vae = G.load_vae_model(cfg.vae, device)
         for p in prepared:
-            if variant.is_edit and p.job.control_paths:
+            if variant.is_edit and p.job.control_image_path:
                 G.encode_controls(p, variant, gcfg, vae, dtype)
         G.encode_all_prompts(prepared, variant, gcfg, device, dtype)
         vae.to("cpu")                 # between samples the VAE waits in host RAM (musubi)
@@ -86,11 +93,6 @@ class SamplePrompts:
     def generate(self, dit, step: int, epoch: int | None, events, modules=(), is_main: bool = True) -> list[str]:
         """Every prompt once. The DiT and `modules` (the LoRA network: its dropouts) are put in eval mode and
         back; the RNG state is left as it was."""
-        from engine.infer.generate import batch_cfg_ok
-        from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
-        from engine.models.latents import initial_noise, unpack
-        from engine.models.vae import decode_latents
-
         if not is_main:
             return []
         cpu_rng = torch.get_rng_state()
@@ -104,7 +106,7 @@ class SamplePrompts:
                 job = p.job
                 noise = initial_noise(job.seed, job.height, job.width).to(self.device, self.dtype)
                 request = DenoiseRequest(
-                    noise=noise, height=job.height, width=job.width, steps=job.steps,
+                    noise=noise, height=job.height, width=job.width, steps=job.infer_steps,
                     guidance_scale=job.guidance_scale, positive=Conditioning(p.positive[None]),
                     negative=Conditioning(p.negative[None]) if p.negative is not None else None,
                     control_latents=None if p.control_latents is None else p.control_latents.to(self.device),
@@ -122,19 +124,12 @@ class SamplePrompts:
         return paths
 
     def _save(self, pixels: torch.Tensor, step: int, epoch: int | None, index: int, job) -> Path:
-        import json
-        import os
-
-        from PIL import PngImagePlugin
-
-        from engine.infer.outputs import to_pil
-
         self.save_dir.mkdir(parents=True, exist_ok=True)
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
         stamp = time.strftime("%Y%m%d%H%M%S")
         path = self.save_dir / f"{self.name}_{tag}_{index:02d}_{stamp}_{job.seed}.png"
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", json.dumps(dict(job.parameters(), step=step), ensure_ascii=False))
+        info.add_text(naming.PNG_PARAMETERS_KEY, json.dumps(dict(job.parameters(), step=step), ensure_ascii=False))
         tmp = path.with_name(f".{path.name}.tmp")
         to_pil(pixels).save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)

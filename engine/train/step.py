@@ -1,4 +1,4 @@
-"""One training step's math on cached latents (musubi-tuner.md §5.2): rectified-flow velocity target, the edit
+"""One training step's math on cached latents (as musubi-tuner's trainer does it): rectified-flow velocity target, the edit
 sequence, per-version RoPE image shapes, and the loss on the target tokens only.
 
 Sequence: `[noisy target tokens | clean control 0 tokens | clean control 1 tokens ...]` (each packed 2×2 → 64
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.models.latents import pack, unpack
+from engine.models.textenc import pad_embeddings
 from engine.train.timesteps import TimestepSampler, loss_weighting, noisy_input
 
 
@@ -46,8 +47,6 @@ def prepare_inputs(batch: dict, sampler: TimestepSampler, generator: torch.Gener
                    dtype: torch.dtype) -> StepInputs:
     """Noise and timesteps are drawn on the CPU from `generator`, so a step is reproducible on any device and a
     resumed run draws exactly what the uninterrupted one drew."""
-    from engine.models.textenc import pad_embeddings
-
     latents = batch["latents"].float()                                  # (B, 16, 1, h, w)
     b, _, _, h, w = latents.shape
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Timestep sampling, noisy inputs and loss weighting for rectified-flow training (musubi-tuner.md §5.3).
+"""Timestep sampling, noisy inputs and loss weighting for rectified-flow training (musubi-tuner's methods).
 
 Convention: t ∈ [0, 1], t = 1 is pure noise; x_t = (1 − t)·x0 + t·ε; target = ε − x0.
 Continuous methods feed the DiT `timesteps = 1000·t + 1` (so it sees t + 0.001) while x_t uses t; `sigma`

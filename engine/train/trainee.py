@@ -2,9 +2,9 @@
 DiT (train). The loop only sees a `Trainee`: the DiT to call, the module whose weights train (saved in states),
 its optimizer parameter groups, and how to write the model file.
 
-Order of the LoRA setup matters: fp8 quantisation while loading → LoRA wraps the block Linears (their own
-forward, fp8 or not, stays underneath) → block swap places the model (the LoRA weights stay on the device)
-→ gradient checkpointing (+ activation CPU offload) → attention kernel.
+The DiT is set up in engine/models/dit_setup.py's order: fp8 quantisation while loading → (LoRA only) the
+network wraps the block Linears, their own forward, fp8 or not, staying underneath → block swap places the model
+(the LoRA weights stay on the device) → gradient checkpointing (+ activation CPU offload) → attention kernel.
 
 dtypes: LoRA: the DiT in the compute dtype (bf16 on CUDA, float32 on CPU), the LoRA weights in float32 (autocast
 with --mixed_precision). Full finetune: float32 weights, or bf16 with --full_bf16 (Adafactor's stochastic
@@ -22,8 +22,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine.models import dit_setup
 from engine.models.runtime import compute_dtype
 from engine.spec.variants import Variant
+from engine.train.checkpoints import save_dit_file
+from engine.train.lora import SAVE_DTYPES, create_network, parse_network_args
+from engine.train.lora_metadata import lora_metadata, modelspec
 
 log = logging.getLogger(__name__)
 
@@ -46,59 +50,30 @@ def dit_dtype(cfg, device: torch.device, full: bool) -> torch.dtype:
     return compute_dtype(device)
 
 
-def load_training_dit(cfg, variant: Variant, device: torch.device, dtype: torch.dtype, fp8: bool):
-    from engine.infer.dit_setup import Fp8Hook
-    from engine.models.dit import load_dit
-
-    hook = Fp8Hook(scaled=cfg.fp8_scaled) if fp8 else None
-    swap = cfg.blocks_to_swap > 0
-    dit = load_dit(cfg.dit, model_version=variant.name, device="cpu" if swap else device, dtype=dtype,
-                   transform=hook.transform if hook else None)
-    if hook is not None:
-        hook.finish(dit)
-    return dit
+def load_training_dit(cfg, variant: Variant, device: torch.device, dtype: torch.dtype, fp8: bool) -> nn.Module:
+    return dit_setup.load(cfg.dit, variant, device, dtype, fp8=fp8, fp8_scaled=cfg.fp8_scaled,
+                          swap=cfg.blocks_to_swap > 0)
 
 
-def _attention(dit, cfg, device: torch.device) -> None:
-    from engine.spec.errors import OptionError
-
-    mode = cfg.attn_mode()
-    if mode == "sdpa":
-        return
-    if device.type != "cuda":
-        raise OptionError(f"--{'flash_attn' if mode == 'flash' else mode} needs a CUDA device (running on "
-                          f"{device.type}).", "Use --sdpa.")
-    dit.set_attention_backend({"flash": "flash", "xformers": "xformers"}[mode])
-
-
-def _checkpointing(dit, cfg, device: torch.device) -> None:
-    if cfg.gradient_checkpointing:
-        from engine.models.checkpointing import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(dit, cfg.gradient_checkpointing_cpu_offload, device)
+def finish_dit(dit: nn.Module, cfg, device: torch.device, full: bool):
+    """Block swap, gradient checkpointing and the attention kernel (after the LoRA network, if any, is applied)."""
+    return dit_setup.finish(dit, device, blocks_to_swap=cfg.blocks_to_swap, training=True, trainable_blocks=full,
+                            checkpointing=cfg.gradient_checkpointing,
+                            checkpoint_offload=cfg.gradient_checkpointing_cpu_offload, attention=cfg.attn_mode())
 
 
 def lora_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
-    from engine.train.lora import SAVE_DTYPES, create_network, parse_network_args
-    from engine.train.lora_metadata import lora_metadata
-
     dtype = dit_dtype(cfg, device, full=False)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=cfg.fp8_base)
     dit.eval().requires_grad_(False)
-    net = create_network(dit, cfg.network_dim, cfg.network_alpha, dropout=cfg.network_dropout,
+    net = create_network(dit, cfg.network_rank(), cfg.network_alpha, dropout=cfg.network_dropout,
                          **parse_network_args(cfg.network_args))
     if cfg.network_weights:
         net.load_weights(cfg.network_weights)
         log.info("LoRA weights loaded from %s", cfg.network_weights)
     net.apply_to()
     net.to(device).train()
-    swap = None
-    if cfg.blocks_to_swap:
-        from engine.models.block_swap import enable_block_swap
-
-        swap = enable_block_swap(dit, cfg.blocks_to_swap, device, supports_backward=True)
-    _checkpointing(dit, cfg, device)
-    _attention(dit, cfg, device)
+    swap = finish_dit(dit, cfg, device, full=False)
     log.info("LoRA: %d modules, rank %d, alpha %g", len(net.loras), net.loras[0].lora_dim, cfg.network_alpha)
     started = time.time()
 
@@ -115,21 +90,11 @@ def lora_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
 
 
 def full_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
-    from engine.train.checkpoints import save_dit_file
-    from engine.train.lora_metadata import modelspec
-
     dtype = dit_dtype(cfg, device, full=True)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=False)
     dit.train().requires_grad_(True)
-    swap = None
-    if cfg.blocks_to_swap:       # validate: only with --fused_backward_pass (weights stepped while on the device)
-        from engine.models.block_swap import enable_block_swap
-
-        swap = enable_block_swap(dit, cfg.blocks_to_swap, device, supports_backward=True, trainable=True)
-    _checkpointing(dit, cfg, device)
-    _attention(dit, cfg, device)
-    save_dtype = {None: torch.bfloat16, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-                  "bf16": torch.bfloat16}[cfg.save_precision]
+    swap = finish_dit(dit, cfg, device, full=True)   # swap needs --fused_backward_pass (train/validate.py)
+    save_dtype = SAVE_DTYPES[cfg.save_precision] if cfg.save_precision else torch.bfloat16
     params = [p for p in dit.parameters() if p.requires_grad]
     log.info("full finetune: %d tensors, %.1fM parameters in %s", len(params),
              sum(p.numel() for p in params) / 1e6, str(dtype).removeprefix("torch."))

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from engine.data.cached import CachedDataset
+from engine.spec.checks import check_fp8_scaled
 from engine.spec.errors import OptionError
+from engine.train.checkpoints import read_progress
 
 
 def check_config(cfg, full: bool) -> None:
@@ -17,8 +20,6 @@ def check_config(cfg, full: bool) -> None:
         raise OptionError("--output_dir is missing.", "Give the folder for checkpoints, samples and the run config.")
     if cfg.max_train_steps is not None and cfg.max_train_steps < 1 and not cfg.max_train_epochs:
         raise OptionError(f"--max_train_steps {cfg.max_train_steps}: must be at least 1.", "Give a positive number.")
-    if cfg.gradient_accumulation_steps < 1:
-        raise OptionError("--gradient_accumulation_steps must be at least 1.", "Use 1 to step every batch.")
     _check_attention(cfg)
     _check_memory(cfg, full)
     _check_saving(cfg)
@@ -51,11 +52,7 @@ def _check_memory(cfg, full: bool) -> None:
     if cfg.gradient_checkpointing_cpu_offload and not cfg.gradient_checkpointing:
         raise OptionError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing.",
                           "Add --gradient_checkpointing.")
-    if cfg.fp8_scaled and not cfg.fp8_base:
-        raise OptionError("--fp8_scaled was given without --fp8_base.",
-                          "Add --fp8_base (fp8_scaled only changes how the fp8 weights are scaled).")
-    if cfg.blocks_to_swap < 0:
-        raise OptionError("--blocks_to_swap must be 0 or more.", "Use 0 to keep every block on the GPU.")
+    check_fp8_scaled(cfg)
     if not full:
         return
     if cfg.fp8_base or cfg.fp8_scaled:
@@ -80,13 +77,7 @@ def _check_memory(cfg, full: bool) -> None:
 
 
 def _check_saving(cfg) -> None:
-    for name in ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps", "sample_every_n_epochs"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise OptionError(f"--{name} {value}: must be at least 1.", "Leave it out to turn it off.")
     if cfg.resume:
-        from engine.train.checkpoints import read_progress
-
         read_progress(cfg.resume)
     if cfg.output_name and (Path(cfg.output_name).name != cfg.output_name or cfg.output_name.startswith(".")):
         raise OptionError(f"--output_name {cfg.output_name!r} must be a plain file name (no folders, not hidden).",
@@ -119,8 +110,6 @@ def open_dataset(cfg, version: str):
     """The cached dataset; missing or stale caches are one error naming the dataset and the commands to run.
     Text caches are checked against --text_encoder only with --tokenizer given (the fingerprint covers both;
     without it the check would download the default tokenizer just for that)."""
-    from engine.data.cached import CachedDataset
-
     text_encoder = cfg.text_encoder if cfg.tokenizer else None
     return CachedDataset.open(cfg.dataset_config, version, vae=cfg.vae, text_encoder=text_encoder,
                               tokenizer=cfg.tokenizer)
