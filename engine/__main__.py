@@ -9,7 +9,7 @@ import sys
 import time
 
 from engine.spec.commands import COMMANDS
-from engine.spec.config import ConfigError, check_choices, parse_args
+from engine.spec.config import ConfigError, parse_args, validate
 from engine.spec.errors import EngineError
 from engine.spec.events import EventLogHandler, EventWriter
 
@@ -34,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[name]
     try:
         cfg = parse_args(cmd.config, rest, prog=f"python -m engine {name}", description=cmd.summary)
-        check_choices(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stream = sys.stderr if cmd.result_on_stdout else None  # keep stdout for the command's one JSON result
+    stream = sys.stderr if cmd.prints_result(cfg) else None  # keep stdout for the command's result alone
     if launcher_rank() > 0:   # accelerate/torchrun worker: one voice per job (one start, one done, one events file);
         events = EventWriter(stream=sys.stderr, json_stdout=False)    # the others' lines and errors go to stderr
     else:
@@ -62,10 +61,11 @@ def run_command(cmd, cfg, events: EventWriter, argv: list[str]) -> int:
     started = time.time()
     events.start(cmd.name, argv, getattr(cfg, "config_file", None))
     try:
+        validate(cfg)                   # every option's choices and declared range, as one error event
         module_name, func_name = cmd.target.split(":")
         outputs = getattr(importlib.import_module(module_name), func_name)(cfg, events)
-    except (EngineError, ConfigError) as e:
-        events.error(getattr(e, "kind", "option"), getattr(e, "message", str(e)), getattr(e, "hint", ""))
+    except EngineError as e:           # ConfigError included: an option the user can fix
+        events.error(e.kind, e.message, e.hint)
         return 2
     except KeyboardInterrupt:
         events.error("interrupted", "stopped by the user")

@@ -1,4 +1,9 @@
-"""Every check that can fail a generate_image run, done before any model is loaded (design.md §2.6).
+"""The checks that refuse a run before any model is loaded, without torch: the app runs them before it queues a
+job, the engine again before it loads a model. Each rule is written once, here or as a range in the option registry
+(engine/spec/options.py, checked by engine.spec.config.validate).
+
+generate_image: the files, the LoRA list, every job (one per --from_file line) with its sizes, control images and
+the mask/RCM rules (the DiT's header check is engine/models/dit.py's, run by engine/infer/generate.py).
 
 Mask and RCM follow musubi's rules, but where musubi logs an error and silently disables the feature we refuse:
 mask + RCM together, either without an edit model, or a first control image whose VAE size is not the output
@@ -11,9 +16,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from engine.spec.errors import ModelFileError, OptionError
+from engine.spec.config import check_value, option_fields
 from engine.spec.controls import control_sizes
-from engine.spec.jobs import Job
+from engine.spec.errors import ModelFileError, OptionError
+from engine.spec.jobs import JOB_FIELDS, Job
+from engine.spec.options import GenerateImageConfig
 from engine.spec.variants import Variant
 
 
@@ -25,7 +32,6 @@ def check_run_files(cfg) -> None:
         raise OptionError("--resize_control_to_image_size and --resize_control_to_official_size were both given",
                           "choose one: the output size, or the official pipelines' sizes (recommended for 2509/2511)")
     _require_file(cfg.vae, "--vae", "the Qwen-Image VAE (qwen_image_vae.safetensors)")
-    check_preview(cfg)
     if cfg.latent_path:
         for p in cfg.latent_path:
             _require_file(p, "--latent_path", "a latent file written with --output_type latent")
@@ -43,12 +49,6 @@ def check_run_jobs(cfg, jobs: list[Job], variant: Variant) -> None:
         check_job(job, variant, cfg)
 
 
-def check_preview(cfg) -> None:
-    if cfg.preview_every is not None and cfg.preview_every < 1:
-        raise OptionError(f"--preview_every {cfg.preview_every}: must be at least 1",
-                          "give the number of steps between previews (e.g. 5), or leave it out for none")
-
-
 def check_loras(cfg) -> None:
     for p in cfg.lora_weight:
         _require_file(p, "--lora_weight", "a LoRA .safetensors file")
@@ -60,19 +60,17 @@ def check_loras(cfg) -> None:
 
 def check_job(job: Job, variant: Variant, cfg) -> None:
     where = job.where()
-    if job.width <= 0 or job.height <= 0 or job.width % 16 or job.height % 16:
-        raise OptionError(f"{where}: image size {job.height}x{job.width} (H x W) is not a multiple of 16",
-                          "use sizes divisible by 16, e.g. --image_size 1024 1024 (or --w/--h in a prompt line)")
-    if job.steps < 1:
-        raise OptionError(f"{where}: --infer_steps {job.steps}", "use at least 1 step (25 is the default)")
+    for f in option_fields(GenerateImageConfig):      # a prompt line's values against the registry's ranges
+        if f.name in JOB_FIELDS:
+            check_value(f, getattr(job, f.name), where)
     if variant.is_edit:
-        if not job.control_paths:
+        if not job.control_image_path:
             raise OptionError(f"{where}: {variant.title} needs a control image",
                               "give --control_image_path IMAGE (or --ci IMAGE in the prompt line)")
-    elif job.control_paths:
+    elif job.control_image_path:
         raise OptionError(f"{where}: control images were given but the model version is {variant.name}",
                           "add --model_version edit / edit-2509 / edit-2511 for an edit model, or drop the images")
-    sizes = [_image_size(p, f"{where}: control image") for p in job.control_paths]
+    sizes = [_image_size(p, f"{where}: control image") for p in job.control_image_path]
     if variant.name == "edit" and len(sizes) > 1:
         raise OptionError(f"{where}: Qwen-Image-Edit takes one control image, {len(sizes)} were given",
                           "use --model_version edit-2509 or edit-2511 for several control images")
@@ -100,13 +98,6 @@ def check_mask_rcm(job: Job, variant: Variant, cfg, control_image_sizes: list) -
             "add --resize_control_to_image_size, or set --image_size to the control image's size")
     if use_mask:
         _image_size(job.mask_path, f"{where}: --mask_path")
-    else:
-        if job.rcm_threshold < 0:
-            raise OptionError(f"{where}: --rcm_threshold {job.rcm_threshold} is negative",
-                              "use 0.01-0.1 (absolute) or 0.1-0.5 with --rcm_relative_threshold")
-        if job.rcm_kernel_size < 1 or job.rcm_dilate_size < 0:
-            raise OptionError(f"{where}: --rcm_kernel_size must be >= 1 and --rcm_dilate_size >= 0",
-                              "the defaults are 3 and 0")
 
 
 def _require_file(path: str | None, option: str, what: str) -> None:
@@ -124,3 +115,21 @@ def _image_size(path: str, what: str) -> tuple[int, int]:
             return im.size
     except (UnidentifiedImageError, OSError) as e:
         raise OptionError(f"{what} {path}: not a readable image ({e})", "use a PNG, JPEG or WebP file") from None
+
+
+# ------------------------------------------------------------------ rules shared by the estimator and the stages
+
+def check_blocks_to_swap(n: int, num_blocks: int, lowest: int = 0) -> None:
+    """At least one of the DiT's blocks stays on the GPU. The estimator checks against the published 60-block
+    DiT, block swap against the loaded model (which may be a tiny test model); `lowest` 1 where 0 means "off"
+    and is handled by the caller."""
+    if not lowest <= n <= num_blocks - 1:
+        raise OptionError(f"--blocks_to_swap {n}: the DiT has {num_blocks} blocks, so it must be between {lowest} "
+                          f"and {num_blocks - 1}.", "Lower --blocks_to_swap (0 disables it).")
+
+
+def check_fp8_scaled(cfg) -> None:
+    """Training's --fp8_scaled changes how --fp8_base stores the weights; alone it means nothing."""
+    if cfg.fp8_scaled and not cfg.fp8_base:
+        raise OptionError("--fp8_scaled was given without --fp8_base.",
+                          "Add --fp8_base (fp8_scaled only changes how the fp8 weights are scaled).")

@@ -20,6 +20,11 @@ class Command:
     # The command prints its result (one JSON document) on stdout; its events then go to stderr.
     result_on_stdout: bool = False
 
+    def prints_result(self, cfg) -> bool:
+        """True when stdout carries only the command's result: always for estimate_vram, with --json for the
+        commands that have it (inspect_model, check_dataset), so `... --json | jq .` works."""
+        return self.result_on_stdout or bool(getattr(cfg, "json", False))
+
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("inspect_model", C.InspectModelConfig, "engine.models.inspect:run",

@@ -11,6 +11,7 @@ This module must stay importable without torch (the GUI imports it at start-up).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import os
@@ -22,12 +23,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from engine.spec.options import (  # noqa: F401  (re-exported: engine.spec.config is the one import point)
-    MODEL_VERSIONS, EDIT_VERSIONS, ConfigError, opt, CommonOptions, ModelVersionOptions, DitOption, VaeOption,
-    TextEncoderOptions, DatasetOption, CachingOptions, Fp8VlOption, TrainAttentionOptions, TrainingOptions,
-    NetworkOptions, FinetuneOptions, GenerationOptions, InspectModelConfig, MakeDemoConfig, CheckDatasetConfig,
-    CacheLatentsConfig, CacheTextEncoderConfig, TrainNetworkConfig, TrainConfig, GenerateImageConfig,
-    ESTIMATE_TARGETS, EstimateOptions, EstimateVramConfig,
+    MODEL_VERSIONS, EDIT_VERSIONS, DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, ConfigError, opt, CommonOptions,
+    ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions, DatasetOption, CachingOptions, Fp8VlOption,
+    TrainAttentionOptions, TrainingOptions, NetworkOptions, FinetuneOptions, GenerationOptions, InspectModelConfig,
+    MakeDemoConfig, CheckDatasetConfig, CacheLatentsConfig, CacheTextEncoderConfig, TrainNetworkConfig, TrainConfig,
+    GenerateImageConfig, ESTIMATE_TARGETS, EstimateOptions, EstimateVramConfig,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +67,8 @@ def build_parser(cls, prog: str, description: str = "") -> argparse.ArgumentPars
         meta = f.metadata
         scalar, is_list, _ = _base_type(f.type)
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        kwargs: dict[str, Any] = dict(help=meta["help"] or " ", default=argparse.SUPPRESS)
+        help_text = meta["help"] + (f" ({range_text(f)})" if range_text(f) else "")
+        kwargs: dict[str, Any] = dict(help=help_text or " ", default=argparse.SUPPRESS)
         if meta["metavar"]:
             kwargs["metavar"] = tuple(meta["metavar"].split()) if is_list else meta["metavar"]
         if meta["choices"]:
@@ -145,12 +149,49 @@ def _coerce_scalar(name: str, scalar: type, value: Any, source: str) -> Any:
     raise ConfigError(f"{source}: option '{name}' must be a {scalar.__name__}, got {value!r}.")
 
 
-def check_choices(cfg) -> None:
+def validate(cfg) -> None:
+    """The one check of a config against its option registry: every field's choices and declared range.
+    Run wherever a config is made: the command line (engine/__main__.py), a GUI form, a preset, the estimator."""
     for f in option_fields(type(cfg)):
-        choices = f.metadata["choices"]
-        value = getattr(cfg, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f"option '{f.name}': {value!r} is not one of {', '.join(map(str, choices))}.")
+        check_value(f, getattr(cfg, f.name))
+
+
+def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
+    """One option's value (each item of a list) against its choices, `min`, `max` and `multiple_of`.
+    `where` names the source when it is not the option itself (e.g. "--from_file line 3")."""
+    if value is None:
+        return
+    meta, prefix = f.metadata, f"{where}: " if where else ""
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{prefix}option '{f.name}': {value!r} is not one of {', '.join(map(str, meta['choices']))}.")
+    items = value if isinstance(value, list) else [value]
+    given = f"--{f.name} {' '.join(map(str, items))}"
+    for v in items:
+        if meta["min"] is not None and v < meta["min"]:
+            raise ConfigError(f"{prefix}{given}: must be at least {meta['min']}", f"Give {range_text(f)}.")
+        if meta["max"] is not None and v > meta["max"]:
+            raise ConfigError(f"{prefix}{given}: must be at most {meta['max']}", f"Give {range_text(f)}.")
+        if meta["multiple_of"] and v % meta["multiple_of"]:
+            raise ConfigError(f"{prefix}{given}: {v} is not a multiple of {meta['multiple_of']}",
+                              f"Give {range_text(f)}, e.g. {' '.join(str(_round_to(v, f)) for v in items)}.")
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """The declared range in words ("a multiple of 16 from 16"), or "" when the option declares none."""
+    meta = f.metadata
+    parts = [f"a multiple of {meta['multiple_of']}"] if meta["multiple_of"] else []
+    if meta["min"] is not None and meta["max"] is not None:
+        parts.append(f"from {meta['min']} to {meta['max']}")
+    elif meta["min"] is not None:
+        parts.append(f"{meta['min']} or more" if not parts else f"from {meta['min']}")
+    elif meta["max"] is not None:
+        parts.append(f"{meta['max']} or less")
+    return " ".join(parts)
+
+
+def _round_to(v, f: dataclasses.Field):
+    step = f.metadata["multiple_of"]
+    return max(f.metadata["min"] or step, int(v + step // 2) // step * step)     # the nearest multiple, halves up
 
 
 def to_dict(cfg, only_changed: bool = True) -> dict[str, Any]:
@@ -221,8 +262,6 @@ def save_toml(cfg, path: str | os.PathLike, only_changed: bool = False) -> None:
 
 def toml_text(cfg, only_changed: bool = False) -> str:
     """The run TOML that save_toml writes, as text (the GUI shows it before launching)."""
-    import tomli_w
-
     grouped: dict[str, dict[str, Any]] = {}
     values = to_dict(cfg, only_changed)
     for f in option_fields(type(cfg)):
@@ -244,3 +283,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Option values that are lists of key=value (musubi's --optimizer_args, --network_args)
+# --------------------------------------------------------------------------------------------------
+
+def parse_key_values(items, option: str, example: str) -> dict:
+    """musubi's `--optimizer_args` / `--network_args` lists: `["k=v", ...]` → {k: v}, each value through
+    ast.literal_eval (lists, numbers, bools) and kept as a string when it is not a Python literal."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--{option} {item!r} is not key=value.", f"Write e.g. {example}.")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_optimizer_args(items) -> dict:
+    return parse_key_values(items, "optimizer_args", "weight_decay=0.01")
+
+
+def parse_network_args(items) -> dict:
+    """`["rank_dropout=0.1", "exclude_patterns=['.*mod.*']"]` → {..}; values via ast.literal_eval, else strings."""
+    return parse_key_values(items, "network_args", "rank_dropout=0.1")

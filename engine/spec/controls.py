@@ -1,4 +1,5 @@
-"""Control-image sizing for edit models: one place for inference and text-encoder caching (design.md §2.6).
+"""Control-image sizing for edit models: one place for inference and text-encoder caching
+(docs/architecture.md, "Precise semantics").
 
 Three modes (musubi's `--resize_control_to_*` flags):
 - official (`--resize_control_to_official_size`): what diffusers' pipelines do. VAE image = ~1 MP

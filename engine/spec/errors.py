@@ -31,5 +31,10 @@ class OptionError(EngineError):
     kind = "option"
 
 
+class ConfigError(OptionError, ValueError):
+    """An option value that cannot be read or is out of its declared range (command line, run TOML, preset or GUI
+    form): names the option or file, the cause and the fix. A ValueError too, for callers that parse values."""
+
+
 class CacheError(EngineError):
     kind = "cache"

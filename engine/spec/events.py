@@ -1,8 +1,12 @@
-"""The event stream (design.md §2.3): JSON lines, one object per line, each with "type" and "time".
+"""The event stream: JSON lines, one object per line, each with "type" and "time" (docs/architecture.md lists
+the types and their fields). The GUI builds its progress bars, charts, galleries and error panels from it alone.
 
 Events go to stdout for the GUI (as JSON, or as readable text when stdout is a terminal) and to
---events_file. The engine's logging is routed through `log` events, so a terminal shows plain lines and
-the GUI gets structured ones from the same call.
+--events_file; a command whose result is data sends them to stderr instead. The engine's logging is routed
+through `log` events, so a terminal shows plain lines and the GUI gets structured ones from the same call.
+
+Both sides use the typed classes below: the engine writes them (`EventWriter.write`), the app reads them back
+(`parse_event`), so a field name is spelled once. Fields a class does not declare travel in `extra`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,161 @@ import os
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TextIO
+
+from engine.spec.naming import EVENTS_ENV, EVENTS_ENV_JSON
 
 EVENT_TYPES = ("start", "phase", "progress", "metric", "vram", "estimate", "sample", "image", "checkpoint",
                "log", "error", "done")
+
+# What an `image` event's picture is: a result, a live preview (never a result), or an RCM debug mask.
+IMAGE_OUTPUT, IMAGE_PREVIEW, IMAGE_RCM_MASK = "output", "preview", "rcm_mask"
+
+
+# ------------------------------------------------------------------ typed events
+
+@dataclass
+class Event:
+    TYPE: ClassVar[str] = ""
+    extra: dict = field(default_factory=dict, kw_only=True)     # fields this class does not declare
+    time: float | None = field(default=None, kw_only=True)     # set when written or read
+
+    def fields(self) -> dict:
+        """The event's fields as they go on the wire (after "type" and "time"), declared ones first."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "time")}
+        return {**out, **self.extra}
+
+    @classmethod
+    def of(cls, data: dict) -> "Event":
+        names = {f.name for f in fields(cls)} - {"extra", "time"}
+        return cls(**{k: v for k, v in data.items() if k in names}, time=data.get("time"),
+                   extra={k: v for k, v in data.items() if k not in names | {"type", "time"}})
+
+
+@dataclass
+class Start(Event):
+    TYPE = "start"
+    command: str
+    argv: list
+    config_path: str | None = None
+
+
+@dataclass
+class Phase(Event):
+    TYPE = "phase"
+    name: str
+
+
+@dataclass
+class Progress(Event):
+    TYPE = "progress"
+    step: int
+    total: int
+    unit: str = "step"
+    eta_s: float | None = None
+
+
+@dataclass
+class Metric(Event):
+    TYPE = "metric"
+    step: int
+    loss: float | None = None
+    lr: float | None = None
+
+
+@dataclass
+class Vram(Event):
+    TYPE = "vram"
+    allocated_gib: float
+    reserved_gib: float
+    peak_gib: float
+    ram_gib: float
+
+
+@dataclass
+class Estimate(Event):
+    TYPE = "estimate"
+    vram_gib: float
+    ram_gib: float
+    phases: dict
+
+
+@dataclass
+class Sample(Event):
+    TYPE = "sample"
+    path: str
+
+
+@dataclass
+class Image(Event):
+    TYPE = "image"
+    path: str
+    kind: str | None = None            # IMAGE_OUTPUT, IMAGE_PREVIEW or IMAGE_RCM_MASK
+
+
+@dataclass
+class Preview(Image):
+    """generate_image --preview_every: the model's estimate of the final image after `step` of `total`."""
+    kind: str | None = IMAGE_PREVIEW
+    step: int = 0
+    total: int = 0
+    index: int = 0                     # the job (prompt) of the run it belongs to
+
+
+@dataclass
+class RcmStep(Image):
+    """One denoising step of the Reference Consistency Mask (--rcm_debug_save): the token mask saved at `path`
+    and the statistics of the difference it was cut from, with the threshold applied."""
+    kind: str | None = IMAGE_RCM_MASK
+    step: int = 0
+    index: int = 0
+    min: float = 0.0
+    max: float = 0.0
+    mean: float = 0.0
+    threshold: float = 0.0
+
+
+@dataclass
+class Checkpoint(Event):
+    TYPE = "checkpoint"
+    path: str
+    step: int
+
+
+@dataclass
+class Log(Event):
+    TYPE = "log"
+    level: str
+    message: str
+
+
+@dataclass
+class Error(Event):
+    TYPE = "error"
+    kind: str
+    message: str
+    hint: str = ""
+
+
+@dataclass
+class Done(Event):
+    TYPE = "done"
+    outputs: list
+    seconds: float
+
+
+EVENT_CLASSES: dict[str, type[Event]] = {c.TYPE: c for c in (Start, Phase, Progress, Metric, Vram, Estimate, Sample,
+                                                             Image, Checkpoint, Log, Error, Done)}
+IMAGE_CLASSES: dict[str, type[Image]] = {IMAGE_PREVIEW: Preview, IMAGE_RCM_MASK: RcmStep}
+
+
+def typed(event: dict) -> Event:
+    """The typed view of a parsed event dict."""
+    cls = EVENT_CLASSES[event["type"]]
+    if cls is Image:
+        cls = IMAGE_CLASSES.get(event.get("kind"), Image)
+    return cls.of(event)
 
 
 class EventWriter:
@@ -24,10 +179,13 @@ class EventWriter:
                  json_stdout: bool | None = None):
         self.stream = stream if stream is not None else sys.stdout
         if json_stdout is None:
-            json_stdout = os.environ.get("QIS_EVENTS") == "json" or not _isatty(self.stream)
+            json_stdout = os.environ.get(EVENTS_ENV) == EVENTS_ENV_JSON or not _isatty(self.stream)
         self.json_stdout = json_stdout
         self._file = open(events_file, "a", encoding="utf-8", buffering=1) if events_file else None
         self._lock = threading.Lock()
+
+    def write(self, event: Event) -> dict:
+        return self.emit(event.TYPE, **event.fields())
 
     def emit(self, type: str, **fields: Any) -> dict:
         if type not in EVENT_TYPES:
@@ -41,43 +199,42 @@ class EventWriter:
             self.stream.flush()
         return event
 
-    # One method per type keeps call sites short and the field names consistent.
+    # One method per type keeps call sites short; each builds its typed event.
     def start(self, command: str, argv: list[str], config_path: str | None = None):
-        return self.emit("start", command=command, argv=argv, config_path=config_path)
+        return self.write(Start(command, argv, config_path))
 
     def phase(self, name: str, **extra):
-        return self.emit("phase", name=name, **extra)
+        return self.write(Phase(name, extra=extra))
 
     def progress(self, step: int, total: int, unit: str = "step", eta_s: float | None = None, **extra):
-        return self.emit("progress", step=step, total=total, unit=unit, eta_s=eta_s, **extra)
+        return self.write(Progress(step, total, unit, eta_s, extra=extra))
 
     def metric(self, step: int, loss: float | None = None, lr: float | None = None, **extra):
-        return self.emit("metric", step=step, loss=loss, lr=lr, **extra)
+        return self.write(Metric(step, loss, lr, extra=extra))
 
     def vram(self, allocated_gib: float, reserved_gib: float, peak_gib: float, ram_gib: float, **extra):
-        return self.emit("vram", allocated_gib=allocated_gib, reserved_gib=reserved_gib, peak_gib=peak_gib,
-                         ram_gib=ram_gib, **extra)
+        return self.write(Vram(allocated_gib, reserved_gib, peak_gib, ram_gib, extra=extra))
 
     def estimate(self, vram_gib: float, ram_gib: float, phases: dict, **extra):
-        return self.emit("estimate", vram_gib=vram_gib, ram_gib=ram_gib, phases=phases, **extra)
+        return self.write(Estimate(vram_gib, ram_gib, phases, extra=extra))
 
     def sample(self, path: str, **extra):
-        return self.emit("sample", path=str(path), **extra)
+        return self.write(Sample(str(path), extra=extra))
 
-    def image(self, path: str, **extra):
-        return self.emit("image", path=str(path), **extra)
+    def image(self, path: str, kind: str | None = None, **extra):
+        return self.write(Image(str(path), kind, extra=extra))
 
     def checkpoint(self, path: str, step: int, **extra):
-        return self.emit("checkpoint", path=str(path), step=step, **extra)
+        return self.write(Checkpoint(str(path), step, extra=extra))
 
     def log(self, level: str, message: str):
-        return self.emit("log", level=level, message=message)
+        return self.write(Log(level, message))
 
     def error(self, kind: str, message: str, hint: str = ""):
-        return self.emit("error", kind=kind, message=message, hint=hint)
+        return self.write(Error(kind, message, hint))
 
     def done(self, outputs: list[str] | None = None, seconds: float = 0.0, **extra):
-        return self.emit("done", outputs=[str(o) for o in outputs or []], seconds=round(seconds, 3), **extra)
+        return self.write(Done([str(o) for o in outputs or []], round(seconds, 3), extra=extra))
 
     def close(self):
         if self._file:
@@ -113,6 +270,12 @@ def human(event: dict) -> str:
         return f"{stamp} ERROR   [{event['kind']}] {event['message']}{hint}"
     rest = {k: v for k, v in event.items() if k not in ("type", "time")}
     return f"{stamp} {t:8s} " + " ".join(f"{k}={_short(v)}" for k, v in rest.items())
+
+
+def parse_event(line: str) -> Event | None:
+    """The GUI side, typed: an Event, or None for a plain (non-event) output line."""
+    event = parse_line(line)
+    return None if event is None else typed(event)
 
 
 def parse_line(line: str) -> dict | None:

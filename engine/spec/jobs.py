@@ -1,5 +1,8 @@
 """One generation = one `Job`: the command-line options, or one line of a --from_file prompt file.
 
+A Job holds the per-image options under the config's own field names (JOB_FIELDS of GenerateImageConfig), so a
+job, the PNG parameters written for it and the form that loads them back all speak one vocabulary.
+
 Prompt-line syntax (musubi's `parse_prompt_line`): the prompt, then options split on " --":
 --w WIDTH --h HEIGHT --d SEED --s STEPS --g/--l GUIDANCE --fs FLOW_SHIFT --n NEGATIVE --ci CONTROL (repeatable)
 --m MASK --rcm_th T --rcm_rel_th 1|true|yes --rcm_ks K --rcm_ds R. Options a line leaves out come from the
@@ -9,7 +12,7 @@ command line. Lines that are empty or start with '#' are skipped.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from engine.spec.errors import OptionError
@@ -17,33 +20,44 @@ from engine.spec.errors import OptionError
 
 @dataclass
 class Job:
+    """The options a prompt line may change, named as GenerateImageConfig names them (the rest of the run's
+    config is shared by every job)."""
     prompt: str
     negative_prompt: str | None
-    width: int
-    height: int
+    image_size: list[int]                 # [height, width], as --image_size
     seed: int
-    steps: int
+    infer_steps: int
     guidance_scale: float
     flow_shift: float | None
-    control_paths: list[str] = field(default_factory=list)
+    control_image_path: list[str] = field(default_factory=list)
     mask_path: str | None = None
     rcm_threshold: float | None = None
-    rcm_relative: bool = False
+    rcm_relative_threshold: bool = False
     rcm_kernel_size: int = 3
     rcm_dilate_size: int = 0
     line: int | None = None      # 1-based line number in --from_file, for error messages
+
+    @property
+    def height(self) -> int:
+        return self.image_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size[1]
 
     def where(self) -> str:
         return f"--from_file line {self.line}" if self.line else "command line"
 
     def parameters(self) -> dict:
         """The options of this job under the config's field names (PNG metadata the GUI loads back)."""
-        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image_size=[self.height, self.width],
-                    seed=self.seed, infer_steps=self.steps, guidance_scale=self.guidance_scale,
-                    flow_shift=self.flow_shift, control_image_path=list(self.control_paths),
-                    mask_path=self.mask_path, rcm_threshold=self.rcm_threshold,
-                    rcm_relative_threshold=self.rcm_relative, rcm_kernel_size=self.rcm_kernel_size,
-                    rcm_dilate_size=self.rcm_dilate_size)
+        return {name: _copy(getattr(self, name)) for name in JOB_FIELDS}
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value
+
+
+JOB_FIELDS = tuple(f.name for f in fields(Job) if f.name != "line")
 
 
 def random_seed() -> int:
@@ -51,13 +65,10 @@ def random_seed() -> int:
 
 
 def job_from_config(cfg) -> Job:
-    height, width = cfg.image_size
-    return Job(prompt=cfg.prompt or "", negative_prompt=cfg.negative_prompt, width=width, height=height,
-               seed=cfg.seed if cfg.seed is not None else random_seed(), steps=cfg.infer_steps,
-               guidance_scale=cfg.guidance_scale, flow_shift=cfg.flow_shift,
-               control_paths=list(cfg.control_image_path), mask_path=cfg.mask_path,
-               rcm_threshold=cfg.rcm_threshold, rcm_relative=cfg.rcm_relative_threshold,
-               rcm_kernel_size=cfg.rcm_kernel_size, rcm_dilate_size=cfg.rcm_dilate_size)
+    values = {name: _copy(getattr(cfg, name)) for name in JOB_FIELDS}
+    values["prompt"] = cfg.prompt or ""
+    values["seed"] = cfg.seed if cfg.seed is not None else random_seed()
+    return Job(**values)
 
 
 def jobs_from_config(cfg) -> list[Job]:
@@ -79,8 +90,9 @@ def jobs_from_config(cfg) -> list[Job]:
     return jobs
 
 
+# prompt-line option → the field it sets
 _FLOAT = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shift", "rcm_th": "rcm_threshold"}
-_INT = {"w": "width", "h": "height", "d": "seed", "s": "steps", "rcm_ks": "rcm_kernel_size",
+_INT = {"w": "width", "h": "height", "d": "seed", "s": "infer_steps", "rcm_ks": "rcm_kernel_size",
         "rcm_ds": "rcm_dilate_size"}
 _STR = {"n": "negative_prompt", "m": "mask_path"}
 
@@ -107,7 +119,7 @@ def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True
             elif key == "ci":
                 controls.append(arg)
             elif key == "rcm_rel_th":
-                values["rcm_relative"] = arg.lower() in ("1", "true", "yes")
+                values["rcm_relative_threshold"] = arg.lower() in ("1", "true", "yes")
             else:
                 raise OptionError(f"--from_file line {number}: unknown option --{key}",
                                   "use --w --h --d --s --g/--l --fs --n --ci --m --rcm_th --rcm_rel_th --rcm_ks "
@@ -116,5 +128,7 @@ def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True
             raise OptionError(f"--from_file line {number}: --{key} needs a number, got {arg!r}",
                               f"write e.g. --{key} 4") from None
     if controls:
-        values["control_paths"] = controls
+        values["control_image_path"] = controls
+    if "width" in values or "height" in values:
+        values["image_size"] = [values.pop("height", base.height), values.pop("width", base.width)]
     return replace(base, **values)

@@ -9,20 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from engine.spec.errors import ConfigError  # noqa: F401  (re-exported with the option classes)
+
 MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511")
+DEFAULT_NETWORK_DIM = 4       # musubi's LoRA rank when --network_dim is not given
+DEFAULT_NETWORK_ALPHA = 1.0
 EDIT_VERSIONS = ("edit", "edit-2509", "edit-2511")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem: names the key or file, the cause and the fix."""
 
 
 def opt(default: Any = None, help: str = "", *, group: str = "General", choices: tuple | None = None,
         positional: bool = False, path: bool = False, gui: bool = True, advanced: bool = False,
-        aliases: tuple[str, ...] = (), metavar: str | None = None):
-    """Declare one option. `path` marks file/folder options (the GUI shows a path box)."""
+        aliases: tuple[str, ...] = (), metavar: str | None = None, min: float | None = None,
+        max: float | None = None, multiple_of: int | None = None):
+    """Declare one option. `path` marks file/folder options (the GUI shows a path box). `min`, `max` and
+    `multiple_of` are its range, for each item of a list: engine.spec.config.validate checks them wherever a
+    config is made (command line, run TOML, preset, GUI form) and argparse's --help states them."""
     meta = dict(help=help, group=group, choices=choices, positional=positional, path=path, gui=gui,
-                advanced=advanced, aliases=aliases, metavar=metavar)
+                advanced=advanced, aliases=aliases, metavar=metavar, min=min, max=max, multiple_of=multiple_of)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -159,14 +162,14 @@ class TrainingOptions:
     lr_scheduler_min_lr_ratio: Optional[float] = opt(None, "Minimum lr ratio for cosine_with_min_lr / wsd.",
                                                      group="Optimizer", advanced=True)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", group="Optimizer")
-    gradient_accumulation_steps: int = opt(1, "Gradient accumulation steps.", group="Optimizer")
+    gradient_accumulation_steps: int = opt(1, "Gradient accumulation steps.", group="Optimizer", min=1)
 
     gradient_checkpointing: bool = opt(False, "Recompute block activations in backward (saves VRAM).",
                                        group="Memory")
     gradient_checkpointing_cpu_offload: bool = opt(False, "Keep checkpointed activations in CPU RAM.",
                                                    group="Memory")
     blocks_to_swap: int = opt(0, "Keep this many of the 60 blocks in CPU RAM and stream them in (max 59).",
-                              group="Memory")
+                              group="Memory", min=0)
     fp8_base: bool = opt(False, "Store the DiT in fp8.", group="Memory")
     fp8_scaled: bool = opt(False, "Block-wise scaled fp8 weights (with --fp8_base; better quality).",
                            group="Memory")
@@ -182,8 +185,8 @@ class TrainingOptions:
     output_dir: Optional[str] = opt(None, "Folder for checkpoints, samples and the run config.", group="Saving",
                                     path=True)
     output_name: Optional[str] = opt(None, "Base name of the saved files.", group="Saving")
-    save_every_n_epochs: Optional[int] = opt(None, "Save every N epochs.", group="Saving")
-    save_every_n_steps: Optional[int] = opt(None, "Save every N steps.", group="Saving")
+    save_every_n_epochs: Optional[int] = opt(None, "Save every N epochs.", group="Saving", min=1)
+    save_every_n_steps: Optional[int] = opt(None, "Save every N steps.", group="Saving", min=1)
     save_last_n_epochs: Optional[int] = opt(None, "Keep only the last N epoch saves.", group="Saving",
                                             advanced=True)
     save_last_n_steps: Optional[int] = opt(None, "Keep only the saves of the last N steps.", group="Saving",
@@ -201,8 +204,8 @@ class TrainingOptions:
     sample_prompts: Optional[str] = opt(None, "Prompt file for samples during training (.txt lines with "
                                               "--w --h --d --s --l --fs --n --ci options).", group="Samples",
                                         path=True)
-    sample_every_n_steps: Optional[int] = opt(None, "Sample every N steps.", group="Samples")
-    sample_every_n_epochs: Optional[int] = opt(None, "Sample every N epochs.", group="Samples")
+    sample_every_n_steps: Optional[int] = opt(None, "Sample every N steps.", group="Samples", min=1)
+    sample_every_n_epochs: Optional[int] = opt(None, "Sample every N epochs.", group="Samples", min=1)
     sample_at_first: bool = opt(False, "Sample before training starts.", group="Samples")
 
     logging_dir: Optional[str] = opt(None, "TensorBoard log folder.", group="Logging", path=True)
@@ -215,8 +218,8 @@ class TrainingOptions:
 class NetworkOptions:
     network_module: str = opt("networks.lora_qwen_image", "LoRA module (musubi's name is accepted).",
                               group="Network", choices=("networks.lora_qwen_image", "networks.lora"))
-    network_dim: Optional[int] = opt(None, "LoRA rank (default 4).", group="Network")
-    network_alpha: float = opt(1.0, "LoRA alpha; scale = alpha / rank.", group="Network")
+    network_dim: Optional[int] = opt(None, f"LoRA rank (default {DEFAULT_NETWORK_DIM}).", group="Network")
+    network_alpha: float = opt(DEFAULT_NETWORK_ALPHA, "LoRA alpha; scale = alpha / rank.", group="Network")
     network_args: list[str] = opt([], "key=value: include_patterns, exclude_patterns, rank_dropout, "
                                       "module_dropout, loraplus_lr_ratio, verbose.", group="Network",
                                   advanced=True)
@@ -226,6 +229,10 @@ class NetworkOptions:
     save_format: str = opt("kohya", "kohya: lora_unet_* keys (ComfyUI and diffusers load it). diffusers: also "
                                     "write <name>_diffusers.safetensors in the diffusers layout.",
                            group="Network", choices=("kohya", "diffusers"))
+
+    def network_rank(self) -> int:
+        """The LoRA rank this run trains: --network_dim, or musubi's default."""
+        return self.network_dim or DEFAULT_NETWORK_DIM
 
 
 @dataclass
@@ -243,8 +250,8 @@ class GenerationOptions:
     prompt: Optional[str] = opt(None, "Prompt.", group="Prompt")
     negative_prompt: Optional[str] = opt(None, "Negative prompt (true CFG).", group="Prompt")
     image_size: list[int] = opt([256, 256], "Output height and width (multiples of 16).", group="Image",
-                                metavar="H W")
-    infer_steps: int = opt(25, "Denoising steps.", group="Image")
+                                metavar="H W", min=16, multiple_of=16)
+    infer_steps: int = opt(25, "Denoising steps.", group="Image", min=1)
     guidance_scale: float = opt(4.0, "True CFG scale (1 disables CFG).", group="Image")
     embedded_cfg_scale: float = opt(2.5, "Accepted for musubi compatibility; Qwen-Image has no guidance "
                                          "embedding.", group="Image", gui=False)
@@ -265,13 +272,13 @@ class GenerationOptions:
                                              "PNG in <save_path>/previews/ (not after the last step: that is the "
                                              "output). Each costs one VAE decode while the DiT is loaded, so the "
                                              "VRAM estimate adds the decode's memory (--vae_enable_tiling keeps it "
-                                             "small). Off when omitted.", group="Output", metavar="N")
+                                             "small). Off when omitted.", group="Output", metavar="N", min=1)
     attn_mode: str = opt("sdpa", "Attention kernel.", group="Attention",
                          choices=("sdpa", "torch", "flash", "xformers", "sageattn"))
     fp8: bool = opt(False, "Store the DiT in fp8.", group="Memory")
     fp8_scaled: bool = opt(False, "Block-wise scaled fp8 DiT weights.", group="Memory")
     text_encoder_cpu: bool = opt(False, "Run the text encoder on the CPU.", group="Memory")
-    blocks_to_swap: int = opt(0, "Keep this many blocks in CPU RAM and stream them in.", group="Memory")
+    blocks_to_swap: int = opt(0, "Keep this many blocks in CPU RAM and stream them in.", group="Memory", min=0)
     vae_enable_tiling: bool = opt(False, "Decode in tiles (less VRAM at large sizes).", group="Memory",
                                   advanced=True)
     lora_weight: list[str] = opt([], "LoRA files to apply (any of the supported formats).", group="LoRA",
@@ -285,11 +292,11 @@ class GenerationOptions:
     mask_path: Optional[str] = opt(None, "Inpaint mask (white = change, black = keep).", group="Edit",
                                    path=True)
     rcm_threshold: Optional[float] = opt(None, "Enable the Reference Consistency Mask with this threshold.",
-                                         group="RCM")
+                                         group="RCM", min=0)
     rcm_relative_threshold: bool = opt(False, "Treat --rcm_threshold as a fraction of the step's max difference.",
                                        group="RCM")
-    rcm_kernel_size: int = opt(3, "Gaussian blur kernel before the difference.", group="RCM")
-    rcm_dilate_size: int = opt(0, "Dilate the changed region by this many tokens.", group="RCM")
+    rcm_kernel_size: int = opt(3, "Gaussian blur kernel before the difference.", group="RCM", min=1)
+    rcm_dilate_size: int = opt(0, "Dilate the changed region by this many tokens.", group="RCM", min=0)
     rcm_debug_save: bool = opt(False, "Save the RCM mask of every step into --save_path.", group="RCM")
     from_file: Optional[str] = opt(None, "Batch mode: one prompt per line with per-line options.",
                                    group="Prompt", path=True, gui=False)
@@ -353,10 +360,10 @@ class EstimateOptions:
     for_command: str = opt("train_network", "The command to estimate; takes that command's own options.",
                            group="Estimate", choices=ESTIMATE_TARGETS, aliases=("--for",))
     resolution: list[int] = opt([1024, 1024], "Training image width and height (the dataset's resolution).",
-                                group="Estimate", metavar="W H")
-    batch_size: int = opt(1, "Training batch size (the dataset's batch_size).", group="Estimate")
+                                group="Estimate", metavar="W H", min=16, multiple_of=16)
+    batch_size: int = opt(1, "Training batch size (the dataset's batch_size).", group="Estimate", min=1)
     num_control_images: Optional[int] = opt(None, "Control images per sample (default: 1 for edit models, 0 "
-                                                  "otherwise).", group="Estimate")
+                                                  "otherwise).", group="Estimate", min=0)
     caches_ready: bool = opt(False, "The latent and text-encoder caches already exist: leave the caching phase "
                                     "out of the training peak.", group="Estimate")
 

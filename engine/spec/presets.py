@@ -25,6 +25,7 @@ from typing import Any
 
 from engine.spec import config as C
 from engine.spec.errors import OptionError
+from engine.spec.vram import estimate_config
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 KIND_CONFIG = {"train_network": C.TrainNetworkConfig, "train": C.TrainConfig,
@@ -82,9 +83,14 @@ def _check_header(path: Path, header: dict) -> None:
         raise OptionError(f"{path}: kind {header['kind']!r} is not one of {', '.join(KIND_CONFIG)}.",
                           "Set kind to the command the preset is for.")
     res = header["resolution"]
-    if len(res) != 2 or not all(isinstance(v, int) and v > 0 and v % 16 == 0 for v in res):
+    if len(res) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in res):
         raise OptionError(f"{path}: resolution {res!r} must be [width, height], multiples of 16.",
                           "For example resolution = [1024, 1024].")
+    try:       # the range of estimate_vram's --resolution, declared once in the option registry
+        C.check_value(next(f for f in C.option_fields(C.EstimateVramConfig) if f.name == "resolution"), list(res),
+                      f"{path}: [preset]")
+    except C.ConfigError as e:
+        raise OptionError(e.message, e.hint) from None
 
 
 def _check_fields(path: Path, kind: str, fields: dict) -> dict:
@@ -92,7 +98,7 @@ def _check_fields(path: Path, kind: str, fields: dict) -> dict:
     cls = KIND_CONFIG[kind]
     try:
         cfg = C.from_dict(cls, dict(fields), source=str(path))
-        C.check_choices(cfg)
+        C.validate(cfg)
     except C.ConfigError as e:
         raise OptionError(str(e), f"Use option names of `python -m engine {kind} --help`.") from None
     return {name: getattr(cfg, name) for name in fields}
@@ -121,25 +127,11 @@ def preset_argv(preset: Preset) -> list[str]:
     return C.to_argv(apply_preset(preset))
 
 
-def estimate_config(preset: Preset, base=None):
-    """An EstimateVramConfig for the preset at its stated resolution (on top of `base` field values if given)."""
-    values = {"for_command": preset.kind}
-    if base is not None:
-        values.update(C.to_dict(base))
-    values.update(preset.fields)
+def estimate_preset(preset: Preset, base=None) -> dict:
+    """The estimate of the preset's options (on top of `base`, a config of its kind) at its stated resolution."""
     w, h = preset.resolution
-    if preset.kind == "generate_image":
-        values["image_size"] = [h, w]
-    else:
-        values["resolution"] = [w, h]
-    values.pop("config_file", None)
-    return C.from_dict(C.EstimateVramConfig, values, source=str(preset.path))
-
-
-def estimate_preset(preset: Preset) -> dict:
-    from engine.spec.vram import estimate_config as run_estimate
-
-    return run_estimate(estimate_config(preset))
+    size = {"image_size": [h, w]} if preset.kind == "generate_image" else {"resolution": [w, h]}
+    return estimate_config(apply_preset(preset, base), preset.kind, source=str(preset.path), **size)
 
 
 def ram_header_value(estimate: dict) -> int:

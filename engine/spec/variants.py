@@ -1,5 +1,5 @@
 """One registry of model variants. Everything that differs between Qwen-Image, Edit, Edit-2509 and
-Edit-2511 lives here, not in `if model ==` branches across the engine (design.md §1, habit 3).
+Edit-2511 lives here, not in `if model ==` branches across the engine.
 
 Importable without torch.
 """

@@ -62,7 +62,8 @@ def area_bucket(size: tuple[int, int], area_resolution: tuple[int, int]) -> tupl
 
 def control_size(size: tuple[int, int], target_bucket: tuple[int, int],
                  control_resolution: tuple[int, int] | None, no_resize_control: bool) -> tuple[int, int]:
-    """The size a control image is cached at (musubi's rules, reference §3.4)."""
+    """The size a control image is cached at (musubi-tuner's rules: its own size floored to 16 px, the target's
+    bucket, or the bucket of control_resolution's area, as no_resize_control and control_resolution say)."""
     native = (floor_to(size[0]), floor_to(size[1]))
     if control_resolution is None:
         return native if no_resize_control else tuple(target_bucket)

@@ -1,6 +1,6 @@
 """Cache file names, fingerprints and the staleness report ("never stale").
 
-Names are musubi-tuner's (reference §4.1), so its trainer reads our caches and we read its names:
+Names are musubi-tuner's (engine/spec/naming.py), so its trainer reads our caches and we read its names:
   latents: `<cache_dir>/<stem>_<W:04d>x<H:04d>_<arch>.safetensors` (W, H = original image size)
   text:    `<cache_dir>/<stem>_<arch>_te.safetensors`
 with arch `qi` (text-to-image) or `qie` (any edit version).
@@ -30,7 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.spec.dataset.plan import Plan, PlannedItem
+from engine.spec import naming
+from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
+from engine.spec.errors import ModelFileError
+from engine.spec.safetensors_header import expand_shards, read_header
+from engine.spec.variants import get_variant
 
 FORMAT_VERSION = "1.0.1"
 ARCHITECTURE = "qwen_image"      # musubi writes this full name for qi and qie alike
@@ -38,24 +42,16 @@ QIS_KEYS = ("qis_kind", "qis_model_version", "qis_source", "qis_settings", "qis_
 
 
 def latent_cache_path(item: PlannedItem, arch: str) -> Path:
-    w, h = item.size
-    return item.spec.cache_directory / f"{item.stem}_{w:04d}x{h:04d}_{arch}.safetensors"
+    return item.spec.cache_directory / naming.latent_cache_name(item.stem, item.size, arch)
 
 
 def text_cache_path(item: PlannedItem, arch: str) -> Path:
-    return item.spec.cache_directory / f"{item.stem}_{arch}_te.safetensors"
+    return item.spec.cache_directory / naming.text_cache_name(item.stem, arch)
 
 
 def is_our_cache_file(path: Path, arch: str) -> bool:
     """Only files with our naming pattern are ever removed (never images or anything else)."""
-    name = path.name
-    if name.endswith(f"_{arch}_te.safetensors"):
-        return True
-    if not name.endswith(f"_{arch}.safetensors"):
-        return False
-    size = name[: -len(f"_{arch}.safetensors")].rsplit("_", 1)[-1]
-    w, _, h = size.partition("x")
-    return w.isdigit() and h.isdigit()
+    return naming.is_cache_name(path.name, arch)
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
@@ -123,8 +119,6 @@ def _content(fp: Any) -> Any:
 def encoder_identity(paths: Iterable[str | os.PathLike | None]) -> dict:
     """Identity of model files: resolved path, size, mtime and a hash of each safetensors header (or, for a
     tokenizer folder, of its small files). The header hash is what we compare; path and mtime are for people."""
-    from engine.spec.safetensors_header import expand_shards, read_header
-
     files = []
     for p in paths:
         if p is None:
@@ -171,9 +165,6 @@ def latent_settings(item: PlannedItem, dtype: str) -> dict:
 
 def read_metadata(path: Path) -> dict[str, str] | None:
     """The file's metadata, or None when it is not a readable safetensors file (e.g. a half-written one)."""
-    from engine.spec.errors import ModelFileError
-    from engine.spec.safetensors_header import read_header
-
     try:
         return read_header(path).metadata
     except (ModelFileError, OSError):
@@ -285,8 +276,6 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
     compare the dataset-derived settings (bucket, control sizes, resize keys).
     vae / text_encoder (+ tokenizer): when given, files made with other weights are stale.
     """
-    from engine.spec.variants import get_variant
-
     variant = get_variant(model_version)
     out = []
     vae_id = encoder_identity([vae]) if vae else None
@@ -317,8 +306,6 @@ def staleness_report(dataset_config: str | os.PathLike, model_version: str, vae:
     """JSON-ready report for the Cache tab: dataset problems, per-entry state with reason, counts per kind.
 
     Reads headers and source files only (no model is loaded; torch is not imported)."""
-    from engine.spec.dataset.plan import build_plan
-
     plan = build_plan(dataset_config, model_version)
     statuses = cache_status(plan, model_version, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     return {"model_version": model_version,

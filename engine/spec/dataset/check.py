@@ -11,6 +11,7 @@ import json
 import sys
 
 from engine.spec.dataset.plan import Plan, build_plan
+from engine.spec.errors import DatasetError, OptionError
 
 
 def report(plan: Plan) -> dict:
@@ -58,8 +59,6 @@ def format_text(rep: dict) -> str:
 
 
 def run(cfg, events) -> list[str]:
-    from engine.spec.errors import DatasetError, OptionError
-
     if not cfg.dataset_config:
         raise OptionError("check_dataset needs --dataset_config.", "Pass the dataset TOML file.")
     version = cfg.model_version or ("edit-2509" if cfg.edit_plus else "edit" if cfg.edit else None)

@@ -1,4 +1,4 @@
-"""Analytic VRAM/RAM estimator (issue 6): `python -m engine estimate_vram --for <command> [its options]`.
+"""Analytic VRAM/RAM estimator: `python -m engine estimate_vram --for <command> [its options]`.
 
 Pure Python (no torch import), so the GUI can recompute an estimate on every form change. The model:
 engine/spec/vram/params.py (exact parameter counts), memory.py (bytes per component), estimate.py (phases),
@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.spec.vram.estimate import PARTS, estimate, phases_for, workload_from_config  # noqa: F401
+from engine.spec.vram.estimate import PARTS, estimate, estimate_options, phases_for, workload_from_config  # noqa: F401
 from engine.spec.vram.memory import Workload  # noqa: F401
 
 
-def estimate_config(cfg) -> dict:
-    """The estimate for a parsed config (EstimateVramConfig or a train/generate config)."""
-    return estimate(workload_from_config(cfg))
+def estimate_config(cfg, command: str | None = None, source: str = "options", **values) -> dict:
+    """The estimate for a config: a train_network / train / generate_image config or an EstimateVramConfig, with
+    `values` on top (estimate_options, the one builder of the estimator's input)."""
+    return estimate(workload_from_config(estimate_options(cfg, command, source, **values)))
 
 
 def run(cfg, events) -> list[str]:

@@ -6,45 +6,46 @@ gradients, activations, block-swap buffers, workspace), and the process's RAM at
 
 from __future__ import annotations
 
-from engine.spec.config import EDIT_VERSIONS
+from engine.spec import checks
+from engine.spec.config import from_dict, option_fields, validate
 from engine.spec.errors import OptionError
+from engine.spec.options import EDIT_VERSIONS, EstimateVramConfig
 from engine.spec.variants import VAE_AREA, get_variant
 from engine.spec.vram import memory as M
 from engine.spec.vram.constants import GIB
 from engine.spec.vram.constants import value as K
 
 PARTS = ("weights", "lora_and_optimizer", "gradients", "activations", "block_swap_buffers", "workspace")
+NOT_ESTIMATED = ("config_file", "events_file")     # options of a run that say nothing about its memory
 
 
-def workload_from_config(cfg) -> M.Workload:
-    """Resolve a command's options (EstimateVramConfig, or the command's own config) into a Workload."""
-    command = getattr(cfg, "for_command", None) or _command_of(cfg)
-    version = cfg.resolved_version()
-    controls = _controls(cfg, version)
+def estimate_options(cfg, command: str | None = None, source: str = "options", **values) -> EstimateVramConfig:
+    """The one way to the estimator's input: `cfg`'s options (a train_network / train / generate_image config, or
+    an EstimateVramConfig), the command it estimates (default: what `cfg` is), and `values` on top (e.g. a
+    training `resolution`, `batch_size`, `caches_ready`)."""
+    known = {f.name for f in option_fields(EstimateVramConfig)} - set(NOT_ESTIMATED)
+    data = {f.name: getattr(cfg, f.name) for f in option_fields(type(cfg)) if f.name in known}
+    data["for_command"] = command or getattr(cfg, "for_command", None) or _command_of(cfg)
+    data.update(values)
+    return from_dict(EstimateVramConfig, data, source=source)
+
+
+def workload_from_config(opts: EstimateVramConfig) -> M.Workload:
+    """Check the options and resolve what the estimate needs from them."""
+    validate(opts)
+    command, version = opts.for_command, opts.resolved_version()
+    controls = _controls(opts, version)
     if command == "generate_image":
-        h, w = cfg.image_size
-        fp8 = cfg.fp8 or getattr(cfg, "fp8_base", False) or cfg.fp8_scaled
+        h, w = opts.image_size
+        fp8 = opts.fp8 or opts.fp8_base or opts.fp8_scaled       # estimate_vram takes both spellings
     else:
-        w, h = getattr(cfg, "resolution", [1024, 1024])
-        fp8 = cfg.fp8_base
-        if cfg.fp8_scaled and not cfg.fp8_base and command == "train_network":
-            raise OptionError("--fp8_scaled was given without --fp8_base.",
-                              "Add --fp8_base (fp8_scaled only changes how the fp8 weights are scaled).")
-    _check_sizes(w, h, cfg.blocks_to_swap)
-    return M.Workload(
-        command=command, width=w, height=h, batch=getattr(cfg, "batch_size", None) or 1, controls=controls,
-        vl_tokens_per_control=_vl_tokens(version) if controls else 0,
-        network_dim=getattr(cfg, "network_dim", None) or 4, fp8=fp8, fp8_scaled=cfg.fp8_scaled,
-        fp8_vl=getattr(cfg, "fp8_vl", False), blocks_to_swap=cfg.blocks_to_swap,
-        gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
-        gc_cpu_offload=getattr(cfg, "gradient_checkpointing_cpu_offload", False),
-        optimizer=getattr(cfg, "optimizer_type", "AdamW"), full_bf16=getattr(cfg, "full_bf16", False),
-        mixed_precision=getattr(cfg, "mixed_precision", "no"),
-        fused_backward_pass=getattr(cfg, "fused_backward_pass", False),
-        mem_eff_save=getattr(cfg, "mem_eff_save", False), save_state=getattr(cfg, "save_state", False),
-        text_encoder_cpu=getattr(cfg, "text_encoder_cpu", False),
-        caches_ready=getattr(cfg, "caches_ready", False), vae_tiling=getattr(cfg, "vae_enable_tiling", False),
-        previews=getattr(cfg, "preview_every", None) is not None)
+        w, h = opts.resolution
+        fp8 = opts.fp8_base
+        if command == "train_network":
+            checks.check_fp8_scaled(opts)
+    checks.check_blocks_to_swap(opts.blocks_to_swap, M.LAYERS)
+    return M.Workload(opts=opts, command=command, width=w, height=h, batch=opts.batch_size, controls=controls,
+                      vl_tokens_per_control=_vl_tokens(version) if controls else 0, fp8=fp8)
 
 
 def _command_of(cfg) -> str:
@@ -53,10 +54,10 @@ def _command_of(cfg) -> str:
     return "train" if hasattr(cfg, "full_bf16") else "train_network"
 
 
-def _controls(cfg, version: str) -> int:
-    given = getattr(cfg, "num_control_images", None)
+def _controls(opts: EstimateVramConfig, version: str) -> int:
+    given = opts.num_control_images
     if given is None:
-        given = len(getattr(cfg, "control_image_path", []) or []) or (1 if version in EDIT_VERSIONS else 0)
+        given = len(opts.control_image_path) or (1 if version in EDIT_VERSIONS else 0)
     if given and version not in EDIT_VERSIONS:
         raise OptionError(f"--num_control_images {given} needs an edit model; --model_version is {version}.",
                           "Add --model_version edit / edit-2509 / edit-2511, or drop the control images.")
@@ -67,15 +68,6 @@ def _vl_tokens(version: str) -> int:
     """Vision tokens one control image adds to the prompt (14-px patches merged 2×2)."""
     area = get_variant(version).vl_area or VAE_AREA
     return area // int(K("vl_patch_area"))
-
-
-def _check_sizes(w: int, h: int, swap: int) -> None:
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise OptionError(f"image size {w}x{h} is not a positive multiple of 16.",
-                          "Use a width and height divisible by 16 (e.g. 1024 1024).")
-    if not 0 <= swap <= M.LAYERS - 1:
-        raise OptionError(f"--blocks_to_swap {swap} is out of range.",
-                          f"Use 0 to {M.LAYERS - 1}: at least one of the {M.LAYERS} blocks stays on the GPU.")
 
 
 # ------------------------------------------------------------------ phases
@@ -97,15 +89,15 @@ def _process_ram() -> float:
 
 def load_phase(w: M.Workload) -> dict:
     # With block swap the DiT is loaded to the CPU first and the resident blocks moved over afterwards.
-    staging = M.dit_bytes(w) if w.blocks_to_swap else M.LARGEST_LINEAR * M.BF16
-    workspace = _runtime(w) + (2 * M.LARGEST_LINEAR * M.FP32 if M.uses_fp8(w) and w.fp8_scaled else 0)
+    staging = M.dit_bytes(w) if w.opts.blocks_to_swap else M.LARGEST_LINEAR * M.BF16
+    workspace = _runtime(w) + (2 * M.LARGEST_LINEAR * M.FP32 if M.uses_fp8(w) and w.opts.fp8_scaled else 0)
     return _phase(_process_ram() + staging, weights=M.dit_resident_bytes(w), workspace=workspace)
 
 
 def caching_phases(w: M.Workload) -> dict:
     vae = _phase(_process_ram(), weights=M.vae_bytes(), activations=M.vae_activation_bytes(w, decode=False),
                  workspace=_runtime(w))
-    te = _phase(_process_ram(), weights=M.text_encoder_bytes(w.fp8_vl),
+    te = _phase(_process_ram(), weights=M.text_encoder_bytes(w.opts.fp8_vl),
                 activations=M.text_encoder_activation_bytes(w), workspace=_runtime(w))
     return {"caching_latents": vae, "caching_text": te}
 
@@ -127,17 +119,17 @@ def saving_phase(w: M.Workload) -> dict:
     train = training_phase(w)
     parts = dict(train["parts"], activations=0, workspace=_runtime(w))
     if w.full:  # the DiT is gathered in RAM in bf16 unless --mem_eff_save streams it tensor by tensor
-        saved = M.LARGEST_LINEAR * M.BF16 if w.mem_eff_save else M.dit_bytes(w) // M.dit_param_bytes(w) * 2
-        states = M.optimizer_state_bytes(w) if w.save_state else 0
+        saved = M.LARGEST_LINEAR * M.BF16 if w.opts.mem_eff_save else M.dit_bytes(w) // M.dit_param_bytes(w) * 2
+        states = M.optimizer_state_bytes(w) if w.opts.save_state else 0
     else:
-        saved, states = M.trainable_params(w) * M.FP32, (M.optimizer_state_bytes(w) if w.save_state else 0)
+        saved, states = M.trainable_params(w) * M.FP32, (M.optimizer_state_bytes(w) if w.opts.save_state else 0)
     return _phase(train["ram"] + saved + states, **parts)
 
 
 def generation_phases(w: M.Workload) -> dict:
     phases = {}
     te_bytes = M.text_encoder_bytes(False) + M.text_encoder_activation_bytes(w)
-    if w.text_encoder_cpu:
+    if w.opts.text_encoder_cpu:
         phases["text_encoding"] = _phase(_process_ram() + te_bytes, workspace=_runtime(w))
     else:
         phases["text_encoding"] = _phase(_process_ram(), weights=M.text_encoder_bytes(False),
@@ -150,7 +142,7 @@ def generation_phases(w: M.Workload) -> dict:
     phases["denoising"] = _phase(_process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w),
                                  weights=M.dit_resident_bytes(w), activations=M.inference_activation_bytes(w),
                                  workspace=_runtime(w) + M.fp8_dequant_bytes(w))
-    if w.previews:   # a full-size decode between steps, beside the resident DiT (the preview is shrunk after it)
+    if w.opts.preview_every is not None:   # a full-size decode between steps, beside the resident DiT
         phases["preview_decode"] = _phase(_process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w),
                                           weights=M.dit_resident_bytes(w) + M.vae_bytes(),
                                           activations=M.vae_activation_bytes(w, decode=True), workspace=_runtime(w))
@@ -163,7 +155,7 @@ def generation_phases(w: M.Workload) -> dict:
 def phases_for(w: M.Workload) -> dict:
     if not w.training:
         return generation_phases(w)
-    phases = {} if w.caches_ready else caching_phases(w)
+    phases = {} if w.opts.caches_ready else caching_phases(w)
     phases.update(load=load_phase(w), training_step=training_phase(w), saving=saving_phase(w))
     return phases
 
@@ -183,7 +175,7 @@ def estimate(w: M.Workload) -> dict:
                        "parts": {k: gib(v) for k, v in p["parts"].items()}} for n, p in phases.items()},
         "inputs": {"width": w.width, "height": w.height, "batch": w.batch, "control_images": w.controls,
                    "image_tokens": w.image_tokens, "text_tokens": w.text_tokens, "dit_tokens": w.dit_tokens,
-                   "blocks_on_gpu": M.LAYERS - w.blocks_to_swap,
+                   "blocks_on_gpu": M.LAYERS - w.opts.blocks_to_swap,
                    "trainable_params": M.trainable_params(w) if w.training else 0},
         "notes": _notes(w),
     }
@@ -193,8 +185,8 @@ def _notes(w: M.Workload) -> list[str]:
     notes = []
     if w.full and w.fp8:
         notes.append("fp8 is ignored for full finetuning (the finetuner trains bf16/fp32 weights).")
-    if w.training and not w.caches_ready:
+    if w.training and not w.opts.caches_ready:
         notes.append("includes the caching commands (VAE and text encoder); add --caches_ready to leave them out.")
-    if w.training and M.uses_fp8(w) and not w.gradient_checkpointing:
+    if w.training and M.uses_fp8(w) and not w.opts.gradient_checkpointing:
         notes.append("fp8 without --gradient_checkpointing keeps a bf16 copy of every block's weights for backward.")
     return notes

@@ -7,6 +7,7 @@ engine/spec/vram/constants.py, parameter counts from engine/spec/vram/params.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from engine.spec.vram import params as P
 from engine.spec.vram.constants import value as K
@@ -16,30 +17,16 @@ BF16, FP32, FP8 = 2, 4, 1
 
 @dataclass(frozen=True)
 class Workload:
-    """Everything the estimate depends on, resolved from a command's options."""
+    """What a run does: its options, under their own names and defaults (an EstimateVramConfig), and what the
+    estimate resolves from them (engine/spec/vram/estimate.py: workload_from_config)."""
+    opts: Any                     # EstimateVramConfig
     command: str                  # train_network | train | generate_image
     width: int
     height: int
-    batch: int = 1
-    controls: int = 0             # control images per sample (edit models)
-    vl_tokens_per_control: int = 0  # vision tokens each control adds to the text sequence
-    network_dim: int = 4
-    fp8: bool = False
-    fp8_scaled: bool = False
-    fp8_vl: bool = False
-    blocks_to_swap: int = 0
-    gradient_checkpointing: bool = False
-    gc_cpu_offload: bool = False
-    optimizer: str = "adamw"
-    full_bf16: bool = False
-    mixed_precision: str = "no"
-    fused_backward_pass: bool = False
-    mem_eff_save: bool = False
-    save_state: bool = False
-    text_encoder_cpu: bool = False
-    caches_ready: bool = False
-    vae_tiling: bool = False
-    previews: bool = False        # generate_image --preview_every: VAE decodes while the DiT is resident
+    batch: int
+    controls: int                 # control images per sample (edit models)
+    vl_tokens_per_control: int    # vision tokens each control adds to the text sequence
+    fp8: bool                     # the DiT's block weights in fp8: --fp8_base (training), --fp8 (generation)
 
     @property
     def training(self) -> bool:
@@ -77,7 +64,7 @@ LARGEST_LINEAR = max(l.n_in * l.n_out for l in BLOCK_LINEARS)
 def dit_param_bytes(w: Workload) -> int:
     """Bytes per parameter the DiT is stored in (before fp8)."""
     if w.full:
-        return BF16 if w.full_bf16 else FP32  # musubi's finetuner keeps fp32 weights unless --full_bf16
+        return BF16 if w.opts.full_bf16 else FP32  # musubi's finetuner keeps fp32 weights unless --full_bf16
     return BF16  # LoRA training and inference compute in bf16
 
 
@@ -89,7 +76,7 @@ def block_bytes(w: Workload) -> tuple[int, int]:
     """(bytes of one block, of which the part block swap moves: the Linear weights; biases, norms and fp8
     scales stay on the GPU, in musubi and in engine/models/block_swap.py alike)."""
     pb = dit_param_bytes(w)
-    if uses_fp8(w) and w.fp8_scaled:
+    if uses_fp8(w) and w.opts.fp8_scaled:
         scales = BLOCK_WEIGHTS // int(K("fp8_scale_block")) * BF16
         return BLOCK_WEIGHTS * FP8 + scales + (BLOCK_BIASES + BLOCK_NORMS) * BF16, BLOCK_WEIGHTS * FP8
     if uses_fp8(w):  # plain --fp8_base casts the whole model
@@ -98,7 +85,7 @@ def block_bytes(w: Workload) -> tuple[int, int]:
 
 
 def outer_bytes(w: Workload) -> int:
-    per = FP8 if uses_fp8(w) and not w.fp8_scaled else dit_param_bytes(w)
+    per = FP8 if uses_fp8(w) and not w.opts.fp8_scaled else dit_param_bytes(w)
     return P.dit_outer_params() * per
 
 
@@ -109,17 +96,17 @@ def dit_bytes(w: Workload) -> int:
 def dit_resident_bytes(w: Workload) -> int:
     """DiT bytes on the GPU: swapped blocks leave their biases, norms and fp8 scales behind."""
     full, moved = block_bytes(w)
-    return outer_bytes(w) + LAYERS * full - w.blocks_to_swap * moved
+    return outer_bytes(w) + LAYERS * full - w.opts.blocks_to_swap * moved
 
 
 def swapped_bytes(w: Workload) -> int:
-    return w.blocks_to_swap * block_bytes(w)[1]
+    return w.opts.blocks_to_swap * block_bytes(w)[1]
 
 
 def swap_staging_bytes(w: Workload) -> int:
     """One spare pinned host block the exchange copies into (engine/models/block_swap.py; the GPU side is
     swapped in place, so it needs no extra device buffer)."""
-    return block_bytes(w)[1] if w.blocks_to_swap else 0
+    return block_bytes(w)[1] if w.opts.blocks_to_swap else 0
 
 
 # ------------------------------------------------------------------ trainable parameters and optimiser
@@ -127,7 +114,7 @@ def swap_staging_bytes(w: Workload) -> int:
 def trainable_shapes(w: Workload) -> list[tuple[int, ...]]:
     """Shapes of the trained tensors: LoRA down/up pairs (and alpha) or the whole DiT."""
     if not w.full:
-        r = w.network_dim
+        r = w.opts.network_rank()
         return [s for l in BLOCK_LINEARS for s in ((r, l.n_in), (l.n_out, r), ())] * LAYERS
     shapes = []
     for l in BLOCK_LINEARS:
@@ -155,7 +142,7 @@ def trainable_param_bytes(w: Workload) -> int:
 
 
 def optimizer_state_bytes(w: Workload) -> int:
-    opt = w.optimizer.lower()
+    opt = w.opts.optimizer_type.lower()
     pb = trainable_param_bytes(w)
     total = 0
     for shape in trainable_shapes(w):
@@ -172,7 +159,7 @@ def optimizer_state_bytes(w: Workload) -> int:
 
 
 def gradient_bytes(w: Workload) -> int:
-    if w.full and w.fused_backward_pass:
+    if w.full and w.opts.fused_backward_pass:
         # the fused step frees each gradient as soon as it is applied: about one block's worth is alive
         return (BLOCK_WEIGHTS + BLOCK_BIASES) * dit_param_bytes(w)
     return trainable_params(w) * trainable_param_bytes(w)
@@ -180,7 +167,7 @@ def gradient_bytes(w: Workload) -> int:
 
 def autocast_cache_bytes(w: Workload) -> int:
     """torch.autocast keeps a bf16 copy of each fp32 trainable leaf for the whole forward/backward."""
-    if w.mixed_precision in ("bf16", "fp16") and trainable_param_bytes(w) == FP32:
+    if w.opts.mixed_precision in ("bf16", "fp16") and trainable_param_bytes(w) == FP32:
         return trainable_params(w) * BF16
     return 0
 
@@ -188,7 +175,7 @@ def autocast_cache_bytes(w: Workload) -> int:
 # ------------------------------------------------------------------ activations
 
 def act_bytes(w: Workload) -> int:
-    if w.full and w.mixed_precision == "no" and not w.full_bf16:
+    if w.full and w.opts.mixed_precision == "no" and not w.opts.full_bf16:
         return FP32
     return BF16
 
@@ -201,13 +188,13 @@ def width_unit(w: Workload) -> int:
 def training_activation_bytes(w: Workload) -> tuple[int, int]:
     """(GPU bytes, RAM bytes) of the activations at the peak of a training step (end of forward + backward)."""
     unit = width_unit(w)
-    lora_saved = 0 if w.full else len(BLOCK_LINEARS) * w.network_dim * w.dit_tokens * act_bytes(w)
-    if not w.gradient_checkpointing:
+    lora_saved = 0 if w.full else len(BLOCK_LINEARS) * w.opts.network_rank() * w.dit_tokens * act_bytes(w)
+    if not w.opts.gradient_checkpointing:
         saved = LAYERS * (K("act_saved_units") * unit + lora_saved)
         return int(saved + K("act_backward_units") * unit), 0
     kept = LAYERS * K("ckpt_saved_units") * unit
     step = K("ckpt_backward_units") * unit + lora_saved
-    if w.gc_cpu_offload:  # block inputs wait in RAM; one block's worth is on the GPU at a time
+    if w.opts.gradient_checkpointing_cpu_offload:  # block inputs wait in RAM; one block's worth is on the GPU at a time
         return int(step + 2 * K("ckpt_saved_units") * unit), int(kept)
     return int(kept + step), 0
 
@@ -219,7 +206,7 @@ def fp8_dequant_bytes(w: Workload) -> int:
     in_flight = 2 * LARGEST_LINEAR * BF16  # .to(bf16) then × scale
     if not w.training:
         return in_flight
-    blocks_in_backward = 1 if w.gradient_checkpointing else LAYERS
+    blocks_in_backward = 1 if w.opts.gradient_checkpointing else LAYERS
     return blocks_in_backward * BLOCK_WEIGHTS * BF16 + in_flight
 
 
@@ -259,7 +246,7 @@ def vae_bytes() -> int:
 
 def vae_activation_bytes(w: Workload, decode: bool) -> int:
     pixels = w.width * w.height
-    if decode and w.vae_tiling:  # diffusers tiles of 256 px: one tile's activations + the full output image
+    if decode and w.opts.vae_enable_tiling:  # diffusers tiles of 256 px: one tile's activations + the full output image
         return int(K("vae_decode_units") * 256 * 256 * P.VAE_CONFIG["base_dim"] * BF16 + 3 * pixels * FP32)
     units = K("vae_decode_units") if decode else K("vae_encode_units")
     return int(units * pixels * P.VAE_CONFIG["base_dim"] * BF16 * (1 if decode else w.batch))
