@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.spec.config import atomic_write_text
-from engine.spec.events import parse_line
-
 from app.jobs import JobManager, engine_argv
+from engine.spec.config import atomic_write_text, to_argv, validate
+from engine.spec.demo_manifest import load_manifest
+from engine.spec.events import parse_line
+from engine.spec.naming import EVENTS_ENV, EVENTS_ENV_JSON
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,11 +44,11 @@ ROLE_BY_KEY = {r.key: r for r in ROLES}
 
 
 class EngineCommandError(RuntimeError):
-    """An engine command answered with an error event (message + hint) or failed without one."""
+    """An engine command answered with an error event (kind, message, hint) or failed without one."""
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", kind: str = "engine"):
         super().__init__(message)
-        self.message, self.hint = message, hint
+        self.message, self.hint, self.kind = message, hint, kind
 
     def __str__(self) -> str:
         return f"{self.message}\n  fix: {self.hint}" if self.hint else self.message
@@ -89,9 +90,7 @@ class AppContext:
         """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.spec.config.to_argv),
         or `accelerate launch <accelerate options> -m engine <command> ...` when `accelerate` is given.
         Returns the Job; its `cmdline` is the exact command, for the tab to show."""
-        from engine.spec.config import check_choices, to_argv
-
-        check_choices(cfg)
+        validate(cfg)
         if accelerate is None:
             return self.jobs.submit(command, to_argv(cfg), title=title, exclusive=exclusive)
         argv = accelerate_argv(command, to_argv(cfg), accelerate)
@@ -130,22 +129,21 @@ def accelerate_launcher() -> list[str]:
 def run_engine_json(command: str, args: list[str], timeout: float = 120.0) -> Any:
     """Run a short engine command (e.g. `inspect_model ... --json`) to completion and return its JSON answer.
 
-    stdout carries event lines and the answer; event lines are set aside, an `error` event becomes an
+    The answer is stdout without event lines; an `error` event (on stderr or stdout) becomes an
     EngineCommandError with the engine's own message and hint."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QIS_EVENTS": "json", "PYTHONIOENCODING": "utf-8"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", EVENTS_ENV: EVENTS_ENV_JSON, "PYTHONIOENCODING": "utf-8"}
     try:
         proc = subprocess.run(engine_argv(command, args), capture_output=True, text=True, encoding="utf-8",
                               errors="replace", cwd=REPO, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise EngineCommandError(f"`{command}` did not answer within {timeout:g} s.",
                                  "Run it from the Jobs tab or a terminal to see what it is doing.") from None
-    answer_lines = []
-    for line in proc.stdout.splitlines():
+    # a command with a result prints only that on stdout and its events on stderr; others mix them on stdout
+    for line in [*proc.stderr.splitlines(), *proc.stdout.splitlines()]:
         event = parse_line(line)
-        if event is None:
-            answer_lines.append(line)
-        elif event["type"] == "error":
-            raise EngineCommandError(event.get("message", "error"), event.get("hint", ""))
+        if event is not None and event["type"] == "error":
+            raise EngineCommandError(event.get("message", "error"), event.get("hint", ""), event.get("kind", "engine"))
+    answer_lines = [line for line in proc.stdout.splitlines() if parse_line(line) is None]
     text = "\n".join(answer_lines).strip()
     if proc.returncode != 0 or not text:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
@@ -188,8 +186,6 @@ def demo_paths(manifest: dict) -> dict[str, str]:
 def ensure_demo(demo_dir: Path, timeout: float = 900.0) -> dict:
     """The demo's manifest, building the demo first (`python -m engine make_demo DIR`) when it is missing,
     incomplete or moved. The build runs in a subprocess: the GUI process never imports torch."""
-    from engine.spec.demo_manifest import load_manifest
-
     manifest = load_manifest(demo_dir)
     if manifest is None:
         print(f"[studio] building the demo model set in {demo_dir} (once; tiny random models, CPU) ...", flush=True)

@@ -18,10 +18,16 @@ import re
 import shutil
 import tempfile
 import time
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 
+import tomli_w
+from PIL import Image
+
 from engine.spec.config import atomic_write_text
+from engine.spec.dataset.check import report
+from engine.spec.dataset.plan import build_plan
 from engine.spec.dataset.schema import DEFAULT_CAPTION_EXTENSION, DatasetConfig, load_dataset_config
 from engine.spec.dataset.sources import IMAGE_EXTENSIONS, Item, Problem, is_image, list_items
 from engine.spec.errors import DatasetError
@@ -103,8 +109,6 @@ def safe_name(text: str, fallback: str = "dataset") -> str:
 def config_text(general: dict, dataset: dict) -> str:
     """musubi-tuner's dataset config as people write it: a `[general]` table and one `[[datasets]]` table (None
     values left out). tomli_w escapes the strings; sizes stay on one line (`resolution = [1024, 1024]`)."""
-    import tomllib
-
     sections = [("[general]", general), ("[[datasets]]", dataset)]
     text = "\n".join(header + "\n" + "".join(_toml_line(k, v) for k, v in values.items() if v is not None)
                      for header, values in sections)
@@ -118,8 +122,6 @@ def _clean(d: dict) -> dict:
 
 
 def _toml_line(key: str, value) -> str:
-    import tomli_w
-
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return f"{key} = [{', '.join(str(v) for v in value)}]\n"
     return tomli_w.dumps({key: value})
@@ -149,9 +151,6 @@ def parse_config(text: str, work_dir: Path, shown_as: str) -> DatasetConfig:
 
 def check_report(text: str, version: str | None, work_dir: Path, shown_as: str) -> dict:
     """`engine.spec.dataset.check.report` of the text (what `check_dataset --json` prints), file names as the user sees them."""
-    from engine.spec.dataset.check import report
-    from engine.spec.dataset.plan import build_plan
-
     with draft_file(text, work_dir) as path:
         try:
             rep = report(build_plan(path, version or None))
@@ -240,8 +239,6 @@ def picture(path: Path, cache_dir: Path, max_side: int = THUMB_SIDE, min_side: i
     """A downscaled copy of an image in our cache (Gradio only serves files from folders it is allowed to;
     the user's folder is not one, and a full-size copy of every image would be slow). None when unreadable.
     `min_side`: tiny images are enlarged by a whole factor (nearest pixel) so they can be looked at."""
-    from PIL import Image
-
     try:
         st = path.stat()
     except OSError:

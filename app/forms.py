@@ -19,7 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from engine.spec.config import ConfigError, _base_type, check_choices, from_dict, option_fields, to_dict
+import gradio as gr
+
+from engine.spec.config import ConfigError, _base_type, from_dict, option_fields, to_dict, validate
 
 DEFAULT_CHOICE = "(default)"
 
@@ -109,7 +111,7 @@ def values_to_config(cls, values: dict[str, Any], base=None):
             raise ConfigError(f"form for {cls.__name__}: no option named '{name}'.")
         merged[name] = from_widget(fields_by_name[name], value)
     cfg = from_dict(cls, merged, source="form")
-    check_choices(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -136,8 +138,6 @@ class Form:
 def build_form(cls, include: Iterable[str] | None = None, exclude: Iterable[str] = (), values=None,
                elem_prefix: str = "", columns: int = 3) -> Form:
     """Create the widgets for `cls`'s fields (call inside a gr.Blocks). `values`: a config to pre-fill."""
-    import gradio as gr
-
     cfg = values if values is not None else _defaults(cls)
     components: dict[str, Any] = {}
     for group, fs in _by_group(gui_fields(cls, include, exclude)).items():
@@ -152,8 +152,6 @@ def build_form(cls, include: Iterable[str] | None = None, exclude: Iterable[str]
 
 
 def make_widget(f, value: Any, elem_prefix: str = ""):
-    import gradio as gr
-
     common = dict(label=label_for(f.name), info=f"{f.metadata['help']} (--{f.name})".strip(),
                   elem_id=f"{elem_prefix}-{f.name}" if elem_prefix else None)
     kind, widget_value = widget_kind(f), to_widget(f, value)
@@ -175,8 +173,6 @@ def make_widget(f, value: Any, elem_prefix: str = ""):
 
 
 def _rows(fs: list, cfg, components: dict, elem_prefix: str, columns: int) -> None:
-    import gradio as gr
-
     for i in range(0, len(fs), columns):
         with gr.Row():
             for f in fs[i:i + columns]:

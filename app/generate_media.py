@@ -2,33 +2,29 @@
 
 - the inpaint mask from the painter: the painted layer's alpha (not a diff of the composite), then grow / shrink,
   feather and invert; white (255) = change, black = keep, as `--mask_path` takes it;
-- what a run left behind, read from its event log: output PNGs, live previews (`image` events with kind
-  "preview", never among the outputs), RCM debug masks (kind "rcm_mask") and the engine's per-step RCM statistics
-  (its `RCM step N: difference ...` log lines);
+- what a run left behind, read from its event log (engine/spec/events.py's typed events): output PNGs, live
+  previews (never among the outputs) and the per-step RCM records (debug mask + difference statistics);
 - the RCM view: each step's mask over the control image, the share of tokens still changing per step, a heatmap
   of |output − control| and the share of pixels that changed where the mask / RCM said "keep";
-- the `parameters` PNG text chunk the engine writes (engine/infer/outputs.py), read back for the form.
+- the `parameters` PNG text chunk the engine writes (engine/spec/naming.py), read back for the form.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from engine.spec.events import parse_line
+from engine.spec import naming
 from engine.spec.controls import cover_crop
+from engine.spec.events import IMAGE_OUTPUT, Image as ImageEvent, Preview, RcmStep, parse_event
 
-# engine/infer/outputs.py's PARAMETERS_KEY; that module imports torch, so the name is repeated here (a test pins it)
-PARAMETERS_KEY = "parameters"
+PARAMETERS_KEY = naming.PNG_PARAMETERS_KEY
 CHANGED_TOLERANCE = 10            # |output − control| above this (0-255, channel mean) counts as a changed pixel
-_RCM_LINE = re.compile(r"RCM step (\d+): difference min ([\d.eE+-]+) max ([\d.eE+-]+) mean ([\d.eE+-]+), "
-                       r"threshold ([\d.eE+-]+)")
 
 
 class MaskError(ValueError):
@@ -126,31 +122,25 @@ def read_png_parameters(path: str) -> dict:
 
 @dataclass
 class RunFiles:
-    outputs: list[str] = field(default_factory=list)          # PNGs (kind "output"), in order
-    rcm_masks: list[tuple[int, str]] = field(default_factory=list)   # (step, path)
-    rcm_stats: dict[int, dict] = field(default_factory=dict)  # step -> min, max, mean, threshold
-    previews: list[dict] = field(default_factory=list)        # the preview events (path, step, total, index)
+    outputs: list[str] = field(default_factory=list)          # output PNGs, in order
+    rcm_steps: list[RcmStep] = field(default_factory=list)    # one record per RCM step: mask path + statistics
+    previews: list[Preview] = field(default_factory=list)
 
 
 def read_run(log_path: Path) -> RunFiles:
-    """Outputs, previews, RCM masks and RCM statistics from a job's log (the event lines the engine wrote)."""
+    """Outputs, previews and the RCM steps from a job's log (the event lines the engine wrote)."""
     run = RunFiles()
     try:
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return run
-    for line in lines:
-        ev = parse_line(line)
-        if ev is None:
-            continue
-        if ev["type"] == "image" and ev.get("kind") == "rcm_mask":
-            run.rcm_masks.append((int(ev.get("step", len(run.rcm_masks) + 1)), ev["path"]))
-        elif ev["type"] == "image" and ev.get("kind") == "preview":
+    for ev in filter(None, map(parse_event, lines)):
+        if isinstance(ev, RcmStep):
+            run.rcm_steps.append(ev)
+        elif isinstance(ev, Preview):
             run.previews.append(ev)
-        elif ev["type"] == "image" and str(ev.get("path", "")).lower().endswith(".png"):
-            run.outputs.append(ev["path"])
-        elif ev["type"] == "log" and (m := _RCM_LINE.search(ev.get("message", ""))):
-            run.rcm_stats[int(m[1])] = dict(zip(("min", "max", "mean", "threshold"), map(float, m.groups()[1:])))
+        elif isinstance(ev, ImageEvent) and ev.kind == IMAGE_OUTPUT and ev.path.lower().endswith(".png"):
+            run.outputs.append(ev.path)
     return run
 
 

@@ -8,15 +8,16 @@ one) sees the same thing. The view pictures (mask overlays, heatmap) are written
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from app import presets_ui
 from app import generate_media as M
 from engine.spec import config as C
 from engine.spec.controls import cover_crop
+from engine.spec.errors import EngineError
 
 
 @dataclass
@@ -43,9 +44,6 @@ def job_config(view: dict):
 def memory_text(view: dict, cfg) -> str:
     """The run's measured VRAM (the engine's `vram` events, CUDA only) beside the estimate: the job's own
     `estimate` event when it wrote one, else app/presets_ui's estimate of its config (pure Python)."""
-    from app import presets_ui
-    from engine.spec.errors import EngineError
-
     est = view.get("estimate")
     if est is None and cfg is not None:
         try:
@@ -61,24 +59,6 @@ def memory_text(view: dict, cfg) -> str:
     return " · ".join(parts)
 
 
-def progress_html(view: dict, memory: str = "") -> str:
-    p = view.get("progress") or {}
-    status, phase = view["status"], view.get("phase") or ""
-    text = f"<b>{html.escape(status)}</b>" + (f" · {html.escape(phase)}" if phase and status == "running" else "")
-    bar = ""
-    if p.get("total"):
-        text += f" · step {p['step']}/{p['total']}"
-        if p.get("eta_s") is not None and status == "running":
-            text += f" · about {p['eta_s']:.0f} s left"
-        bar = f'<progress max="{p["total"]}" value="{p["step"]}" style="width:100%"></progress>'
-    done = view.get("done") or {}
-    if done.get("seconds") is not None and status == "done":
-        text += f" · {done['seconds']:.1f} s"
-    if memory:
-        text += f"<br><small>{html.escape(memory)}</small>"
-    return f'<div data-job="{html.escape(view["id"])}" data-status="{html.escape(status)}">{bar}<div>{text}</div></div>'
-
-
 def run_view(ctx, view: dict) -> RunView:
     run = M.read_run(ctx.jobs.log_path(view["id"]))
     folder = ctx.data_dir / "generate" / "views" / view["id"]
@@ -92,19 +72,18 @@ def run_view(ctx, view: dict) -> RunView:
     size = _output_size(run, cfg)
     base = cover_crop(control, size)
     lines = []
-    if run.rcm_masks:
+    if run.rcm_steps:
         lines += ["| step | tokens still changing | mean difference | threshold |", "|---|---|---|---|"]
-    for step, path in run.rcm_masks:
-        if not Path(path).is_file():
+    for rec in run.rcm_steps:
+        if not Path(rec.path).is_file():
             continue
-        picture = folder / f"rcm_{step:03d}.png"
+        picture = folder / f"rcm_{rec.step:03d}.png"
         if not picture.exists():
-            M.save_png(_for_display(M.overlay(base, M.load_mask_array(path, size))), picture)
-        share = M.changing_percent(path)
-        out.strip.append((str(picture), f"step {step}: {share:.1f}% changing"))
-        stats = run.rcm_stats.get(step, {})
-        lines.append(f"| {step} | {share:.1f}% | {_num(stats.get('mean'))} | {_num(stats.get('threshold'))} |")
-    if cfg.rcm_threshold is not None and not run.rcm_masks and view["status"] == "done":
+            M.save_png(_for_display(M.overlay(base, M.load_mask_array(rec.path, size))), picture)
+        share = M.changing_percent(rec.path)
+        out.strip.append((str(picture), f"step {rec.step}: {share:.1f}% changing"))
+        lines.append(f"| {rec.step} | {share:.1f}% | {rec.mean:.4f} | {rec.threshold:.4f} |")
+    if cfg.rcm_threshold is not None and not run.rcm_steps and view["status"] == "done":
         lines.append("RCM ran without per-step masks: tick *Rcm debug save* to see them here.")
     if run.outputs and Path(run.outputs[0]).is_file():
         lines += _difference(out, run, cfg, control, folder)
@@ -116,15 +95,15 @@ def newest_preview(run: M.RunFiles, folder: Path) -> tuple[str, str] | None:
     """The last preview the engine announced whose file is there (the user may have cleaned the folder), as a
     picture big enough to see (the demo's 64 px ones scaled up once into the view folder) and its label."""
     for ev in reversed(run.previews):
-        path = Path(ev["path"])
+        path = Path(ev.path)
         if not path.is_file():
             continue
         picture = folder / f"preview_{path.name}"
         if not picture.exists():
             with Image.open(path) as im:
                 M.save_png(_for_display(im.convert("RGB")), picture)
-        label = f"Preview: the model's estimate at step {ev.get('step')}/{ev.get('total')}"
-        return str(picture), label + (f", image {ev['index'] + 1}" if ev.get("index") else "")
+        label = f"Preview: the model's estimate at step {ev.step}/{ev.total}"
+        return str(picture), label + (f", image {ev.index + 1}" if ev.index else "")
     return None
 
 
@@ -147,8 +126,8 @@ def _difference(out: RunView, run: M.RunFiles, cfg, control: Image.Image, folder
     keep, source = None, ""
     if cfg.mask_path and Path(cfg.mask_path).is_file():
         keep, source = M.load_mask_array(cfg.mask_path, output.size) < 0.5, "the painted mask's black region"
-    elif run.rcm_masks and Path(run.rcm_masks[-1][1]).is_file():
-        keep, source = M.load_mask_array(run.rcm_masks[-1][1], output.size) < 0.5, "the last RCM step's kept region"
+    elif run.rcm_steps and Path(run.rcm_steps[-1].path).is_file():
+        keep, source = M.load_mask_array(run.rcm_steps[-1].path, output.size) < 0.5, "the last RCM step's kept region"
     lines = ["", f"Pixels changed (channel-mean difference > {M.CHANGED_TOLERANCE}/255), "
                  f"output `{Path(run.outputs[0]).name}` vs control 1:"]
     everywhere = M.changed_percent(diff, diff >= 0)
@@ -165,10 +144,6 @@ def _for_display(image: Image.Image, min_side: int = 256) -> Image.Image:
     """Tiny pictures (the demo's 64×64) scaled up by a whole factor with sharp pixels, so they can be read."""
     factor = -(-min_side // min(image.size))
     return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-
-
-def _num(x) -> str:
-    return "" if x is None else f"{x:.4f}"
 
 
 def _pct(x) -> str:

@@ -1,6 +1,6 @@
 """The job manager: engine commands run as separate processes whose lifetime the GUI owns, not Gradio events.
 
-Decisions (gui-anchors.md §0 goals 1-4):
+Decisions:
 - A job is an argument list, `[sys.executable, "-m", "engine", <command>, *args]`, never a shell string, so the
   command shown in the Jobs tab is exactly what ran and a user can copy it.
 - Each job starts in its own session (process group). A browser refresh, a cancelled Gradio event or closing
@@ -41,6 +41,7 @@ import psutil
 
 from engine.spec.config import atomic_write_text
 from engine.spec.events import human, parse_line
+from engine.spec.naming import EVENTS_ENV, EVENTS_ENV_JSON
 
 FINAL = ("done", "failed", "stopped")
 CHEAP_COMMANDS = frozenset({"inspect_model", "make_demo", "check_dataset", "estimate_vram"})
@@ -316,7 +317,7 @@ class JobManager:
     def _start(self, job: Job) -> None:
         log = self.log_path(job.id)
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "QIS_EVENTS": "json", "PYTHONIOENCODING": "utf-8"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", EVENTS_ENV: EVENTS_ENV_JSON, "PYTHONIOENCODING": "utf-8"}
         with open(log, "ab") as fh:
             fh.write(f"$ {job.cmdline}\n".encode())
             fh.flush()

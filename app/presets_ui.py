@@ -17,6 +17,9 @@ import shutil
 import subprocess
 from typing import Any
 
+import gradio as gr
+import psutil
+
 from engine.spec import config as C
 from engine.spec.errors import EngineError
 from engine.spec.presets import Preset, apply_preset, estimate_preset, list_presets, preset_argv
@@ -42,8 +45,6 @@ def detect_gpu_memory_gib() -> float | None:
 
 
 def system_ram_gib() -> float:
-    import psutil
-
     return round(psutil.virtual_memory().total / 1024 ** 3, 1)
 
 
@@ -73,11 +74,8 @@ def apply_to_form(preset: Preset, cfg, form_names: list[str]) -> tuple[Any, list
 
 def estimate_for(kind: str, cfg, resolution: tuple[int, int] | None = None) -> dict:
     """The estimate of a tab's config; `resolution` (W, H) for training (the dataset decides it)."""
-    values = {k: v for k, v in C.to_dict(cfg).items() if k != "config_file"}
-    values["for_command"] = kind
-    if kind in TRAIN_KINDS and resolution:
-        values["resolution"] = [int(resolution[0]), int(resolution[1])]
-    return estimate_config(C.from_dict(C.EstimateVramConfig, values, source="form"))
+    size = {"resolution": [int(resolution[0]), int(resolution[1])]} if kind in TRAIN_KINDS and resolution else {}
+    return estimate_config(cfg, kind, source="form", **size)
 
 
 def fit_message(est: dict, gpu_gib: float | None, ram_gib: float | None) -> str:
@@ -113,8 +111,6 @@ def live_estimate(kind: str, form, values: list, resolution: tuple[int, int] | N
 def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None = None,
           ram_gib: float | None = None):
     """Cards + estimate inside the current gr.Blocks. Returns the estimate Markdown component."""
-    import gradio as gr
-
     gpu_gib = detect_gpu_memory_gib() if gpu_gib is None else gpu_gib
     ram_gib = system_ram_gib() if ram_gib is None else ram_gib
     presets = list_presets(kind)

@@ -1,5 +1,6 @@
 """Plain Python behind the Train tab (app/tabs/train.py): which options each kind of run shows, the config and
-the exact command a form describes, run folders, and the text/HTML of a running job's status.
+the exact command a form describes, run folders, and a running job's status line (its progress and memory bars are
+app/views.py's, as on every tab).
 
 No gradio and no torch here, so every rule is tested without a browser.
 """
@@ -7,15 +8,15 @@ No gradio and no torch here, so every rule is tested without a browser.
 from __future__ import annotations
 
 import dataclasses
-import html
 from pathlib import Path
-
-from engine.spec import config as C
-from engine.spec.options import FinetuneOptions, NetworkOptions
 
 from app.context import accelerate_argv
 from app.forms import gui_fields
 from app.jobs import command_line, engine_argv
+from app.views import error_markdown
+from engine.spec import naming
+from engine.spec import config as C
+from engine.spec.options import FinetuneOptions, NetworkOptions
 
 KINDS = {"train_network": C.TrainNetworkConfig, "train": C.TrainConfig}
 KIND_CHOICES = [("LoRA (train_network)", "train_network"), ("Full finetune (train)", "train")]
@@ -24,7 +25,6 @@ FINETUNE_FIELDS = [f.name for f in dataclasses.fields(FinetuneOptions)]
 # The order groups are shown in: what every run needs first; the rest under "More options".
 ESSENTIAL_GROUPS = ("Model", "Dataset", "Network", "Finetune", "Optimizer", "Schedule", "Saving", "Samples",
                     "Memory", "Precision")
-RUN_TOML_SUFFIX = "_config.toml"    # engine/train/report.py writes <output_name>_config.toml
 
 
 def group_names(group: str) -> list[str]:
@@ -84,7 +84,7 @@ def run_toml_path(cfg) -> Path | None:
     """Where a run keeps its resolved config, next to its outputs (the engine writes it when the run starts)."""
     if not cfg.output_dir or not cfg.output_name:
         return None
-    return Path(cfg.output_dir) / f"{cfg.output_name}{RUN_TOML_SUFFIX}"
+    return naming.run_toml(cfg.output_dir, cfg.output_name)
 
 
 def preflight(cfg) -> list[str]:
@@ -145,7 +145,7 @@ def states(view: dict) -> list[str]:
     out = arg_value(view["argv"], "output_dir")
     if not out or not Path(out).is_dir():
         return []
-    return sorted(str(p) for p in Path(out).iterdir() if p.is_dir() and p.name.endswith("-state"))
+    return sorted(str(p) for p in Path(out).iterdir() if naming.is_state_folder(p))
 
 
 def handoff_key(command: str) -> str:
@@ -171,52 +171,5 @@ def status_markdown(view: dict | None) -> str:
     text = " · ".join(parts)
     err = view.get("error")
     if err and view["status"] != "running":
-        from app.tabs.jobs import error_markdown
-
         text += "\n\n" + error_markdown(err)
     return text
-
-
-def progress_html(view: dict | None) -> str:
-    from app.tabs.jobs import fmt_duration
-
-    p = (view or {}).get("progress") or {}
-    if not p.get("total"):
-        return ""
-    frac = max(0.0, min(1.0, (p.get("step") or 0) / p["total"]))
-    label = f"{p.get('step')}/{p['total']} {p.get('unit') or ''}".strip()
-    if p.get("eta_s") is not None and view["status"] == "running":
-        label += f" · ETA {fmt_duration(p['eta_s'])}"
-    return _bar("train-progress-bar", frac, html.escape(label), "#3b82f6")
-
-
-def gauge_html(view: dict | None) -> str:
-    """Measured VRAM/RAM (vram events) next to the engine's start-up estimate (estimate event)."""
-    if view is None:
-        return ""
-    vram, est = view.get("vram") or {}, view.get("estimate") or {}
-    if not vram and not est:
-        return "<div id='train-gauge-empty'>VRAM/RAM: waiting for the first measurement.</div>"
-    rows = [_gauge_row("VRAM", vram.get("allocated_gib"), vram.get("peak_gib"), est.get("vram_gib")),
-            _gauge_row("RAM", vram.get("ram_gib"), vram.get("ram_gib"), est.get("ram_gib"))]
-    if vram.get("device") == "cpu":      # the engine reports 0 VRAM when it computes on the CPU
-        rows[0] = f"<div id='train-gauge-vram'>VRAM: training on the CPU · estimate for a GPU " \
-                  f"{est.get('vram_gib', 0):.1f} GiB</div>"
-    return "".join(rows)
-
-
-def _gauge_row(label: str, now: float | None, peak: float | None, estimate: float | None) -> str:
-    def gib(v):
-        return "–" if v is None else f"{v:.2f} GiB"
-
-    scale = max(v for v in (now, peak, estimate, 1e-9) if v is not None)
-    frac = (peak if peak is not None else 0.0) / scale
-    over = estimate is not None and peak is not None and peak > estimate
-    text = f"{label}: now {gib(now)} · peak {gib(peak)} · estimate {gib(estimate)}" + (" ⚠️ above estimate" if over else "")
-    return _bar(f"train-gauge-{label.lower()}", frac, html.escape(text), "#ef4444" if over else "#10b981")
-
-
-def _bar(elem_id: str, frac: float, label: str, color: str) -> str:
-    return (f"<div id='{elem_id}' style='margin:4px 0'><div style='font-size:0.9em'>{label}</div>"
-            f"<div style='background:#e5e7eb;border-radius:4px;height:10px'><div style='width:{frac * 100:.1f}%;"
-            f"background:{color};height:10px;border-radius:4px'></div></div></div>")

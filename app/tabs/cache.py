@@ -16,8 +16,10 @@ import gradio as gr
 
 from app.forms import build_form, values_to_config
 from app.jobs import FINAL
-from app.tabs.jobs import error_markdown, progress_text, status_text
+from app.views import error_markdown, progress_label, status_line
 from engine.spec.config import CacheLatentsConfig, CacheTextEncoderConfig, ConfigError
+from engine.spec.dataset.cache_files import staleness_report
+from engine.spec.dataset.schema import load_dataset_config
 from engine.spec.errors import EngineError
 
 SHARED = ["model_version", "device", "batch_size", "num_workers", "skip_existing", "keep_cache"]
@@ -83,9 +85,11 @@ def build(ctx) -> None:
             try:
                 latents_cfg, text_cfg = configs(values)
                 chosen = {"latents": [latents_cfg], "text": [text_cfg], "both": [latents_cfg, text_cfg]}[which]
-                return submit(ctx, chosen)
+                ids, command_text, said = submit(ctx, chosen)
             except (ConfigError, EngineError) as e:
-                return gr.skip(), gr.skip(), f"**Cannot start:** {e}", gr.skip()
+                return {message: "Cannot start. " + error_markdown(e)}
+            return {watching: {"jobs": ids, "open": ids}, command: command_text, message: said,
+                    timer: gr.Timer(active=True)}
 
         started = [watching, command, message, timer]
         latents_btn.click(lambda *v: start("latents", *v), form_inputs, started, api_name="cache_latents")
@@ -98,7 +102,11 @@ def build(ctx) -> None:
             return status_view(dataset_config, model_version, vae, text_encoder, tokenizer)
 
         def cache_poll(jobs, dataset_config, model_version, vae, text_encoder, tokenizer):
-            return poll(ctx, jobs, dataset_config, model_version, vae, text_encoder, tokenizer)
+            watched, lines, tail, ended = poll(ctx, jobs)
+            out = {progress: lines, log: tail, watching: watched, timer: gr.Timer(active=bool(watched.get("open")))}
+            if ended:                     # a job of this page has just ended: read the status again
+                out.update(zip(status_out, status_view(dataset_config, model_version, vae, text_encoder, tokenizer)))
+            return out
 
         refresh_btn.click(cache_status, [dataset, *model_inputs], status_out, api_name="cache_status")
         dataset.change(cache_status, [dataset, *model_inputs], status_out, api_visibility="private")
@@ -139,35 +147,35 @@ def take_offer(ctx, current):
 
 # ------------------------------------------------------------------------------------------ jobs
 
-def submit(ctx, cfgs: list) -> tuple:
+def submit(ctx, cfgs: list) -> tuple[list[str], str, str]:
+    """Queue the caching commands: (job ids, their command lines, a sentence for the user)."""
     jobs = []
     for cfg in cfgs:
         command = "cache_latents" if isinstance(cfg, CacheLatentsConfig) else "cache_text_encoder_outputs"
         title = f"{command} {Path(cfg.dataset_config or '').name} ({cfg.resolved_version()})"
         jobs.append(ctx.submit_config(command, cfg, title=title))
-    ids = [j.id for j in jobs]
     said = "Started " + ", ".join(f"**{j.id}** ({j.status})" for j in jobs) + ". Progress below and in the Jobs tab."
-    return {"jobs": ids, "open": ids}, "\n".join(j.cmdline for j in jobs), said, gr.Timer(active=True)
+    return [j.id for j in jobs], "\n".join(j.cmdline for j in jobs), said
 
 
-def poll(ctx, watching: dict, dataset, version, vae, text_encoder, tokenizer):
-    """Progress of this page's latest jobs; the status is read again when one of them has just ended."""
+def poll(ctx, watching: dict) -> tuple[dict, str, str, bool]:
+    """This page's latest jobs: (what to watch next, their progress lines, the log tail of the current one, whether
+    one of them has just ended)."""
     watching = watching or {}
     views = [v for v in (ctx.jobs.get(i) for i in watching.get("jobs", [])) if v is not None]
     if not views:
-        return "", "", {}, gr.Timer(active=False), gr.skip(), gr.skip()
+        return {}, "", "", False
     still_open = [v["id"] for v in views if v["status"] not in FINAL]
     current = next((v for v in views if v["status"] not in FINAL), views[-1])
-    ended = set(watching.get("open", [])) - set(still_open)
-    status = status_view(dataset, version, vae, text_encoder, tokenizer) if ended else (gr.skip(), gr.skip())
-    return ("\n\n".join(job_line(ctx, v) for v in views), "\n".join(current["tail"][-40:]),
-            {"jobs": watching["jobs"], "open": still_open}, gr.Timer(active=bool(still_open)), *status)
+    ended = bool(set(watching.get("open", [])) - set(still_open))
+    return ({"jobs": watching["jobs"], "open": still_open}, "\n\n".join(job_line(ctx, v) for v in views),
+            "\n".join(current["tail"][-40:]), ended)
 
 
 def job_line(ctx, v: dict) -> str:
     if v["status"] in FINAL:
-        return status_text(v, ctx.jobs.log_path(v["id"])).split("\n\nFull log:")[0] + _error_tail(v)
-    return f"**{v['status']}** · {v['title']} · {progress_text(v) or 'starting'}"
+        return status_line(v) + _error_tail(v)
+    return f"**{v['status']}** · {v['title']} · {progress_label(v) or 'starting'}"
 
 
 def _error_tail(v: dict) -> str:
@@ -181,9 +189,6 @@ def _error_tail(v: dict) -> str:
 
 def status_view(dataset, version, vae, text_encoder, tokenizer):
     """(summary markdown, table rows) for the dataset config; errors become the summary."""
-    from engine.spec.dataset.cache_files import staleness_report
-    from engine.spec.dataset.schema import load_dataset_config
-
     if not dataset:
         return "Pick a dataset config (save one in the Dataset tab).", []
     try:
@@ -191,7 +196,7 @@ def status_view(dataset, version, vae, text_encoder, tokenizer):
         rep = staleness_report(dataset, version or "original", vae=vae or None, text_encoder=text_encoder or None,
                                tokenizer=tokenizer or None)
     except (EngineError, OSError) as e:
-        return f"**Cannot read the status:** {e}", []
+        return "Cannot read the status. " + error_markdown(e), []
     labels = {str(s.cache_directory): f"datasets[{s.index}]" for s in config.datasets}
     return summary_text(rep, config, labels), table_rows(rep, labels)
 

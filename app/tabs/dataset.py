@@ -12,15 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
+from PIL import Image
 
 from app import dataset_files as F
 from app.context import save_settings
 from app.forms import build_form
-from app.tabs.jobs import error_markdown
+from app.views import error_markdown
 from engine.spec.config import CheckDatasetConfig
 from engine.spec.errors import DatasetError
 
 PROBLEM_HEADERS = ["level", "file", "problem", "fix"]
+# what the dataset view and the item view write, in the order their API endpoints return them
+VIEW_OUTPUTS = ("toml", "save_path", "message", "summary", "problems", "histogram", "pick", "gallery", "stems")
+ITEM_OUTPUTS = ("stem", "caption", "target", "controls", "info")
 GALLERY_MAX = 400        # thumbnails shown at once; any image is reachable by typing its name
 RECENT_MAX = 20
 
@@ -94,41 +99,49 @@ def build(ctx) -> None:
             save_caption_btn = gr.Button("Save caption", elem_id="dataset-save-caption", scale=1)
         item_info = gr.Markdown(elem_id="dataset-item-info")
 
-        view = [toml, save_path, message, summary, problems, histogram, pick, gallery, stems]
-        item = [stem, caption, target_view, control_view, item_info]
+        # the functions below return values by these names; `named` turns them into component updates
+        ui = dict(toml=toml, save_path=save_path, message=message, summary=summary, problems=problems,
+                  histogram=histogram, pick=pick, gallery=gallery, stems=stems, stem=stem, caption=caption,
+                  target=target_view, controls=control_view, info=item_info)
+        view = [ui[k] for k in VIEW_OUTPUTS]
+        item = [ui[k] for k in ITEM_OUTPUTS]
+
+        def named(values: dict) -> dict:
+            return {ui[k]: v for k, v in values.items()}
 
         # Named functions: their parameter names are what the API page and gradio_client show.
         def dataset_import(image_folder, control_folders, name, model_version, width, height, caption_extension,
                            batch_size, num_repeats, enable_bucket, bucket_no_upscale, allow_missing_captions,
                            cache_directory):
-            return import_folder(ctx, image_folder, control_folders, name, model_version, width, height,
-                                 caption_extension, batch_size, num_repeats, enable_bucket, bucket_no_upscale,
-                                 allow_missing_captions, cache_directory)
+            return named(import_folder(ctx, image_folder, control_folders, name, model_version, width, height,
+                                       caption_extension, batch_size, num_repeats, enable_bucket, bucket_no_upscale,
+                                       allow_missing_captions, cache_directory))
 
         def dataset_open(path, model_version):
-            return open_config(ctx, path, model_version)
+            return named(open_config(ctx, path, model_version))
 
         def dataset_check(toml_text, save_as, model_version, dataset_index):
-            return show(ctx, toml_text, save_as, model_version, dataset_index, "Checked.")
+            return named(show(ctx, toml_text, save_as, model_version, dataset_index, "Checked."))
 
         def dataset_item(toml_text, save_as, dataset_index, image_stem):
-            return show_item(ctx, toml_text, save_as, dataset_index, image_stem)
+            return named(show_item(ctx, toml_text, save_as, dataset_index, image_stem))
 
         def dataset_save_caption(toml_text, save_as, dataset_index, image_stem, caption_text):
-            return save_caption(ctx, toml_text, save_as, dataset_index, image_stem, caption_text)
+            return named(save_caption(ctx, toml_text, save_as, dataset_index, image_stem, caption_text))
 
         def dataset_save(toml_text, save_as):
             return save_config(ctx, toml_text, save_as)
 
         def select(names: list, toml_text: str, save_as: str, dataset_index, evt: gr.SelectData):
-            return show_item(ctx, toml_text, save_as, dataset_index, names[evt.index] if evt.index < len(names) else "")
+            stem_name = names[evt.index] if evt.index < len(names) else ""
+            return named(show_item(ctx, toml_text, save_as, dataset_index, stem_name))
 
         import_inputs = [folder, controls, name, version, width, height, caption_ext, batch, repeats, bucket,
                          no_upscale, allow_missing, cache_dir]
         import_btn.click(dataset_import, import_inputs, view, api_name="dataset_import")
         open_btn.click(dataset_open, [open_path, version], view, api_name="dataset_open")
         check_btn.click(dataset_check, [toml, save_path, version, pick], view, api_name="dataset_check")
-        pick.input(lambda t, p, v, i: show(ctx, t, p, v, i, ""), [toml, save_path, version, pick], view,
+        pick.input(lambda t, p, v, i: named(show(ctx, t, p, v, i, "")), [toml, save_path, version, pick], view,
                    api_visibility="private")
         gallery.select(select, [stems, toml, save_path, pick], item, api_visibility="private")
         stem.submit(dataset_item, [toml, save_path, pick, stem], item, api_name="dataset_item")
@@ -170,7 +183,7 @@ def import_folder(ctx, folder, controls, name, version, width, height, caption_e
         text, save_as, notes = import_text(ctx, folder, controls, name, version, (width, height), caption_ext,
                                            batch, repeats, bucket, no_upscale, allow_missing, cache_dir)
     except DatasetError as e:
-        return (gr.skip(), gr.skip(), error_text(e), *_empty_view())
+        return {"message": error_text(e), **_empty_view()}
     note = "Imported (not saved yet: check it, then press *Save dataset config*)."
     if notes:
         note += "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -217,27 +230,28 @@ def open_config(ctx, path: str, version):
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        return (gr.skip(), gr.skip(), error_text(DatasetError(f"{path}: cannot read the dataset config ({e}).",
-                                                              "Check the path.")), *_empty_view())
+        return {"message": error_text(DatasetError(f"{path}: cannot read the dataset config ({e}).", "Check the path.")),
+                **_empty_view()}
     return show(ctx, text, str(path), version, 0, f"Opened `{path}`.", replace_text=True)
 
 
 # ------------------------------------------------------------------------------------------ the view
 
-def _empty_view() -> tuple:
-    return ("", [], gr.update(visible=False), gr.update(choices=[], value=None), [], [])
+def _empty_view() -> dict:
+    return {"summary": "", "problems": [], "histogram": gr.update(visible=False),
+            "pick": gr.update(choices=[], value=None), "gallery": [], "stems": []}
 
 
-def show(ctx, text: str, save_as: str, version, index, note: str, replace_text: bool = False):
-    """Check the text and fill the report, histogram and gallery of datasets[index]."""
-    head = (text if replace_text else gr.skip(), save_as if replace_text else gr.skip())
+def show(ctx, text: str, save_as: str, version, index, note: str, replace_text: bool = False) -> dict:
+    """Check the text and fill the report, histogram and gallery of datasets[index] (by VIEW_OUTPUTS name)."""
+    head = {"toml": text, "save_path": save_as} if replace_text else {}
     shown = (save_as or "").strip() or "the unsaved dataset config"
     work = datasets_dir(ctx) / ".drafts"
     try:
         config = F.parse_config(text or "", work, shown)
         rep = F.check_report(text, version, work, shown)
     except DatasetError as e:
-        return (*head, error_text(e), *_empty_view())
+        return {**head, "message": error_text(e), **_empty_view()}
     index = int(index) if isinstance(index, (int, float)) and 0 <= int(index) < len(config.datasets) else 0
     items, _ = F.dataset_items(config, index)
     notes = [n for n in (note, F.relative_path_note(config)) if n]
@@ -245,10 +259,10 @@ def show(ctx, text: str, save_as: str, version, index, note: str, replace_text: 
         notes.append(f"The gallery shows the first {GALLERY_MAX} of {len(items)} images; type a name under it to "
                      "open any other.")
     choices = [(f"datasets[{d['index']}]: {d['source']} ({d['items']} items)", d["index"]) for d in rep["datasets"]]
-    return (*head, "\n\n".join(notes), summary_text(rep),
-            [[p["level"], p["file"], p["message"], p["fix"]] for p in rep["problems"]],
-            histogram_update(rep["buckets"]), gr.update(choices=choices, value=index),
-            gallery_value(ctx, items[:GALLERY_MAX]), [it.stem for it in items[:GALLERY_MAX]])
+    return {**head, "message": "\n\n".join(notes), "summary": summary_text(rep),
+            "problems": [[p["level"], p["file"], p["message"], p["fix"]] for p in rep["problems"]],
+            "histogram": histogram_update(rep["buckets"]), "pick": gr.update(choices=choices, value=index),
+            "gallery": gallery_value(ctx, items[:GALLERY_MAX]), "stems": [it.stem for it in items[:GALLERY_MAX]]}
 
 
 def summary_text(rep: dict) -> str:
@@ -270,8 +284,6 @@ def summary_text(rep: dict) -> str:
 
 
 def histogram_update(buckets: dict[str, int]):
-    import pandas as pd
-
     if not buckets:
         return gr.update(visible=False)
     return gr.update(value=pd.DataFrame({"bucket": list(buckets), "items": list(buckets.values())}), visible=True)
@@ -289,8 +301,6 @@ def gallery_value(ctx, items) -> list[tuple[str, str]]:
 
 def unreadable_picture(folder: Path) -> str:
     """A grey square standing in for an image that cannot be read (the report says why)."""
-    from PIL import Image
-
     path = folder / "unreadable.png"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -300,12 +310,13 @@ def unreadable_picture(folder: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ one item
 
-def show_item(ctx, text: str, save_as: str, index, stem: str):
+def show_item(ctx, text: str, save_as: str, index, stem: str) -> dict:
+    """One image with its control images and caption (by ITEM_OUTPUTS name)."""
     try:
         config = F.parse_config(text or "", datasets_dir(ctx) / ".drafts", save_as or "the dataset config")
         it = F.find_item(config, int(index or 0), stem or "")
     except DatasetError as e:
-        return "", "", None, [], error_text(e)
+        return {"stem": "", "caption": "", "target": None, "controls": [], "info": error_text(e)}
     previews = ctx.data_dir / "previews"
     target = F.picture(it.image_path, previews, F.PREVIEW_SIDE, min_side=F.THUMB_SIDE)
     controls = [(F.picture(p, previews, F.PREVIEW_SIDE, min_side=F.THUMB_SIDE)
@@ -313,20 +324,20 @@ def show_item(ctx, text: str, save_as: str, index, stem: str):
     where = f"caption file `{it.caption_path}`" if it.caption_path else (
         "no caption file yet: *Save caption* creates it" if it.caption is None else "caption from the JSONL file")
     info = f"`{it.image_path}` · {len(it.control_paths)} control image(s) · {where}"
-    return it.stem, it.caption or "", target, controls, info
+    return {"stem": it.stem, "caption": it.caption or "", "target": target, "controls": controls, "info": info}
 
 
-def save_caption(ctx, text: str, save_as: str, index, stem: str, caption: str):
+def save_caption(ctx, text: str, save_as: str, index, stem: str, caption: str) -> dict:
     try:
         config = F.parse_config(text or "", datasets_dir(ctx) / ".drafts", save_as or "the dataset config")
         said = F.save_caption(config, int(index or 0), stem or "", caption or "", ctx.data_dir / "caption_backups")
         items, _ = F.dataset_items(config, int(index or 0))
     except DatasetError as e:
-        return error_text(e), gr.skip()
+        return {"message": error_text(e)}
     except OSError as e:
-        return error_text(DatasetError(f"the caption could not be written ({e}).",
-                                       "Check that the image folder is writable.")), gr.skip()
-    return said, gallery_value(ctx, items[:GALLERY_MAX])
+        return {"message": error_text(DatasetError(f"the caption could not be written ({e}).",
+                                                   "Check that the image folder is writable."))}
+    return {"message": said, "gallery": gallery_value(ctx, items[:GALLERY_MAX])}
 
 
 # ------------------------------------------------------------------------------------------ save

@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
-from app import generate_media as M
 from app import presets_ui
+from app import generate_media as M
 from app.forms import Form, build_form, gui_fields, to_widget
-from app.generate_view import progress_html, run_view
-from app.tabs.jobs import error_markdown
-from engine.spec import config as C
+from app.generate_view import run_view
+from app.views import error_markdown, progress_html
 from engine.spec import checks
+from engine.spec import config as C
 from engine.spec.errors import EngineError
 from engine.spec.jobs import jobs_from_config
 from engine.spec.variants import get_variant
@@ -42,6 +43,10 @@ EDIT_SECTIONS = (("resize_control_to_image_size", "resize_control_to_official_si
 LORA_FIELDS = ("lora_weight", "lora_multiplier")
 MEMORY_FIELDS = ("fp8", "fp8_scaled", "text_encoder_cpu", "blocks_to_swap", "vae_enable_tiling")
 EXTRA_CONTROLS = 2          # image slots after the painter; more go in the file box (Edit-2509/2511)
+# the result widgets each event writes, in the order its API endpoint returns them
+RUN_OUTPUTS = ("job", "cmdline", "error", "note", "seen", "status", "gallery", "strip", "heatmap", "rcm_md", "preview")
+REFRESH_OUTPUTS = ("job", "status", "cmdline", "error", "gallery", "selected", "strip", "heatmap", "rcm_md", "preview",
+                   "seen")
 POLL_S = 1.0
 
 
@@ -102,9 +107,13 @@ def wire_handoffs(ctx, tab, parts: dict) -> None:
 
     def opened():
         lora, dit = ctx.take("generate.lora_weight"), ctx.take("generate.dit")
-        loras = (gr.skip(), gr.skip()) if lora is None else (to_widget(by_name["lora_weight"], [lora]),
-                                                              to_widget(by_name["lora_multiplier"], [1.0]))
-        return (*loras, gr.skip() if dit is None else dit)
+        out = {}
+        if lora is not None:
+            out[parts["lora_weight"]] = to_widget(by_name["lora_weight"], [lora])
+            out[parts["lora_multiplier"]] = to_widget(by_name["lora_multiplier"], [1.0])
+        if dit is not None:
+            out[parts["dit"]] = dit
+        return out or gr.skip()
 
     tab.select(opened, None, [parts[n] for n in names], api_name="generate_opened")
 
@@ -195,17 +204,13 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
             precheck(cfg)
             job = ctx.submit_config("generate_image", cfg, title=title_of(cfg))
         except (C.ConfigError, EngineError, M.MaskError, ValueError, OSError) as e:
-            return gr.skip(), gr.skip(), error_update(e), "Not started.", *[gr.skip()] * 7
+            return {o["error"]: error_update(e), o["note"]: "Not started."}
         # the previous run's results go: what shows from now on belongs to this job
-        return (job.id, job.cmdline, gr.update(visible=False, value=""), f"Queued **{job.id}**.", "",
-                "<b>queued</b>", [], [], None, "", None)
+        return {o["job"]: job.id, o["cmdline"]: job.cmdline, o["error"]: gr.update(visible=False, value=""),
+                o["note"]: f"Queued **{job.id}**.", o["seen"]: "", o["status"]: "<b>queued</b>", o["gallery"]: [],
+                o["strip"]: [], o["heatmap"]: None, o["rcm_md"]: "", o["preview"]: None}
 
-    o["run"].click(run, [*form.inputs, *image_inputs], [o["job"], o["cmdline"], o["error"], o["note"], o["seen"],
-                                                       o["status"], o["gallery"], o["strip"], o["heatmap"],
-                                                       o["rcm_md"], o["preview"]], api_name="generate_run")
-
-    refresh_outputs = [o[k] for k in ("job", "status", "cmdline", "error", "gallery", "selected", "strip",
-                                      "heatmap", "rcm_md", "preview", "seen")]
+    o["run"].click(run, [*form.inputs, *image_inputs], [o[k] for k in RUN_OUTPUTS], api_name="generate_run")
 
     def refresh(job_id, seen):
         # the job box is written only when it was empty (a fresh page follows the newest job): a tick that
@@ -213,19 +218,23 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
         picked = job_id or latest_job(ctx)
         view = ctx.jobs.get(picked) if picked else None
         if view is None:
-            return (*[gr.skip()] * (len(refresh_outputs) - 1), seen)
+            return gr.skip()
         sig = repr((view["id"], view["status"], view.get("progress"), len(view.get("images") or []), view["error"]))
         if sig == seen:
-            return [gr.skip()] * len(refresh_outputs)
+            return gr.skip()
         v = run_view(ctx, view)
         shown.update(v.outputs)
         err = view["error"] if view["status"] in ("failed", "stopped") else None
-        return (gr.skip() if job_id else view["id"], progress_html(view, v.memory), view["cmdline"],
-                error_update(err) if err else gr.update(visible=False, value=""),
-                [(servable(ctx, p), Path(p).name) for p in v.outputs], v.outputs[0] if v.outputs else "",
-                v.strip, v.heatmap, v.markdown, preview_update(ctx, v.preview), sig)
+        out = {o["status"]: progress_html(view, v.memory), o["cmdline"]: view["cmdline"],
+               o["error"]: error_update(err) if err else gr.update(visible=False, value=""),
+               o["gallery"]: [(servable(ctx, p), Path(p).name) for p in v.outputs],
+               o["selected"]: v.outputs[0] if v.outputs else "", o["strip"]: v.strip, o["heatmap"]: v.heatmap,
+               o["rcm_md"]: v.markdown, o["preview"]: preview_update(ctx, v.preview), o["seen"]: sig}
+        if not job_id:
+            out[o["job"]] = view["id"]
+        return out
 
-    o["timer"].tick(refresh, [o["job"], o["seen"]], refresh_outputs, show_progress="hidden",
+    o["timer"].tick(refresh, [o["job"], o["seen"]], [o[k] for k in REFRESH_OUTPUTS], show_progress="hidden",
                     concurrency_limit=None, api_name="generate_refresh")
     o["stop"].click(lambda j: ctx.jobs.stop(j)["status"] if j else "no job", o["job"], o["note"],
                     api_name="generate_stop")
@@ -246,9 +255,9 @@ def _wire_results(ctx, form: Form, w: dict, o: dict, shown: set, random_btn, reu
 
     def load(path, *values):
         try:
-            return load_parameters(ctx, form, path, values)
+            return load_parameters(ctx, form, w, o["note"], path, values)
         except (C.ConfigError, ValueError, OSError) as e:
-            return (*[gr.skip()] * (len(load_outputs) - 1), f"⚠️ Could not load parameters: {e}")
+            return {o["note"]: f"⚠️ Could not load parameters: {e}"}
 
     o["png"].upload(load, [o["png"], *form.inputs], load_outputs, api_name="generate_load_params")
     o["load_sel"].click(lambda p, *v: load(_check_shown(p, shown), *v), [o["selected"], *form.inputs],
@@ -345,8 +354,6 @@ def latest_job(ctx) -> str | None:
 
 def servable(ctx, path: str):
     """Gradio serves files under the data dir; anything else is handed over as a picture."""
-    from PIL import Image
-
     if Path(path).resolve().is_relative_to(ctx.data_dir.resolve()):
         return path
     with Image.open(path) as im:
@@ -367,14 +374,15 @@ def mask_preview(editor, grow, feather, invert):
     return mask, f"Mask {mask.width}×{mask.height}: {share:.1f}% of the image may change."
 
 
-def load_parameters(ctx, form: Form, path: str, values) -> tuple:
-    """A PNG's `parameters` chunk into the form, through the typed config (unknown or mistyped keys are refused)."""
+def load_parameters(ctx, form: Form, w: dict, note_box, path: str, values) -> dict:
+    """A PNG's `parameters` chunk into the form, through the typed config (unknown or mistyped keys are refused):
+    the new value of each form field, of the control images and mask controls, and a note."""
     if not path:
         raise ValueError("no file")
     params = M.read_png_parameters(path)
     base = C.to_dict(form.to_config(*values), only_changed=False)
     cfg = C.from_dict(C.GenerateImageConfig, {**base, **params}, source=Path(path).name)
-    C.check_choices(cfg)
+    C.validate(cfg)
     controls = [p for p in cfg.control_image_path if Path(p).is_file()]
     missing = [p for p in cfg.control_image_path if p not in controls]
     editor = None
@@ -389,4 +397,5 @@ def load_parameters(ctx, form: Form, path: str, values) -> tuple:
     note = f"Loaded the parameters of **{Path(path).name}** (seed {cfg.seed})."
     if missing:
         note += " Missing control images (moved or deleted): " + ", ".join(f"`{p}`" for p in missing)
-    return (*form.values(cfg), editor, *slots, more, 0, 0, False, note)
+    return {**dict(zip(form.inputs, form.values(cfg))), w["editor"]: editor, **dict(zip(w["slots"], slots)),
+            w["more"]: more, w["grow"]: 0, w["feather"]: 0, w["invert"]: False, note_box: note}

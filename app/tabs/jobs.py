@@ -7,9 +7,10 @@ sees the same jobs: nothing lives in a generator bound to one browser session.
 from __future__ import annotations
 
 import shlex
-import time
 
 import gradio as gr
+
+from app.views import error_markdown, fmt_time, loss_frame, progress_label, status_line
 
 TABLE_HEADERS = ["id", "status", "command", "progress", "started"]
 POLL_S = 1.0
@@ -47,11 +48,16 @@ def build(ctx) -> None:
             sig = repr(choices)
             if job_id not in {c[1] for c in choices}:
                 job_id = default_job(views)
-            menu = gr.update(choices=choices, value=job_id) if sig != seen else gr.skip()
             view = jobs.get(job_id) if job_id else None
             plot_sig = f"{job_id}:{len(view['metrics']) if view else 0}"
-            plot = gr.skip() if plot_sig == seen_plot else plot_update(view)
-            return (table_rows(views), menu, sig, *detail(jobs, view), plot, plot_sig)
+            text, command, tail = detail(jobs, view)
+            out = {table: table_rows(views), signature: sig, status: text, cmdline: command, log: tail,
+                   plotted: plot_sig}
+            if sig != seen:
+                out[selected] = gr.update(choices=choices, value=job_id)
+            if plot_sig != seen_plot:
+                out[loss_plot] = plot_update(view)
+            return out
 
         outputs = [table, selected, signature, status, cmdline, log, loss_plot, plotted]
         timer.tick(refresh, [selected, signature, plotted], outputs, show_progress="hidden",
@@ -61,11 +67,12 @@ def build(ctx) -> None:
         table.select(pick_row, None, selected, api_visibility="private")
         stop_btn.click(lambda j: act(jobs.stop, j, "stop requested"), selected, status, api_name="jobs_stop")
         kill_btn.click(lambda j: act(jobs.kill, j, "killed"), selected, status, api_name="jobs_kill")
-        run_btn.click(lambda text: run_command(jobs, text), command_box, [selected, status], api_name="jobs_run")
+        run_btn.click(lambda text: run_command(jobs, text, selected, status), command_box, [selected, status],
+                      api_name="jobs_run")
 
 
 def table_rows(views: list[dict]) -> list[list]:
-    return [[v["id"], v["status"], v["title"], progress_text(v), fmt_time(v["started"] or v["queued_at"])]
+    return [[v["id"], v["status"], v["title"], progress_label(v), fmt_time(v["started"] or v["queued_at"])]
             for v in views]
 
 
@@ -94,61 +101,14 @@ def plot_update(view: dict | None):
     return gr.update(value=frame, visible=frame is not None and len(frame) > 0)
 
 
-def loss_frame(metrics: list[dict], max_points: int = 2000, ema_beta: float = 0.9):
-    """Raw loss and its EMA per step, thinned to at most `max_points` steps (the EMA is taken before thinning)."""
-    import pandas as pd
-
-    points = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
-    rows, ema = [], None
-    stride = max(1, len(points) // max_points)
-    for i, (step, loss) in enumerate(points):
-        ema = loss if ema is None else ema_beta * ema + (1 - ema_beta) * loss
-        if i % stride == 0 or i == len(points) - 1:
-            rows += [(step, loss, "loss"), (step, ema, f"EMA {ema_beta:g}")]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
-
-
 def status_text(v: dict, log_path) -> str:
-    parts = [f"**{v['status']}**", v["title"]]
-    if v["pid"] and v["status"] == "running":
-        parts.append(f"pid {v['pid']}")
-    if v["phase"]:
-        parts.append(f"phase: {v['phase']}")
-    progress = progress_text(v)
-    if progress:
-        parts.append(progress)
-    if v["exit_code"] is not None:
-        parts.append(f"exit code {v['exit_code']}")
-    if v.get("vram") and v["status"] == "running":
-        parts.append("VRAM {allocated_gib:.1f} / peak {peak_gib:.1f} GiB, RAM {ram_gib:.1f} GiB".format(**v["vram"]))
-    text = " · ".join(parts) + f"\n\nFull log: `{log_path}`"
+    text = status_line(v) + f"\n\nFull log: `{log_path}`"
     outputs = (v.get("done") or {}).get("outputs") or []
     if outputs:
         text += "\n\nOutputs:\n" + "\n".join(f"- `{o}`" for o in outputs)
     err = v.get("error")
     if err and v["status"] != "running":
         text += "\n\n" + error_markdown(err)
-    return text
-
-
-def error_markdown(err) -> str:
-    """An engine error — an `error` event's dict, or an EngineError raised in the app — as Markdown with its kind,
-    message and fix: one look on every tab."""
-    if isinstance(err, dict):
-        kind, message, hint = err.get("kind") or "error", err.get("message") or "", err.get("hint") or ""
-    else:
-        kind = getattr(err, "kind", type(err).__name__)
-        message, hint = getattr(err, "message", str(err)), getattr(err, "hint", "")
-    return f"**Error [{kind}]:** {message}" + (f"\n\n**Fix:** {hint}" if hint else "")
-
-
-def progress_text(v: dict) -> str:
-    p = v.get("progress")
-    if not p or not p.get("total"):
-        return v.get("phase") or ""
-    text = f"{p['step']}/{p['total']} {p.get('unit') or ''}".strip()
-    if p.get("eta_s") is not None and v["status"] == "running":
-        text += f", eta {fmt_duration(p['eta_s'])}"
     return text
 
 
@@ -159,24 +119,15 @@ def act(fn, job_id: str | None, done_text: str) -> str:
     return f"{job_id}: {done_text}; status now **{view['status']}**."
 
 
-def run_command(jobs, text: str):
+def run_command(jobs, text: str, selected, status) -> dict:
     """Queue `python -m engine <text>`; the text is split like a shell would, but never run by one."""
     try:
         argv = shlex.split(text or "")
     except ValueError as e:
-        return gr.skip(), f"Could not read the command: {e}."
+        return {status: f"Could not read the command: {e}."}
     while argv and (argv[0].endswith(("python", "python3", "python.exe")) or argv[0] in ("-m", "engine")):
         argv.pop(0)    # accept a pasted `python -m engine ...` line
     if not argv:
-        return gr.skip(), "Type an engine command, e.g. `inspect_model FILE --json`."
+        return {status: "Type an engine command, e.g. `inspect_model FILE --json`."}
     job = jobs.submit(argv[0], argv[1:])
-    return gr.update(value=job.id), f"Started **{job.id}** ({job.status})."
-
-
-def fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
-
-
-def fmt_duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    return {selected: gr.update(value=job.id), status: f"Started **{job.id}** ({job.status})."}

@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.context import ROLES, EngineCommandError
+from app.views import error_markdown
 from engine.spec import downloads
 
 TABLE_HEADERS = ["role", "file", "component", "variant", "dtype", "parameters", "size", "notes"]
@@ -61,7 +62,7 @@ def inspect(ctx, paths: tuple[str, ...]) -> tuple[list[list], str]:
         try:
             results = ctx.run_engine_json("inspect_model", [*unique, "--json"])
         except EngineCommandError as e:
-            return [], f"**Inspect failed:** {e.message}" + (f"\n\nFix: {e.hint}" if e.hint else "")
+            return [], "Inspect failed. " + error_markdown(e)
         by_path = dict(zip(unique, results))
         for role, path in files:
             info = by_path[path]

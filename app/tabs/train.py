@@ -17,12 +17,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+from PIL import Image
 
 from app import presets_ui
 from app import train_runs as R
 from app.forms import Form, build_form
-from app.tabs.jobs import loss_frame
+from app.views import error_markdown, gauge_html, loss_frame, progress_html
 from engine.spec import config as C
+from engine.spec import naming
 
 POLL_S = 1.0
 # engine/train/loop.py catches the SIGINT that JobManager.stop sends and saves before it exits.
@@ -63,10 +65,9 @@ def layout(ctx) -> SimpleNamespace:
         ui.procs = gr.Number(1, precision=0, minimum=1, label="Processes (GPUs)", elem_id="train-procs",
                              info="More than 1, or mixed precision, launches with `accelerate launch`.")
     ui.components, ui.sections = form_sections(initial_config(ctx))
-    ui.forms = {kind: Form(cls, {n: ui.components[n] for n in R.kind_names(kind, list(ui.components))})
+    ui.names = R.form_names()          # the order the events take the widgets in (and the API documents)
+    ui.forms = {kind: Form(cls, {n: ui.components[n] for n in R.kind_names(kind, ui.names)})
                 for kind, cls in R.KINDS.items()}
-    ui.names = list(ui.components)
-    assert ui.names == R.form_names(), "the events' argument order must be R.form_names() (tests rely on it)"
     with gr.Accordion("VRAM presets and estimate", open=True):
         with gr.Column(visible=True) as ui.presets_lora:
             presets_ui.build("train_network", ui.forms["train_network"], elem_prefix="train-lora")
@@ -158,22 +159,23 @@ def wire(ctx, tab, ui) -> None:
             cfg = config(kind, values)
             R.launch_argv(kind, cfg, procs)               # validates the launcher options too
         except C.ConfigError as e:
-            return gr.skip(), f"⚠️ {e}", gr.skip()
+            return {ui.message: "⚠️ " + error_markdown(e)}
         problems = R.preflight(cfg)
         if problems:
-            return gr.skip(), "⚠️ Not started:\n\n" + "\n".join(f"- {p}" for p in problems), gr.skip()
+            return {ui.message: "⚠️ Not started:\n\n" + "\n".join(f"- {p}" for p in problems)}
         job = ctx.submit_config(kind, cfg, title=f"{kind} {cfg.output_name}",
                                 accelerate=R.accelerate_options(cfg, procs))
-        return (gr.update(value=job.id), f"Started **{job.id}** ({job.status}). The run keeps its resolved config "
-                f"in `{R.run_toml_path(cfg)}`.", job.cmdline)
+        return {ui.run: gr.update(value=job.id), ui.command: job.cmdline,
+                ui.message: f"Started **{job.id}** ({job.status}). The run keeps its resolved config in "
+                            f"`{R.run_toml_path(cfg)}`."}
 
     gr.on([c.change for c in form_in], preview, form_in, [ui.command, ui.toml], api_name="train_preview",
           show_progress="hidden")
     tab.select(preview, form_in, [ui.command, ui.toml], api_visibility="private", show_progress="hidden")
-    ui.kind.change(lambda k: [gr.update(visible=k == "train_network"), gr.update(visible=k == "train"),
-                              gr.update(visible=k == "train_network"), gr.update(visible=k == "train")],
-                   ui.kind, [ui.sections["Network"], ui.sections["Finetune"], ui.presets_lora, ui.presets_ft],
-                   api_visibility="private")
+    lora_only, finetune_only = (ui.sections["Network"], ui.presets_lora), (ui.sections["Finetune"], ui.presets_ft)
+    ui.kind.change(lambda k: {**{c: gr.update(visible=k == "train_network") for c in lora_only},
+                              **{c: gr.update(visible=k == "train") for c in finetune_only}},
+                   ui.kind, [*lora_only, *finetune_only], api_visibility="private")
     ui.start.click(start, form_in, [ui.run, ui.message, ui.command], api_name="train_start")
     wire_files(ctx, ui, form_in, config)
     wire_defaults(ctx, tab, ui)
@@ -199,9 +201,8 @@ def wire_files(ctx, ui, form_in, config) -> None:
         try:
             kind, cfg = R.load_run_toml((path or "").strip(), kind)
         except C.ConfigError as e:
-            return [gr.skip()] * (1 + len(comps)) + [f"⚠️ Not loaded: {e}"]
-        values = dict(zip(ui.forms[kind].names, ui.forms[kind].values(cfg)))
-        return [kind, *[values.get(n, gr.skip()) for n in ui.names], f"Loaded `{path}` ({kind})."]
+            return {ui.message: f"⚠️ Not loaded: {e}"}
+        return {**form_update(ui, kind, cfg), ui.message: f"Loaded `{path}` ({kind})."}
 
     ui.save.click(save, [ui.toml_path, *form_in], ui.message, api_name="train_save_toml")
     ui.load.click(load, [ui.toml_path, ui.kind], [ui.kind, *comps, ui.message], api_name="train_load_toml")
@@ -221,8 +222,8 @@ def wire_defaults(ctx, tab, ui) -> None:
         version = version or "original"
         known = [defaults_for(v) for v in C.MODEL_VERSIONS]
         new = defaults_for(version)
-        return [new[name] if (value or "") in {k[name] for k in known} | {""} else gr.skip()
-                for name, value in zip(("dit", "dataset_config", "sample_prompts"), current)]
+        return {c[name]: new[name] for name, value in zip(("dit", "dataset_config", "sample_prompts"), current)
+                if (value or "") in {k[name] for k in known} | {""}} or gr.skip()
 
     targets = [c["dit"], c["dataset_config"], c["sample_prompts"]]
     c["model_version"].change(on_version, [c["model_version"], *targets], targets, api_name="train_version")
@@ -249,17 +250,17 @@ def wire_live(ctx, ui, form_in) -> None:
         view = jobs.get(run_id) if run_id else None
         ckpts, states = (R.checkpoints(view), R.states(view)) if view else ([], [])
         sig = repr((choices, run_id, len(view["metrics"]) if view else 0, view and view["samples"], ckpts, states))
-        if sig == seen.get("sig"):
-            heavy = [gr.skip()] * 5
-        else:
+        out = {ui.status: R.status_markdown(view), ui.progress: progress_html(view, heading=False),
+               ui.gauge: gauge_html(view, "train"), ui.seen: {"sig": sig, "newest": newest}}
+        if sig != seen.get("sig"):        # menus, chart and gallery are resent only when they changed
             frame = loss_frame(view["metrics"]) if view else None
-            heavy = [gr.update(choices=choices, value=run_id),
-                     gr.update(value=frame, visible=frame is not None and len(frame) > 0),
-                     [(viewable(ctx, p), Path(p).name) for p in (view or {}).get("samples") or [] if Path(p).exists()],
-                     gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
-                     gr.update(choices=states, value=states[-1] if states else None)]
-        return (*heavy, R.status_markdown(view), R.progress_html(view), R.gauge_html(view),
-                {"sig": sig, "newest": newest})
+            out.update({ui.run: gr.update(choices=choices, value=run_id),
+                        ui.loss: gr.update(value=frame, visible=frame is not None and len(frame) > 0),
+                        ui.samples: [(viewable(ctx, p), Path(p).name) for p in (view or {}).get("samples") or []
+                                     if Path(p).exists()],
+                        ui.ckpt: gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
+                        ui.state: gr.update(choices=states, value=states[-1] if states else None)})
+        return out
 
     outputs = [ui.run, ui.loss, ui.samples, ui.ckpt, ui.state, ui.status, ui.progress, ui.gauge, ui.seen]
     ui.timer.tick(refresh, [ui.run, ui.seen], outputs, show_progress="hidden", concurrency_limit=None,
@@ -291,27 +292,30 @@ def wire_live(ctx, ui, form_in) -> None:
     def resume(run_id, state):
         view = jobs.get(run_id) if run_id else None
         if view is None or not state:
-            return [gr.skip()] * (len(form_in) - 1) + ["Pick a run and one of its saved states first."]
+            return {ui.run_message: "Pick a run and one of its saved states first."}
         kind = view["command"]
-        run_toml = R.run_toml_path(SimpleNamespace(output_dir=R.arg_value(view["argv"], "output_dir"),
-                                                   output_name=R.arg_value(view["argv"], "output_name")))
+        run_toml = naming.run_toml(R.arg_value(view["argv"], "output_dir"), R.arg_value(view["argv"], "output_name"))
         try:
             cfg = C.load_toml(R.KINDS[kind], run_toml)
         except C.ConfigError as e:
-            return [gr.skip()] * (len(form_in) - 1) + [f"⚠️ Cannot read the run's config: {e}"]
+            return {ui.run_message: f"⚠️ Cannot read the run's config: {e}"}
         cfg.resume = state
-        values = dict(zip(ui.forms[kind].names, ui.forms[kind].values(cfg)))
-        return [kind, *[values.get(n, gr.skip()) for n in ui.names],
-                f"Loaded `{run_toml}` with `--resume {state}`. Check the options, then **Start training**."]
+        return {**form_update(ui, kind, cfg),
+                ui.run_message: f"Loaded `{run_toml}` with `--resume {state}`. Check the options, then "
+                                "**Start training**."}
 
     ui.resume.click(resume, [ui.run, ui.state], [ui.kind, *form_in[2:], ui.run_message], api_name="train_resume")
+
+
+def form_update(ui, kind: str, cfg) -> dict:
+    """The kind radio and every widget of that kind's form, set to `cfg` (the other kind's widgets keep theirs)."""
+    form = ui.forms[kind]
+    return {ui.kind: kind, **dict(zip(form.inputs, form.values(cfg)))}
 
 
 def viewable(ctx, path: str):
     """Gradio serves files from the data dir only (launch's allowed_paths); an image elsewhere is sent as pixels."""
     if Path(path).resolve().is_relative_to(Path(ctx.data_dir).resolve()):
         return path
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.copy()
