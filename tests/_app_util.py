@@ -127,7 +127,7 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 
 @contextlib.contextmanager
 def browser_page(width: int = 1280, height: int = 1000):
-    """A page in headless chromium with design.md's flags; the calling test is skipped when chromium is missing."""
+    """A page in headless chromium with the flags below (no sandbox, GPU or network chatter); the calling test is skipped when chromium is missing."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (./test.sh does it as root)")
     from playwright.sync_api import sync_playwright

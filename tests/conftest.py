@@ -24,7 +24,7 @@ Function fixtures:
 
 Also here: transformers' Qwen2VLProcessor / Qwen2_5_VLProcessor need torchvision (for their video part), which
 cannot be installed next to the CPU build of torch. When torchvision is missing, both classes are patched to
-have no video processor (env notes §3(a)) the moment transformers imports them, so diffusers' edit pipelines
+have no video processor the moment transformers imports them, so diffusers' edit pipelines
 can be built in tests (`drop_video_processor(cls)` is the patch itself). Markers `browser` and `slow` are
 registered.
 """

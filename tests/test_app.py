@@ -99,7 +99,7 @@ def test_a_job_outlives_the_browser_session_and_stops(studio):
 
 
 def test_loss_frame_smooths_then_thins():
-    from app.tabs.jobs import loss_frame
+    from app.views import loss_frame
 
     metrics = [{"step": i, "loss": float(i % 2), "lr": 1e-4} for i in range(1, 10_001)] + [{"step": 10_001}]
     frame = loss_frame(metrics, max_points=1000)

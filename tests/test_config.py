@@ -95,3 +95,35 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
         C.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.toml"]
+
+
+def test_declared_ranges_are_checked_by_one_validate():
+    """A field declares its range (opt(min=, max=, multiple_of=)); validate() checks it with a message that names the
+    option and a fix, and --help states it."""
+    C.validate(C.GenerateImageConfig(image_size=[64, 48], preview_every=2, blocks_to_swap=3))
+    for values, needle in [(dict(image_size=[40, 32]), "--image_size 40 32: 40 is not a multiple of 16"),
+                           (dict(preview_every=0), "--preview_every 0: must be at least 1"),
+                           (dict(blocks_to_swap=-1), "--blocks_to_swap -1: must be at least 0"),
+                           (dict(rcm_threshold=-0.1), "--rcm_threshold -0.1: must be at least 0")]:
+        with pytest.raises(C.ConfigError, match=needle) as err:
+            C.validate(C.GenerateImageConfig(**values))
+        assert err.value.hint and err.value.kind == "option"
+    with pytest.raises(C.ConfigError, match="e.g. 48 32"):
+        C.validate(C.GenerateImageConfig(image_size=[40, 32]))
+    with pytest.raises(C.ConfigError, match="is not one of"):
+        C.validate(C.TrainNetworkConfig(mixed_precision="fp64"))
+    help_text = " ".join(C.build_parser(C.GenerateImageConfig, "engine").format_help().split())
+    assert "(a multiple of 16 from 16)" in help_text and "(1 or more)" in help_text
+
+
+def test_a_range_error_from_the_command_line_is_one_error_event(tmp_path):
+    from engine.__main__ import main
+
+    events = tmp_path / "e.jsonl"
+    assert main(["estimate_vram", "--for", "generate_image", "--image_size", "40", "32",
+                 "--events_file", str(events)]) == 2
+    import json
+
+    types = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["type"] for e in types] == ["start", "error"]
+    assert "not a multiple of 16" in types[1]["message"] and types[1]["kind"] == "option" and types[1]["hint"]

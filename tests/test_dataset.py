@@ -129,7 +129,7 @@ def test_jsonl_problems(tmp_path):
 
 def test_bucket_list_and_selection_match_musubi():
     buckets = B.bucket_list((1024, 1024))
-    # reference §3.4: widths from floor16(1024 // 2) to 1024, h = floor16(area // w), both orientations
+    # musubi's buckets: widths from floor16(1024 // 2) to 1024, h = floor16(area // w), both orientations
     assert (512, 2048) in buckets and (2048, 512) in buckets and (1024, 1024) in buckets
     assert (1168, 896) in buckets and (896, 1168) in buckets
     assert all(w % 16 == 0 and h % 16 == 0 for w, h in buckets) and buckets == sorted(set(buckets))
@@ -289,7 +289,7 @@ def test_checking_loads_no_model_library(tmp_path):
 
 
 def test_musubi_documentation_example_loads_unchanged(tmp_path):
-    """reference §3.5 (docs/dataset_config.md, Qwen-Image-Edit section), keys and values as published."""
+    """musubi-tuner's dataset config documentation (its Qwen-Image-Edit section), keys and values as published."""
     for name in ("images", "controls"):
         (tmp_path / name).mkdir()
     _png(tmp_path / "images" / "image1.png", (1328, 1024)), (tmp_path / "images" / "image1.txt").write_text("x")

@@ -1,4 +1,4 @@
-"""engine.models.dit.load_dit: every on-disk layout of design.md §2.2 loads a tiny real-class DiT that
+"""engine.models.dit.load_dit: every on-disk layout of docs/architecture.md ("Model files") loads a tiny real-class DiT that
 reproduces the original module's output; every bad file gets its clear error before anything is built."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The event stream contract (design.md §2.3)."""
+"""The event stream contract (docs/architecture.md, "The event stream")."""
 
 import io
 import json

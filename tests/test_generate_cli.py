@@ -115,6 +115,7 @@ def test_previews_are_side_work(base, control, tmp_path):
 def test_preview_out_of_memory_turns_previews_off_not_the_run(base, control, tmp_path, monkeypatch):
     import torch
 
+    from engine.infer import generate, preview
     from engine.models import vae
 
     real, calls = vae.decode_latents, []
@@ -126,7 +127,8 @@ def test_preview_out_of_memory_turns_previews_off_not_the_run(base, control, tmp
         return real(*args)
 
     plain, _ = _gen(base, control, tmp_path, "plain")
-    monkeypatch.setattr(vae, "decode_latents", first_call_runs_out)
+    for module in (preview, generate):      # the two callers of the VAE decode: previews, then the output
+        monkeypatch.setattr(module, "decode_latents", first_call_runs_out)
     shown, events = _gen(base, control, tmp_path, "oom", "--preview_every", "1")
     assert np.array_equal(shown, plain) and len(calls) == 2             # one failed preview, then the output only
     assert not [e for e in events if e.get("kind") == "preview"]
@@ -255,16 +257,29 @@ def test_edit_dit_without_edit_mode_refused_before_loading(demo_manifest, tmp_pa
 def test_prompt_line_options():
     from engine.spec.jobs import Job, parse_prompt_line
 
-    base = Job("x", None, 256, 256, 1, 25, 4.0, None)
+    base = Job("x", None, [256, 256], 1, 25, 4.0, None)
     job = parse_prompt_line("a cat --w 512 --h 384 --d 9 --s 10 --l 3.5 --fs 2.0 --n bad --ci a.png --ci b.png "
                             "--m m.png --rcm_th 0.2 --rcm_rel_th yes --rcm_ks 5 --rcm_ds 1", base, 3)
-    assert (job.prompt, job.width, job.height, job.seed, job.steps, job.guidance_scale, job.flow_shift) == \
+    assert (job.prompt, job.width, job.height, job.seed, job.infer_steps, job.guidance_scale, job.flow_shift) == \
         ("a cat", 512, 384, 9, 10, 3.5, 2.0)
-    assert job.negative_prompt == "bad" and job.control_paths == ["a.png", "b.png"] and job.mask_path == "m.png"
-    assert (job.rcm_threshold, job.rcm_relative, job.rcm_kernel_size, job.rcm_dilate_size) == (0.2, True, 5, 1)
-    assert parse_prompt_line("--w 64", base, 1).prompt == "" and base.width == 256
+    assert job.negative_prompt == "bad" and job.control_image_path == ["a.png", "b.png"] and job.mask_path == "m.png"
+    assert (job.rcm_threshold, job.rcm_relative_threshold, job.rcm_kernel_size, job.rcm_dilate_size) == \
+        (0.2, True, 5, 1)
+    assert parse_prompt_line("--w 64", base, 1).image_size == [256, 64] and base.width == 256
+    assert parse_prompt_line("--w 64", base, 1).prompt == ""
     with pytest.raises(Exception, match="unknown option --zz"):
         parse_prompt_line("p --zz 1", base, 4)
+
+
+def test_a_job_speaks_the_configs_field_names():
+    """One option, one name: a job's fields are GenerateImageConfig fields, and its PNG parameters use them."""
+    from engine.spec.config import GenerateImageConfig, option_fields
+    from engine.spec.jobs import JOB_FIELDS, job_from_config
+
+    names = {f.name for f in option_fields(GenerateImageConfig)}
+    assert set(JOB_FIELDS) <= names and len(JOB_FIELDS) == 13
+    cfg = GenerateImageConfig(prompt="p", seed=3, rcm_threshold=0.1, image_size=[32, 48])
+    assert job_from_config(cfg).parameters() == {n: getattr(cfg, n) for n in JOB_FIELDS}
 
 
 def test_real_command_line_subprocess(demo_manifest, tmp_path):

@@ -3,6 +3,8 @@ scheduler, true CFG with norm rescale, seed → noise, edit references, plus mas
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from engine.infer import masks
 from engine.infer.sampling import Conditioning, DenoiseRequest, calculate_mu, denoise, make_scheduler
 from engine.models.latents import initial_noise, pack
 from engine.models.textenc import encode_prompts
+from engine.spec.jobs import Job
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +155,12 @@ def test_mask_tokens_white_is_change(tmp_path):
 def test_rcm_zero_threshold_keeps_everything_and_saves_masks(tmp_path):
     lat, ref0, noise = torch.randn(1, 12, 64), torch.randn(1, 12, 64), torch.randn(1, 12, 64)
     seen = []
-    s = masks.RcmSettings(threshold=0.0, debug_dir=tmp_path, debug_stem="cat")
-    blend = masks.rcm_blend(s, ref0, noise, 64, 48, on_mask=lambda i, p: seen.append((i, p)))
+    job = Job("p", None, [64, 48], 1, 4, 1.0, None, control_image_path=["in/cat.png"], rcm_threshold=0.0)
+    blend = masks.rcm_blend(job, ref0, noise, tmp_path, on_step=seen.append)
     assert torch.equal(blend(0, torch.tensor(900.0), lat), lat)      # the first step is never touched
     assert torch.equal(blend(1, torch.tensor(800.0), lat), lat)      # th 0: everything "changed"
-    assert [i for i, _ in seen] == [1]
-    assert seen[0][1].endswith("cat_th0.0_rel0_ks3_ds0_rcm_mask_01.png")
-    huge = masks.rcm_blend(masks.RcmSettings(threshold=1e9), ref0, noise, 64, 48)
+    assert [r.step for r in seen] == [1] and seen[0].threshold == 0.0 and seen[0].min <= seen[0].mean <= seen[0].max
+    assert seen[0].path.endswith("cat_th0.0_rel0_ks3_ds0_rcm_mask_01.png")
+    huge = masks.rcm_blend(dataclasses.replace(job, rcm_threshold=1e9), ref0, noise)
     out = huge(2, torch.tensor(500.0), lat)
     torch.testing.assert_close(out, masks.noisy_reference(ref0, noise, torch.tensor(500.0)))

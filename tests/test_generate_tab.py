@@ -327,10 +327,12 @@ def test_refine_mask_grows_shrinks_inverts_and_feathers(tmp_path):
 
 
 def test_status_shows_measured_vram_beside_the_estimate():
-    from app.generate_view import memory_text, progress_html
+    from app.generate_view import memory_text
+    from app.views import progress_html
 
     cfg = C.GenerateImageConfig(image_size=[1024, 1024], fp8=True, fp8_scaled=True)
-    view = {"id": "j1", "status": "running", "phase": "sampling", "progress": {"step": 2, "total": 8, "eta_s": 3.0},
+    view = {"id": "j1", "status": "running", "phase": "sampling",
+            "progress": {"step": 2, "total": 8, "unit": "step", "eta_s": 3.0},
             "vram": {"allocated_gib": 20.1, "reserved_gib": 21.0, "peak_gib": 21.4, "ram_gib": 9.0}}
     text = memory_text(view, cfg)
     estimate = float(re.search(r"estimate ([\d.]+) GiB VRAM", text)[1])
@@ -338,25 +340,23 @@ def test_status_shows_measured_vram_beside_the_estimate():
     assert "estimate 7.5 GiB VRAM, 3.0 GiB RAM" == memory_text({**view, "vram": None,
                                                                 "estimate": {"vram_gib": 7.5, "ram_gib": 3.0}}, cfg)
     html = progress_html(view, text)
-    assert 'data-job="j1"' in html and 'value="2"' in html and "step 2/8" in html and "21.4 GiB" in html
+    assert 'data-job="j1"' in html and "width:25.0%" in html and "2/8 step · ETA 0m03s" in html and "21.4 GiB" in html
 
 
 def test_parameters_key_and_run_log_match_the_engine(tmp_path):
-    import subprocess
-    import sys
+    """The app reads back exactly what the engine's writer wrote: the typed events of engine/spec/events.py."""
+    from engine.infer.outputs import PARAMETERS_KEY
+    from engine.spec.events import IMAGE_OUTPUT, EventWriter, Preview, RcmStep
 
-    code = "from engine.infer.outputs import PARAMETERS_KEY; print(PARAMETERS_KEY)"
-    key = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert key == M.PARAMETERS_KEY
+    assert PARAMETERS_KEY == M.PARAMETERS_KEY
     log = tmp_path / "log.txt"
-    events = [{"type": "log", "time": 0, "level": "info",
-               "message": "RCM step 2: difference min 0.1 max 0.4 mean 0.25, threshold 0.2"},
-              {"type": "image", "time": 0, "path": "/o/a_rcm_mask_02.png", "kind": "rcm_mask", "step": 2},
-              {"type": "image", "time": 0, "path": "/o/previews/r_000_step001.png", "kind": "preview", "step": 1,
-               "total": 2, "index": 0},
-              {"type": "image", "time": 0, "path": "/o/out.png", "kind": "output", "seed": 1}]
-    log.write_text("$ python -m engine generate_image\n" + "\n".join(json.dumps(e) for e in events) + "\n")
+    with open(log, "w", encoding="utf-8") as fh:
+        fh.write("$ python -m engine generate_image\n")
+        writer = EventWriter(stream=fh, json_stdout=True)
+        writer.write(RcmStep("/o/a_rcm_mask_02.png", step=2, min=0.1, max=0.4, mean=0.25, threshold=0.2))
+        writer.write(Preview("/o/previews/r_000_step001.png", step=1, total=2, index=0))
+        writer.image("/o/out.png", kind=IMAGE_OUTPUT, seed=1)
     run = M.read_run(log)
-    assert run.outputs == ["/o/out.png"] and run.rcm_masks == [(2, "/o/a_rcm_mask_02.png")]
-    assert [e["path"] for e in run.previews] == ["/o/previews/r_000_step001.png"]        # not an output
-    assert run.rcm_stats[2] == {"min": 0.1, "max": 0.4, "mean": 0.25, "threshold": 0.2}
+    assert run.outputs == ["/o/out.png"]
+    assert [(r.step, r.path, r.mean, r.threshold) for r in run.rcm_steps] == [(2, "/o/a_rcm_mask_02.png", 0.25, 0.2)]
+    assert [e.path for e in run.previews] == ["/o/previews/r_000_step001.png"]        # not an output

@@ -1,10 +1,11 @@
 """inspect_model: identify tiny real-class files of every component from headers, the JSON contract of
-design.md §2.6, and the published DiT's exact parameter count from a 40 GB header-only (sparse) file."""
+docs/architecture.md, and the published DiT's exact parameter count from a 40 GB header-only (sparse) file."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from engine.models.inspect import JSON_KEYS, format_table, inspect_path, inspect_paths, parse_cli_output
+from engine.models.inspect import JSON_KEYS, format_table, inspect_path, inspect_paths
 from engine.models.safetensors_io import save_file_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,13 +232,34 @@ def test_table_names_every_file(files):
 
 
 def test_cli_json_in_a_subprocess(files):
+    """stdout is the JSON result alone (events go to stderr), so `inspect_model ... --json | jq .` works."""
     paths = [str(files[k]) for k in ("dit_marker", "te_comfy", "vae", "lora_kohya", "pickle")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QIS_EVENTS": "json"}
     proc = subprocess.run([sys.executable, "-m", "engine", "inspect_model", *paths, "--json"], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    listed = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert len(listed) == 1
-    results = parse_cli_output(proc.stdout)
+    results = json.loads(proc.stdout)
     assert results == inspect_paths(paths)
+    events = [json.loads(line)["type"] for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert events[0] == "start" and events[-1] == "done"
     assert [r["component"] for r in results] == ["dit", "text_encoder", "vae", "lora", "unknown"]
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+@pytest.mark.parametrize("command", [["inspect_model", "FILE", "--json"], ["estimate_vram", "--for", "generate_image"],
+                                     ["check_dataset", "--dataset_config", "DATASET", "--json"]])
+def test_a_result_on_stdout_pipes_into_jq(files, tmp_path, command):
+    """Every command whose result is data prints only that result on stdout."""
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "a.txt").write_text("a caption")
+    dataset = tmp_path / "d.toml"
+    dataset.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\nresolution = 32\n')
+    argv = [str(files["vae"]) if a == "FILE" else str(dataset) if a == "DATASET" else a for a in command]
+    engine = subprocess.Popen([sys.executable, "-m", "engine", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "QIS_EVENTS": "json"})
+    jq = subprocess.run(["jq", "-c", "."], stdin=engine.stdout, capture_output=True, text=True, timeout=120)
+    engine.stdout.close()
+    assert engine.wait(timeout=120) == 0 and jq.returncode == 0, jq.stderr
+    assert len(jq.stdout.splitlines()) == 1             # one JSON document, nothing else
+    assert isinstance(json.loads(jq.stdout), (list, dict))

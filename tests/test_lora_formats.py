@@ -154,7 +154,7 @@ def test_our_kohya_and_diffusers_files_load_in_diffusers(trained, tmp_path):
 
 
 def _comfy_unet_key_map(dit) -> dict[str, str]:
-    """ComfyUI's comfy/lora.py model_lora_keys_unet for QwenImage (reference diffusers-transformers.md §4):
+    """ComfyUI's comfy/lora.py model_lora_keys_unet for QwenImage:
     {key}, transformer.{key}, diffusion_model.{key}, lora_unet_{key_} for every `<key>.weight`."""
     key_map = {}
     for k in dit.state_dict():

@@ -32,7 +32,7 @@ def test_default_targets_are_the_14_block_linears(dit):
 
 
 def test_patterns_fullmatch_and_include_overrides_exclude(dit):
-    # musubi's default exclude pattern never matches the dotted paths (design.md §2.6): nothing excluded.
+    # musubi's default exclude pattern never matches the dotted paths: nothing excluded.
     assert len(target_paths(dit, exclude=[r".*(_mod_).*"])) == 28
     no_mod = target_paths(dit, exclude=[r".*_mod\..*"])
     assert len(no_mod) == 24 and not any("_mod." in p for p in no_mod)

@@ -1,5 +1,5 @@
 """Text embeddings equal diffusers' `encode_prompt` (real Qwen2 vocabulary, tiny Qwen2.5-VL), and the control
-sizing rules of design.md §2.6."""
+sizing rules of docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_default_id_uses_hub_cache_offline(tmp_path, monkeypatch, tokenizer):
 
 @pytest.fixture(scope="module")
 def reference_processor(tokenizer):
-    """transformers' own processor, made constructible without torchvision (env notes §3(a)): no video processor."""
+    """transformers' own processor, made constructible without torchvision: no video processor (conftest.py)."""
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
@@ -196,7 +196,7 @@ def test_processor_converts_rgba_and_grey_like_transformers(tokenizer, reference
 
 def test_processor_uses_published_pixel_limits(tokenizer):
     # Qwen2.5-VL's max_pixels (12845056): a 1024² Edit control is a 74×74 grid, 1369 tokens. transformers 5's
-    # default (1003520) would give 70×70 (reference: diffusers-transformers.md, processors).
+    # default (1003520) would give 70×70 (transformers' Qwen2-VL image processor).
     proc = VisionProcessor(tokenizer)
     out = proc([VARIANTS["edit"].prompt_text("p", 1)], [Image.new("RGB", (1024, 1024), (10, 200, 30))])
     assert out["image_grid_thw"].tolist() == [[1, 74, 74]]

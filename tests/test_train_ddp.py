@@ -1,4 +1,4 @@
-"""Multi-process training (issue 5): `accelerate launch` with two CPU processes (gloo) must train exactly what one
+"""Multi-process training: `accelerate launch` with two CPU processes (gloo) must train exactly what one
 process trains on the same global batch.
 
 Same global batch: the dataset's batch size is per process, and each process takes every 2nd batch of the epoch's

@@ -1,5 +1,5 @@
 """`train_network` end to end on the demo models (CPU): the LoRA lowers the loss, its file has kohya keys for the
-14 Linear layers of every block with the ss_*/modelspec metadata, intermediate saves follow the reference's
+14 Linear layers of every block with the ss_*/modelspec metadata, intermediate saves follow musubi-tuner's
 names, the event stream has what the GUI needs, and the file loads in diffusers' QwenImagePipeline and gives the
 same image there as our `generate_image --lora_weight`."""
 
@@ -127,7 +127,7 @@ def test_metadata_stats_are_json_safe(run):
 
 
 def test_samples_during_training(demo_manifest, t2i, tmp_path):
-    """--sample_prompts with the reference's per-line options (--w --h --s --d --l): --sample_at_first and every
+    """--sample_prompts with musubi-tuner's per-line options (--w --h --s --d --l): --sample_at_first and every
     n steps, through the inference code; one `sample` event per PNG, of the line's size."""
     out = tmp_path / "s"
     events = train("train_network", out, "--dit", demo_manifest["dit"]["original"], "--dataset_config", t2i,

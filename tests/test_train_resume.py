@@ -1,4 +1,4 @@
-"""Crash safety and resume of a real `python -m engine train_network` process (issue 5): kill -9 while it is
+"""Crash safety and resume of a real `python -m engine train_network` process: kill -9 while it is
 writing a checkpoint, then `--resume` from the newest state it left.
 
 - Nothing a user would load is corrupt: every visible `*.safetensors` is complete (parses, all LoRA keys), every
