@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.spec.errors import EngineError, OptionError
-from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, Header, TensorInfo, expand_shards, read_header
+from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, TensorInfo, expand_shards, read_header
 from engine.spec.variants import VARIANTS
 
 JSON_KEYS = ("path", "component", "variant", "dtype", "params", "size_bytes", "problems")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from engine.spec import naming
 from engine.spec.config import save_toml
 from engine.spec.errors import EngineError
 from engine.spec.vram import estimate_config
