@@ -31,48 +31,10 @@ import torch
 
 from engine.models.safetensors_io import load_file
 from engine.spec.errors import ModelFileError
+# Key naming lives in the torch-free spec, so the app can summarise LoRA files without torch.
+from engine.spec.lora_keys import (BLOCK_LINEARS, KOHYA_PREFIX, TOP_LINEARS, foreign_error, format_of,  # noqa: F401
+                                    kohya_name, module_of, module_path_from_kohya, split_key)
 from engine.spec.safetensors_header import read_header
-
-KOHYA_PREFIX = "lora_unet_"
-
-# The Linear layers inside one QwenImageTransformerBlock (all 14 are LoRA targets by default).
-BLOCK_LINEARS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-    "attn.to_out.0", "attn.to_add_out", "img_mod.1", "txt_mod.1",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-)
-# Linear layers outside the blocks (qwen_extract_lora.py and diffusers' converter know these).
-TOP_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear",
-               "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2")
-
-_BLOCK_TAIL = {p.replace(".", "_"): p for p in BLOCK_LINEARS}
-_TOP = {p.replace(".", "_"): p for p in TOP_LINEARS}
-
-# Prefixes in front of the diffusers module path, longest first.
-_PATH_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lycoris_")
-
-# suffix → (kind, factor name). Longest suffixes first so `.lora_A.default.weight` wins over `.weight`.
-_SUFFIXES = [
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
-    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
-    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"),
-    (".lokr_w2_b", "lokr_w2_b"), (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_t2", "lokr_t2"),
-    (".alpha", "alpha"), (".dora_scale", "dora_scale"),
-]
-
-# Evidence that a file belongs to another model family: (regex on a key, description).
-_OTHER_FAMILIES = [
-    (re.compile(r"(double_blocks|single_blocks)[._]\d"), "a Flux LoRA (double_blocks / single_blocks keys)"),
-    (re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks|mid_block)[._]"),
-     "an SD/SDXL UNet LoRA (down_blocks / input_blocks keys)"),
-    (re.compile(r"^lora_te\d?_|text_model"), "a LoRA for a CLIP text encoder (lora_te / text_model keys)"),
-    (re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|ffn)"), "a Wan LoRA (blocks_N self_attn/ffn keys)"),
-    (re.compile(r"(^|[._])(joint_blocks|layers)[._]\d"), "an SD3 / Lumina-style LoRA (joint_blocks / layers keys)"),
-]
-
 
 @dataclass
 class LoraFactor:
@@ -112,48 +74,6 @@ class LoraFile:
         return len(self.factors)
 
 
-# ---------------------------------------------------------------------------------------------- key names
-
-def module_path_from_kohya(name: str) -> str | None:
-    """`transformer_blocks_12_attn_to_out_0` → `transformer_blocks.12.attn.to_out.0`; None if unknown.
-
-    Underscores are ambiguous (`to_out`, `img_mlp`), so the tail is looked up in the table of real names."""
-    m = re.fullmatch(r"transformer_blocks_(\d+)_(.+)", name)
-    if m:
-        tail = _BLOCK_TAIL.get(m.group(2))
-        return f"transformer_blocks.{m.group(1)}.{tail}" if tail else None
-    return _TOP.get(name)
-
-
-def kohya_name(module_path: str) -> str:
-    """`transformer_blocks.0.attn.to_q` → `lora_unet_transformer_blocks_0_attn_to_q`."""
-    return KOHYA_PREFIX + module_path.replace(".", "_")
-
-
-def _split_key(key: str) -> tuple[str, str] | None:
-    for suffix, part in _SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], part
-    return None
-
-
-def _module_path(stem: str) -> tuple[str | None, str]:
-    """(diffusers module path or None, prefix style) for the part of a key before its suffix."""
-    if stem.startswith(KOHYA_PREFIX):
-        return module_path_from_kohya(stem[len(KOHYA_PREFIX):]), "kohya"
-    for prefix in _PATH_PREFIXES:
-        if stem.startswith(prefix):
-            return _known_path(stem[len(prefix):]), prefix.rstrip("._")
-    return _known_path(stem), "bare"
-
-
-def _known_path(path: str) -> str | None:
-    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", path)
-    if m:
-        return path if m.group(2) in BLOCK_LINEARS else None
-    return path if path in TOP_LINEARS else None
-
-
 # ---------------------------------------------------------------------------------------------- reading
 
 def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = None,
@@ -170,7 +90,7 @@ def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = Non
         raise ModelFileError(f"LoRA file {path} holds no tensors.", "Use a LoRA trained for Qwen-Image.")
     grouped, styles, unknown = _group(tensors)
     if unknown:
-        raise _foreign_error(path, unknown, len(tensors))
+        raise foreign_error(path, unknown, len(tensors))
     peft_alpha = _peft_alphas(metadata)
     out = LoraFile(path, "")
     kinds = set()
@@ -178,7 +98,7 @@ def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = Non
         factor = _factor(path, module, parts, peft_alpha)
         out.factors[module] = factor
         kinds.add(factor.kind)
-    out.format = _describe(kinds, styles, grouped)
+    out.format = format_of(kinds, styles)
     return out
 
 
@@ -187,28 +107,14 @@ def _group(tensors: Mapping[str, torch.Tensor]):
     styles: set[str] = set()
     unknown: list[str] = []
     for key, t in tensors.items():
-        split = _split_key(key)
-        module, style = _module_path(split[0]) if split else (None, "")
+        split = split_key(key)
+        module, style = module_of(split[0]) if split else (None, "")
         if module is None:
             unknown.append(key)
             continue
         styles.add(style)
         grouped.setdefault(module, {})[split[1]] = t
     return grouped, styles, unknown
-
-
-def _foreign_error(path: Path, unknown: list[str], total: int) -> ModelFileError:
-    sample = ", ".join(unknown[:3])
-    for pattern, what in _OTHER_FAMILIES:
-        if any(pattern.search(k) for k in unknown):
-            return ModelFileError(
-                f"LoRA file {path} looks like {what}, not a Qwen-Image LoRA (e.g. {sample}).",
-                "Use a LoRA trained for Qwen-Image / Qwen-Image-Edit (keys like "
-                "lora_unet_transformer_blocks_0_attn_to_q or diffusion_model.transformer_blocks.0.attn.to_q).")
-    return ModelFileError(
-        f"LoRA file {path}: {len(unknown)} of {total} keys name no Qwen-Image Linear layer (e.g. {sample}).",
-        "Expected kohya (lora_unet_transformer_blocks_N_...), diffusers (transformer.transformer_blocks.N...."
-        "lora_A/B), ComfyUI (diffusion_model....), DiffSynth (lora_A.default), LoHa or LoKr keys.")
 
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict | None:
@@ -277,16 +183,6 @@ def _require(path, module, parts, names, what) -> None:
     if missing:
         raise ModelFileError(f"LoRA file {path}: {what} module {module} lacks {', '.join(missing)}.",
                              "The file is incomplete or damaged; re-export it.")
-
-
-def _describe(kinds: set[str], styles: set[str], grouped) -> str:
-    if kinds - {"lora"}:
-        return "+".join(sorted(kinds))
-    if "kohya" in styles:
-        return "kohya"
-    if "transformer" in styles:
-        return "diffusers"
-    return "comfyui"
 
 
 # ---------------------------------------------------------------------------------------------- applying

@@ -18,7 +18,9 @@ API (other loaders build on this; keep it stable):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -129,6 +131,49 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     with atomic_output(path) as tmp:
         safetensors.torch.save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)
+
+
+Entry = tuple[str, str, tuple[int, ...]]   # (name, safetensors dtype name, shape): one header entry
+
+
+def write_streamed(path: str | os.PathLike, entries: list[Entry], tensors: Iterable[tuple[str, torch.Tensor]],
+                   metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file tensor by tensor: the header is computed from `entries` alone, then each
+    (name, tensor) of `tensors` (in the same order, with the dtype and shape its entry declared) is copied to
+    the host and written on its own, so at most one tensor is in RAM at a time (a whole 20B DiT would be 40 GB).
+    Atomic like every save (atomic_output); a tensor that does not match its entry is an error and nothing is
+    left behind."""
+    header, offset = {}, 0
+    for name, dtype, shape in entries:
+        size = DTYPE_INFO[dtype][0] * _numel(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {k: str(v) for k, v in (metadata or {}).items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)                       # safetensors aligns the data start to 8 bytes
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        pending = iter(entries)
+        for name, t in tensors:
+            want = next(pending, None)
+            if want is None or want[0] != name or want[1] != dtype_name(t.dtype) or tuple(want[2]) != tuple(t.shape):
+                raise ValueError(f"write_streamed {path}: got {name} {dtype_name(t.dtype)} {tuple(t.shape)}, "
+                                 f"the header declared {want}")
+            host = t.detach().to("cpu").contiguous()
+            if host.numel():
+                f.write(host.view(-1).view(torch.uint8).numpy().tobytes())
+            del host
+        if next(pending, None) is not None:
+            raise ValueError(f"write_streamed {path}: fewer tensors than header entries")
+    return Path(path)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @contextlib.contextmanager

@@ -46,6 +46,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "Full finetune of the DiT (--full_bf16, --fused_backward_pass with Adafactor, --mem_eff_save)."),
     Command("generate_image", C.GenerateImageConfig, "engine.infer.generate:run",
             "Generate images: text-to-image, edit (one or more control images), inpaint mask, RCM."),
+    Command("inspect_lora", C.InspectLoraConfig, "engine.tools.inspect_lora:run",
+            "Describe LoRA files: format, rank/alpha, targets, model version, dtype, training metadata."),
+    Command("convert_lora", C.ConvertLoraConfig, "engine.tools.convert_lora:run",
+            "Convert a LoRA between the kohya/musubi, diffusers (PEFT) and ComfyUI layouts, exactly."),
+    Command("merge_lora", C.MergeLoraConfig, "engine.tools.merge_lora:run",
+            "Bake LoRAs into the DiT, streamed into a new single-file DiT (bf16/fp16/fp32/fp8)."),
+    Command("extract_lora", C.ExtractLoraConfig, "engine.tools.extract_lora:run",
+            "Extract a LoRA from a finetuned DiT and its base (SVD per Linear, streamed)."),
+    Command("resize_lora", C.ResizeLoraConfig, "engine.tools.resize_lora:run",
+            "Lower a LoRA's rank by SVD (fixed rank or kept-energy threshold), reporting the error."),
 )}
 
 

@@ -32,6 +32,9 @@ from engine.spec.options import (  # noqa: F401  (re-exported: engine.spec.confi
     MakeDemoConfig, CheckDatasetConfig, CacheLatentsConfig, CacheTextEncoderConfig, TrainNetworkConfig, TrainConfig,
     GenerateImageConfig, ESTIMATE_TARGETS, EstimateOptions, EstimateVramConfig,
 )
+from engine.spec.options import (  # noqa: F401  (the LoRA tools' configs, re-exported the same way)
+    LORA_FORMATS, InspectLoraConfig, ConvertLoraConfig, MergeLoraConfig, ExtractLoraConfig, ResizeLoraConfig,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Machinery: types, argparse, TOML

@@ -371,3 +371,83 @@ class EstimateOptions:
 @dataclass
 class EstimateVramConfig(TrainNetworkConfig, TrainConfig, GenerateImageConfig, EstimateOptions):
     """The union of the estimated commands' options, so their command lines work with `--for` added."""
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA tools (engine/tools/): option names follow the scripts people know (musubi-tuner's merge and extract,
+# kohya's resize); docs/lora-tools.md describes them.
+# --------------------------------------------------------------------------------------------------
+
+LORA_FORMATS = ("kohya", "musubi", "diffusers", "comfyui")
+LORA_PRECISIONS = ("fp32", "fp16", "bf16")
+MERGED_PRECISIONS = ("bf16", "fp16", "fp32", "fp8", "fp8_e4m3fn")
+
+
+@dataclass
+class InspectLoraConfig:
+    files: list[str] = opt([], "LoRA files to describe (headers only).", positional=True, path=True)
+    json: bool = opt(False, "Print one JSON list instead of tables.")
+
+
+@dataclass
+class ConvertLoraConfig(CommonOptions):
+    input: Optional[str] = opt(None, "LoRA file to convert (never modified).", group="Convert", path=True)
+    output: Optional[str] = opt(None, "File to write (not the input; written atomically).", group="Convert",
+                                path=True)
+    format: str = opt("kohya", "Target layout. kohya and musubi: lora_unet_* keys with alpha (ComfyUI loads it); "
+                               "diffusers: transformer.* lora_A/B with the PEFT config in the metadata; comfyui: "
+                               "diffusion_model.* lora_A/B with alpha.", group="Convert", choices=LORA_FORMATS)
+
+
+@dataclass
+class MergeLoraOptions:
+    lora_weight: list[str] = opt([], "LoRA files to bake into the DiT, in order.", group="Merge", path=True)
+    lora_multiplier: list[float] = opt([], "One multiplier per LoRA (default 1.0).", group="Merge")
+    save_merged_model: Optional[str] = opt(None, "The merged single-file DiT to write (ComfyUI layout; never the "
+                                                 "input).", group="Merge", path=True)
+    merged_precision: str = opt("bf16", "dtype of the merged DiT. fp8: block Linear weights in float8_e4m3fn with "
+                                        "block-wise scales (half the size; our loader reads it). fp8_e4m3fn: plain "
+                                        "cast without scales (the layout ComfyUI's fp8_e4m3fn files use).",
+                                group="Merge", choices=MERGED_PRECISIONS)
+
+
+@dataclass
+class MergeLoraConfig(CommonOptions, ModelVersionOptions, DitOption, MergeLoraOptions):
+    pass
+
+
+@dataclass
+class ExtractLoraOptions:
+    model_org: Optional[str] = opt(None, "The base DiT the finetune started from.", group="Extract", path=True)
+    model_tuned: Optional[str] = opt(None, "The finetuned DiT.", group="Extract", path=True)
+    save_to: Optional[str] = opt(None, "The LoRA file to write (kohya layout).", group="Extract", path=True)
+    dim: int = opt(4, "Rank of the extracted LoRA (per Linear; lower when the layer is smaller).", group="Extract",
+                   min=1)
+    clamp_quantile: Optional[float] = opt(None, "Clamp the factors' values at this quantile (musubi uses 0.99); "
+                                                "off when omitted.", group="Extract", min=0, max=1, advanced=True)
+    save_precision: str = opt("fp32", "dtype of the saved LoRA.", group="Extract", choices=LORA_PRECISIONS)
+
+
+@dataclass
+class ExtractLoraConfig(CommonOptions, ModelVersionOptions, ExtractLoraOptions):
+    pass
+
+
+@dataclass
+class ResizeLoraOptions:
+    model: Optional[str] = opt(None, "The LoRA to resize (never modified).", group="Resize", path=True)
+    save_to: Optional[str] = opt(None, "The resized LoRA to write (kohya layout).", group="Resize", path=True)
+    new_rank: int = opt(4, "The new rank (the most a module keeps with --dynamic_method).", group="Resize", min=1)
+    dynamic_method: Optional[str] = opt(None, "Choose each module's rank from its singular values: sv_fro keeps "
+                                              "the smallest rank whose share of the squared singular values (kept "
+                                              "energy) reaches --dynamic_param; sv_cumulative the same on their "
+                                              "sum; sv_ratio keeps values above largest/--dynamic_param.",
+                                        group="Resize", choices=("sv_fro", "sv_cumulative", "sv_ratio"))
+    dynamic_param: Optional[float] = opt(None, "Threshold of --dynamic_method (e.g. 0.9 for sv_fro).",
+                                         group="Resize", min=0)
+    save_precision: str = opt("fp32", "dtype of the saved LoRA.", group="Resize", choices=LORA_PRECISIONS)
+
+
+@dataclass
+class ResizeLoraConfig(CommonOptions, ResizeLoraOptions):
+    pass

@@ -26,12 +26,11 @@ import logging
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 
-from engine.models.safetensors_io import atomic_output, save_file_atomic
+from engine.models.safetensors_io import dtype_name, save_file_atomic, write_streamed
 from engine.spec import naming
 from engine.spec.errors import OptionError
 
@@ -116,36 +115,17 @@ def save_dit_file(dit, path: Path, dtype: torch.dtype, metadata: dict[str, str],
     return save_file_atomic({k: v.detach().to("cpu", dtype) for k, v in items()}, path, meta)
 
 
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-                torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
-                torch.bool: "BOOL"}
-
-
 def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], dtype: torch.dtype,
                     prefix: str = "", extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """--mem_eff_save: the header is computed from shapes alone, then each tensor is converted to `dtype`,
-    copied to the host and written on its own, so at most one converted tensor exists in RAM at a time
-    (a full state-dict copy of the 20B DiT would be 40 GB). Temp file + fsync + os.replace, as every save."""
-    entries = [(prefix + k, v) for k, v in state.items()] + [(prefix + k, v) for k, v in (extra or {}).items()]
-    entries.sort(key=lambda kv: kv[0])
+    """--mem_eff_save: safetensors_io.write_streamed with the header computed from shapes alone, each tensor
+    converted to `dtype` and written on its own, so at most one converted tensor exists in RAM at a time
+    (a full state-dict copy of the 20B DiT would be 40 GB)."""
+    items = [(prefix + k, v) for k, v in state.items()] + [(prefix + k, v) for k, v in (extra or {}).items()]
+    items.sort(key=lambda kv: kv[0])
     out_dtype = lambda t: dtype if t.is_floating_point() else t.dtype            # noqa: E731
-    header, offset = {}, 0
-    for name, t in entries:
-        size = t.numel() * torch.empty(0, dtype=out_dtype(t)).element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[out_dtype(t)], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)                       # safetensors aligns the data start to 8 bytes
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, t in entries:
-            host = t.detach().to("cpu", out_dtype(t)).contiguous()
-            if host.numel():
-                f.write(host.view(-1).view(torch.uint8).numpy().tobytes())
-            del host
-    return Path(path)
+    entries = [(name, dtype_name(out_dtype(t)), tuple(t.shape)) for name, t in items]
+    converted = ((name, t.detach().to(out_dtype(t))) for name, t in items)
+    return write_streamed(path, entries, converted, metadata)
 
 
 # ---------------------------------------------------------------------------------------------- states
