@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from engine.models import common
+from engine.models import common, fp8_files
 from engine.models.inspect import identify_tensors
 from engine.models.safetensors_io import Transform
 from engine.spec import downloads
@@ -93,18 +93,20 @@ def load_dit(path: str | os.PathLike, model_version: str = "original", device: t
     files, folder_config = dit_files(path)
     tensors = read_headers(files)
     check_is_qwen_dit(tensors, files[0])
-    common.check_not_prequantized(tensors, "dit", variant.name)
+    fp8_kind = fp8_files.check_dit(files, tensors, variant.name)   # only merge_lora's own fp8 files pass
     check_edit_evidence(tensors, Path(path), variant)
+    rename = fp8_files.renamer(strip_prefix, fp8_kind)
 
     config, source = common.resolve_config(files, PUBLISHED_DIT_CONFIG, folder_config)
     config = {**config, "zero_cond_t": variant.zero_cond_t}
     model = common.build_empty(dit_class(), config)
-    common.check_shapes(model, tensors, source, rename=strip_prefix, what="Qwen-Image DiT")
+    common.check_shapes(model, tensors, source, rename=rename, what="Qwen-Image DiT")
 
     dtype = common.choose_dtype(device, tensors, dtype)
     log.info("loading DiT %s (%d file%s) as %s on %s", path, len(files), "s" * (len(files) > 1),
              str(dtype).removeprefix("torch."), device)
-    return common.load_weights(model, files, dtype, device, rename=strip_prefix, transform=transform)
+    transform = fp8_files.dequantizing(files, fp8_kind, rename, transform)
+    return common.load_weights(model, files, dtype, device, rename=rename, transform=transform)
 
 
 def _variant(model_version: str):
@@ -167,5 +169,5 @@ def check_dit_headers(path: str, variant) -> None:
     files, _ = dit_files(path)
     tensors = read_headers(files)
     check_is_qwen_dit(tensors, files[0])
-    common.check_not_prequantized(tensors, "dit", variant.name)
+    fp8_files.check_dit(files, tensors, variant.name)
     check_edit_evidence(tensors, Path(path), variant)

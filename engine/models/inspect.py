@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.spec import naming
 from engine.spec.errors import EngineError, OptionError
 from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, TensorInfo, expand_shards, read_header
 from engine.spec.variants import VARIANTS
@@ -178,7 +179,8 @@ def inspect_path(path: str | Path) -> dict:
     result.update(component=ident.component, dtype=_main_dtype(tensors),
                   params=sum(i.numel for i in tensors.values()), size_bytes=sum(h.file_size for h in headers))
     problems = list(ident.problems)
-    problems += _fp8_problems(tensors)
+    if naming.FP8_MARKER_KEY not in metadata:      # merge_lora's own fp8 files load (engine/models/fp8_files.py)
+        problems += _fp8_problems(tensors)
     variant, notes = _variant(ident, tensors, metadata, path)
     result["variant"] = variant
     problems += notes + _size_problems(ident, tensors, metadata)

@@ -82,3 +82,8 @@ def is_cache_name(name: str, arch: str) -> bool:
     size = name[: -len(f"_{arch}.safetensors")].rsplit("_", 1)[-1]
     w, _, h = size.partition("x")
     return w.isdigit() and h.isdigit()
+
+
+# Metadata key marking an fp8 DiT that merge_lora wrote (engine/models/fp8_files.py): the loader and
+# inspect_model accept such a file, while other pre-quantized fp8 checkpoints are refused.
+FP8_MARKER_KEY = "qis_fp8"
