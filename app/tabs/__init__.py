@@ -7,5 +7,6 @@ TABS: list[str] = [
     "cache",
     "train",
     "generate",
+    "tools",
     "jobs",
 ]

@@ -24,6 +24,7 @@ from app import presets_ui
 from app import generate_media as M
 from app.forms import Form, build_form, gui_fields, to_widget
 from app.generate_view import run_view
+from app.tabs.tools import inspect_markdown
 from app.views import error_markdown, progress_html
 from engine.spec import checks
 from engine.spec import config as C
@@ -87,6 +88,9 @@ def build(ctx) -> None:
                     for names in EDIT_SECTIONS:
                         parts.update(_form(cfg, names).components)
                 parts.update(_form(cfg, LORA_FIELDS).components)
+                lora_info = gr.Markdown(elem_id=f"{PREFIX}-lora-summary")     # the Tools tab's LoRA summary
+                parts["lora_weight"].change(lambda t: inspect_markdown(t, empty=""), parts["lora_weight"], lora_info,
+                                            api_visibility="private")
                 parts.update(_form(cfg, MEMORY_FIELDS).components)
                 rest = [n for n in form_fields() if n not in parts]
                 with gr.Accordion("More options", open=False, elem_id=f"{PREFIX}-more"):
