@@ -1,19 +1,21 @@
-"""Helpers for the LoRA tools tests: LoRA files shaped for a demo DiT, engine runs, events."""
+"""Helpers for the LoRA tools tests: LoRA files shaped for a demo DiT, engine commands run in this process."""
 
 from __future__ import annotations
 
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from engine.__main__ import run_command
 from engine.models.dit import strip_prefix
+from engine.models.safetensors_io import save_file_atomic
+from engine.spec.commands import COMMANDS
+from engine.spec.config import ConfigError, parse_args
+from engine.spec.events import EventWriter
 from engine.spec.lora_keys import BLOCK_LINEARS, kohya_name
 from engine.spec.safetensors_header import read_header
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def dit_shapes(dit_path) -> dict[str, tuple[int, ...]]:
@@ -26,8 +28,6 @@ def make_lora(dit_path, path, rank=4, alpha=2.0, seed=0, dtype=torch.float32, me
               layers=BLOCK_LINEARS, ranks=None) -> Path:
     """A kohya-layout LoRA for every `layers` Linear of every block of the DiT at `dit_path`, random factors.
     `ranks` {module path: rank} overrides `rank` per module (mixed-rank files)."""
-    from engine.models.safetensors_io import save_file_atomic
-
     shapes = dit_shapes(dit_path)
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -44,37 +44,12 @@ def make_lora(dit_path, path, rank=4, alpha=2.0, seed=0, dtype=torch.float32, me
     return save_file_atomic(state, path, metadata or {})
 
 
-def engine(*args, events_file=None, timeout=600) -> tuple[int, list[dict], str]:
-    """Run `python -m engine ARGS` with JSON events; (return code, events, stdout)."""
-    argv = [sys.executable, "-m", "engine", *map(str, args)]
-    if events_file:
-        argv += ["--events_file", str(events_file)]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**_env(), "QIS_EVENTS": "json"})
-    stream = proc.stderr if args and args[-1] == "--json" else proc.stdout
-    events = [json.loads(line) for line in stream.splitlines() if line.startswith('{"type"')]
-    return proc.returncode, events, proc.stdout
-
-
-def _env() -> dict:
-    import os
-
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def error_of(events: list[dict]) -> dict | None:
     return next((e for e in events if e["type"] == "error"), None)
 
 
 def run_inproc(command: str, *args) -> tuple[int, list[dict]]:
     """`python -m engine COMMAND ARGS` in this process (no interpreter start per run): (return code, events)."""
-    import io
-
-    from engine.__main__ import run_command
-    from engine.spec.commands import COMMANDS
-    from engine.spec.config import ConfigError, parse_args
-    from engine.spec.events import EventWriter
-
     cmd = COMMANDS[command]
     argv = [str(a) for a in args]
     try:

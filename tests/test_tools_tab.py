@@ -60,3 +60,35 @@ def test_convert_from_the_tools_tab(studio, comfy_lora, tmp_path):
         expect(page.locator("#tools-inspect-report")).to_contain_text("converted_kohya.safetensors")
     state = load_file(out)
     assert "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight" in state and len(state) == 6
+
+
+def test_merge_and_extract_estimates_follow_the_largest_layer(demo_manifest, comfy_lora, tmp_path):
+    """The estimate comes from headers (no torch) and follows the largest Linear, not the number of blocks."""
+    from pathlib import Path
+
+    from engine.spec import config as C
+    from engine.spec.safetensors_header import Header, TensorInfo
+    from engine.spec.vram.tools import estimate_extract, estimate_merge, estimate_tool
+
+    def dit_header(blocks: int) -> Header:     # the 20B DiT's largest Linear: img_mod.1, 18432 x 3072 bf16
+        n = 18432 * 3072
+        tensors = {f"transformer_blocks.{b}.img_mod.1.weight": TensorInfo("BF16", (18432, 3072), 0, 2 * n)
+                   for b in range(blocks)}
+        return Header(Path("dit.safetensors"), tensors)
+
+    numel, gib = 18432 * 3072, 2 ** 30
+    small, big = estimate_merge([dit_header(2)], [comfy_lora], True), estimate_merge([dit_header(60)], [comfy_lora],
+                                                                                     True)
+    assert small == big                                         # streamed: 60 blocks cost what 2 cost
+    assert big["parts"]["weights"] == pytest.approx(numel * (2 + 4) / gib, abs=1e-3)
+    assert big["vram_gib"] == pytest.approx(numel * 18 / gib + 0.53, abs=0.1)      # ~1.0 GiB + CUDA context
+    extract = estimate_extract([dit_header(60)], [dit_header(60)], True)
+    assert extract["vram_gib"] == pytest.approx(numel * 24 / gib + 0.53, abs=0.1)
+    cpu = estimate_merge([dit_header(60)], [comfy_lora], False)
+    assert cpu["vram_gib"] == 0 and cpu["ram_gib"] == pytest.approx(big["ram_gib"] + big["vram_gib"] - 0.53, abs=0.1)
+    # from a config, as the Tools tab asks before starting a job
+    dit = demo_manifest["dit"]["original"]
+    assert estimate_tool("merge_lora", C.MergeLoraConfig(dit=dit, lora_weight=[str(comfy_lora)]))["vram_gib"] > 0
+    assert estimate_tool("convert_lora", C.ConvertLoraConfig()) is None
+    with pytest.raises(Exception, match="--model_org is required"):
+        estimate_tool("extract_lora", C.ExtractLoraConfig(model_tuned=dit))

@@ -19,6 +19,7 @@ from app.views import error_markdown, progress_html
 from engine.spec import config as C
 from engine.spec.errors import EngineError
 from engine.spec.lora_keys import summarize, summary_markdown
+from engine.spec.vram.tools import estimate_line, estimate_tool
 
 PREFIX = "tools"
 POLL_S = 1.0
@@ -104,10 +105,13 @@ def start(ctx, command: str, cls, names: list[str], values: tuple) -> tuple:
     Returns (job to watch, command line, message, timer)."""
     try:
         cfg = values_to_config(cls, dict(zip(names, values)))
+        est = estimate_tool(command, cfg)       # reads the headers: a wrong path is refused before the job starts
         job = ctx.submit_config(command, cfg, title=f"{command} {_target(cfg)}")
     except EngineError as e:
         return gr.skip(), gr.skip(), "Cannot start. " + error_markdown(e), gr.skip()
     said = f"Started **{job.id}** ({job.status}); progress below and in the Jobs tab."
+    if est is not None:
+        said += " " + estimate_line(est)
     return job.id, job.cmdline, said, gr.Timer(active=True)
 
 

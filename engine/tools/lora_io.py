@@ -23,7 +23,7 @@ import torch
 
 from engine.models.safetensors_io import load_file, save_file_atomic
 from engine.spec.errors import ModelFileError, OptionError
-from engine.spec.lora_keys import (PEFT_METADATA_KEY, group_header, kohya_name, peft_alpha,
+from engine.spec.lora_keys import (PEFT_METADATA_KEY, format_of, group_header, kohya_name, peft_alpha,
                                    peft_config)
 from engine.spec.safetensors_header import read_header
 from engine.spec.variants import get_variant
@@ -117,7 +117,7 @@ def read_plain(path: str | os.PathLike, what: str = "LoRA file") -> Plain:
         elif peft is not None:
             alpha = peft_alpha(module, peft, down.shape[0])
         out.modules[module] = Module(down, up, alpha)
-    out.format = "kohya" if "kohya" in styles else "diffusers" if "transformer" in styles else "comfyui"
+    out.format = format_of({"lora"}, styles)
     return out
 
 

@@ -13,9 +13,11 @@ The result has the shape of engine/spec/vram/estimate.py's (vram_gib, ram_gib, p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable
 
-from engine.spec.safetensors_header import DTYPE_INFO, Header, read_header
+from engine.spec.errors import OptionError
+from engine.spec.safetensors_header import DTYPE_INFO, Header, expand_shards, read_header
 from engine.spec.vram.constants import GIB
 from engine.spec.vram.constants import value as K
 
@@ -63,3 +65,29 @@ def estimate_extract(org_headers: Iterable[Header], tuned_headers: Iterable[Head
     gpu = {"weights": numel * 2 * FP32, "activations": numel * FP32, "workspace": numel * SVD_WORK * FP32}
     ram = K("process_ram_gib") * GIB + numel * stored * 2
     return _result("extracting", _phase(gpu, ram, on_gpu))
+
+
+def estimate_tool(command: str, cfg) -> dict | None:
+    """The estimate for a merge_lora / extract_lora config before it runs (the Tools tab shows it); None for the
+    other tools, which hold only a LoRA. The GPU is assumed unless --device cpu (the app cannot see the device)."""
+    on_gpu = getattr(cfg, "device", "auto") != "cpu"
+    if command == "merge_lora":
+        return estimate_merge(_headers(cfg.dit, "--dit"), cfg.lora_weight, on_gpu)
+    if command == "extract_lora":
+        return estimate_extract(_headers(cfg.model_org, "--model_org"), _headers(cfg.model_tuned, "--model_tuned"),
+                                on_gpu)
+    return None
+
+
+def _headers(path, option: str) -> list[Header]:
+    if not path:
+        raise OptionError(f"{option} is required.", f"Give {option} a Qwen-Image DiT file or folder.")
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "transformer").is_dir():
+        folder = folder / "transformer"          # a diffusers pipeline folder
+    return [read_header(f) for f in expand_shards(folder)]
+
+
+def estimate_line(est: dict) -> str:
+    where = f"{est['vram_gib']:.1f} GiB VRAM, " if est["vram_gib"] else ""
+    return f"Estimated peak: {where}{est['ram_gib']:.1f} GiB RAM (the largest layer at a time, not the whole DiT)."
