@@ -130,3 +130,13 @@ def test_refusals(source, tmp_path):
                torch.ones(32, 2) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}, loha)
     rc, events = run_inproc("convert_lora", "--input", loha, "--output", tmp_path / "y.safetensors")
     assert rc == 2 and "not a plain LoRA" in error_of(events)["message"]
+    s = summarize(loha)                                        # LyCORIS files are described, not converted
+    assert s["format"] == s["kind"] == "loha" and s["rank"] == 2 and s["version"] is None
+
+
+def test_a_model_file_is_not_a_lora(dit_path, tmp_path):
+    rc, events = run_inproc("inspect_lora", dit_path)
+    assert rc == 2 and "is not a LoRA file" in error_of(events)["message"]
+    assert "inspect_model" in error_of(events)["hint"]
+    rc, events = run_inproc("convert_lora", "--input", dit_path, "--output", tmp_path / "z.safetensors")
+    assert rc == 2 and "is not a LoRA file" in error_of(events)["message"]

@@ -172,6 +172,10 @@ def group_header(header: Header) -> tuple[dict[str, dict[str, str]], set[str]]:
         grouped.setdefault(module, {})[split[1]] = key
     if not header.tensors:
         raise ModelFileError(f"LoRA file {header.path} holds no tensors.", "Use a LoRA trained for Qwen-Image.")
+    if not grouped and not any(split_key(k) for k in header.tensors):
+        raise ModelFileError(f"{header.path} is not a LoRA file: none of its {len(header.tensors)} tensors is a LoRA "
+                             f"factor (lora_down/lora_up, lora_A/lora_B, hada_*, lokr_*; e.g. {unknown[0]}).",
+                             "Give a LoRA file here; `python -m engine inspect_model FILE` says what a model file is.")
     if unknown:
         raise foreign_error(header.path, unknown, len(header.tensors))
     return grouped, styles
