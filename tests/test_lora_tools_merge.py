@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from _dit_util import dit_inputs, run
 from _generate_util import outputs_of, run_generate
 from _lora_tools_util import error_of, make_lora, run_inproc
 from engine.spec.errors import ModelFileError
@@ -83,6 +84,7 @@ def test_merged_dit_generates_what_the_lora_generates(t2i, loras, demo_manifest,
 
 def test_fp8_files_our_loader_accepts_and_refuses(demo_manifest, loras, tmp_path):
     from engine.models.dit import load_dit
+    from engine.models.fp8 import Fp8Hook
 
     out = tmp_path / "merged_fp8.safetensors"
     assert _merge(demo_manifest, loras, out, "fp8")[0] == 0
@@ -93,6 +95,13 @@ def test_fp8_files_our_loader_accepts_and_refuses(demo_manifest, loras, tmp_path
     rel = max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b if b[k].dim() == 2)
     print(f"fp8 vs bf16 merged weights: worst relative error {rel:.4f}")
     assert rel < 0.08
+    # --fp8_scaled on our fp8 file: dequantised while reading, then quantised again to the same blocks
+    hook = Fp8Hook(True)
+    again = load_dit(out, transform=hook.transform)
+    hook.finish(again)
+    with torch.no_grad():
+        x, y = run(again, dit_inputs()), run(load_dit(out), dit_inputs())
+    assert float((x - y).norm() / y.norm()) < 1e-2
     # the same tensors without our marker: the usual refusal of pre-quantized checkpoints
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
