@@ -112,7 +112,7 @@ def vl_size(size: tuple[int, int], area: int) -> tuple[int, int]:
     side = int(math.sqrt(VL_PIXELS_PER_TOKEN))
 
     def snap(n: float) -> int:
-        return max(VL_MIN_SIDE, int(n // side) * side)
+        return max(VL_MIN_SIDE, int(n / side + 1e-6) * side)     # the epsilon: 83.99999 pixels are 84
 
     return snap(w * scale), snap(h * scale)
 
