@@ -18,9 +18,12 @@ from engine.demo import save_text_encoder_comfy
 from engine.models.inspect import inspect_path
 from engine.models.safetensors_io import load_file, save_file_atomic
 from engine.models.text_encoder import check_can_generate
+from engine.spec.config import CaptionImagesConfig
 from engine.spec.dataset import captions as C
 from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import read_header
+from engine.spec.vram import estimate_config
+from engine.spec.vram import params as P
 
 AREA = 56 * 84          # small images for the vision tower: 6 tokens at 56×84
 
@@ -251,8 +254,23 @@ def test_can_caption_from_headers(tiny_te_for_real_tokenizer_file, demo_manifest
 
 
 def test_prompts():
-    assert prompts.instruction("edit", "short", 2, None).startswith("The first 2 image(s)")
-    assert prompts.instruction("caption", "tags", 0, "Tag it, {n_controls}") == "Tag it, 0"
+    assert C.instruction("edit", "short", 2, None).startswith("The first 2 image(s)")
+    assert C.instruction("caption", "tags", 0, "Tag it, {n_controls}") == "Tag it, 0"
     assert prompts.finish('  "a red\n square" ', "sks") == "sks, a red square"
     assert prompts.finish("sks, a cat", "sks") == "sks, a cat"
     assert C.vl_size((10, 10), 10_000) == (56, 56) and C.vl_tokens((56, 84)) == 6
+
+
+def test_estimate_caption_images():
+    bf16 = estimate_config(CaptionImagesConfig())
+    fp8 = estimate_config(CaptionImagesConfig(fp8_vl=True))
+    pair = estimate_config(CaptionImagesConfig(), num_control_images=2)
+    assert bf16["command"] == "caption_images" and bf16["peak_phase"] == "captioning"
+    # the whole Qwen2.5-VL-7B with its lm_head, exactly: bf16 2 bytes each; fp8 1 byte + the bf16 embedding
+    assert bf16["phases"]["captioning"]["parts"]["weights"] == round(P.text_encoder_params() * 2 / 2**30, 3)
+    embed = P.TEXT_CONFIG["vocab_size"] * P.TEXT_CONFIG["hidden_size"]
+    assert fp8["parts"]["weights"] == round((P.text_encoder_params() + embed) / 2**30, 3)
+    assert 15 < bf16["vram_gib"] < 18 and 8 < fp8["vram_gib"] < 10.5
+    assert bf16["inputs"]["vision_tokens_per_image"] == 768 * 768 // 784
+    assert pair["inputs"]["sequence_tokens"] > bf16["inputs"]["sequence_tokens"] + 2 * 700
+    assert pair["parts"]["activations"] > bf16["parts"]["activations"]

@@ -1,4 +1,5 @@
-"""What the model is asked: the instruction per caption style, the edit-instruction prompt, and the chat template.
+"""How the model is asked: the conversation and its chat template (the instruction texts are in
+engine/spec/dataset/captions.py, where the app shows them).
 
 The conversation is Qwen2.5-VL-Instruct's: a system turn, one user turn holding the images then the instruction,
 and the assistant's turn opened for the answer. Each image is `<|vision_start|><|image_pad|><|vision_end|>`; the
@@ -27,29 +28,6 @@ VL_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-STYLE_PROMPTS = {
-    "short": "Write a one-sentence caption for this image, as a prompt for a text-to-image model: name the main "
-             "subject, the setting and the style. Reply with the caption only.",
-    "detailed": "Describe this image in one detailed paragraph, as a prompt for a text-to-image model: the subjects "
-                "and their appearance, the setting, the composition, the lighting, the colours and the style. "
-                "Reply with the description only.",
-    "tags": "List tags for this image, as for a text-to-image dataset: comma-separated, most important first "
-            "(subject, attributes, setting, style). Reply with the tags only.",
-}
-
-EDIT_PROMPT = (
-    "The first {n_controls} image(s) are the input of an image edit; the last image is the result. Write the "
-    "instruction that turns the input into the result, as one short imperative sentence (for example: Make the "
-    "sky orange). Describe only what changes. Reply with the instruction only."
-)
-
-
-def instruction(kind: str, style: str, n_controls: int, custom: str | None = None) -> str:
-    """The instruction for one item: the person's --caption_prompt, or the built-in one for its kind/style."""
-    template = custom if (custom or "").strip() else (EDIT_PROMPT if kind == "edit" else STYLE_PROMPTS[style])
-    return template.replace("{n_controls}", str(n_controls))
-
 
 def messages(n_images: int, text: str) -> list[dict]:
     """The conversation: the images (controls first, the target last) and the instruction in one user turn."""

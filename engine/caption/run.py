@@ -53,7 +53,7 @@ def run(cfg, events) -> list[str]:
     events.phase("captioning", total=len(todo))
     written, started = [], time.time()
     for n, target in enumerate(todo, 1):
-        text = prompts.instruction(target.kind, cfg.caption_style, len(target.control_paths), cfg.caption_prompt)
+        text = C.instruction(target.kind, cfg.caption_style, len(target.control_paths), cfg.caption_prompt)
         raw = generate(model, tokenizer, processor, files.open_images(target, cfg.caption_image_area), text, cfg)
         if not prompts.finish(raw, None):
             log.warning("%s: the model wrote nothing (it ended at once); no caption kept, a rerun tries again",

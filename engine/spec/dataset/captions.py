@@ -14,6 +14,7 @@ Torch-free, so the app's review list and the engine's `caption_images` share it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,31 @@ class Proposal:
     @property
     def key(self) -> tuple[int, str]:
         return (self.dataset, self.stem)
+
+
+# ------------------------------------------------------------------------------------------ instructions
+
+STYLE_PROMPTS = {
+    "short": "Write a one-sentence caption for this image, as a prompt for a text-to-image model: name the main "
+             "subject, the setting and the style. Reply with the caption only.",
+    "detailed": "Describe this image in one detailed paragraph, as a prompt for a text-to-image model: the subjects "
+                "and their appearance, the setting, the composition, the lighting, the colours and the style. "
+                "Reply with the description only.",
+    "tags": "List tags for this image, as for a text-to-image dataset: comma-separated, most important first "
+            "(subject, attributes, setting, style). Reply with the tags only.",
+}
+
+EDIT_PROMPT = (
+    "The first {n_controls} image(s) are the input of an image edit; the last image is the result. Write the "
+    "instruction that turns the input into the result, as one short imperative sentence (for example: Make the "
+    "sky orange). Describe only what changes. Reply with the instruction only."
+)
+
+
+def instruction(kind: str, style: str, n_controls: int, custom: str | None = None) -> str:
+    """The instruction for one item: the person's --caption_prompt, or the built-in one for its kind/style."""
+    template = custom if (custom or "").strip() else (EDIT_PROMPT if kind == "edit" else STYLE_PROMPTS[style])
+    return template.replace("{n_controls}", str(n_controls))
 
 
 # ------------------------------------------------------------------------------------------ what to caption
@@ -147,9 +173,14 @@ def write_review(path: str | os.PathLike, proposals: list[Proposal]) -> None:
 
 # ------------------------------------------------------------------------------------------ writing captions
 
-def backup_file(path: Path, backup_dir: str | os.PathLike | None = None) -> Path:
-    """Copy `path` into the backup folder (default `.caption_backups/` beside it) under a unique name."""
+def backup_file(path: Path, backup_dir: str | os.PathLike | None = None, per_folder: bool = False) -> Path:
+    """Copy `path` into the backup folder (default `.caption_backups/` beside it) under a unique name.
+    per_folder: one subfolder of backup_dir per caption folder (named after it), so the app can keep the copies of
+    every dataset in its own data dir without mixing files of the same name."""
     folder = Path(backup_dir) if backup_dir else path.parent / BACKUP_FOLDER
+    if backup_dir and per_folder:
+        parent = path.parent.resolve()
+        folder = folder / f"{parent.name or 'root'}-{hashlib.sha1(str(parent).encode()).hexdigest()[:8]}"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
     dest = folder / f"{path.name}.{stamp}.bak"
@@ -158,33 +189,34 @@ def backup_file(path: Path, backup_dir: str | os.PathLike | None = None) -> Path
 
 
 def write_caption(write_to: str | os.PathLike, image_path: str | os.PathLike, text: str, in_jsonl: bool,
-                  backup_dir: str | os.PathLike | None = None) -> Path | None:
+                  backup_dir: str | os.PathLike | None = None, per_folder: bool = False) -> Path | None:
     """Write one caption atomically; the file it replaces is backed up first. Returns the backup (None when no
     file with other content was replaced)."""
     path, text = Path(write_to), text.strip()
     if in_jsonl:
-        return _write_jsonl_caption(path, str(image_path), text, backup_dir)
+        return _write_jsonl_caption(path, str(image_path), text, backup_dir, per_folder)
     old = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
     if old is not None and old.strip() == text:
         return None
-    backup = backup_file(path, backup_dir) if old is not None else None
+    backup = backup_file(path, backup_dir, per_folder) if old is not None else None
     atomic_write_text(path, text + "\n")
     return backup
 
 
-def _write_jsonl_caption(path: Path, image_path: str, text: str, backup_dir) -> Path | None:
+def _write_jsonl_caption(path: Path, image_path: str, text: str, backup_dir, per_folder: bool) -> Path | None:
     lines = path.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         try:
             obj = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
             continue                      # a broken line stays as it is; check_dataset reports it
-        if isinstance(obj, dict) and isinstance(obj.get("image_path"), str) and Path(obj["image_path"]) == Path(image_path):
+        if isinstance(obj, dict) and isinstance(obj.get("image_path"), str) and \
+                Path(obj["image_path"]) == Path(image_path):
             if (obj.get("caption") or "").strip() == text:
                 return None
             obj["caption"] = text
             lines[i] = json.dumps(obj, ensure_ascii=False)
-            backup = backup_file(path, backup_dir)
+            backup = backup_file(path, backup_dir, per_folder)
             atomic_write_text(path, "\n".join(lines) + "\n")
             return backup
     raise DatasetError(f"{path}: no line with image_path {image_path!r} any more.",
@@ -192,7 +224,7 @@ def _write_jsonl_caption(path: Path, image_path: str, text: str, backup_dir) -> 
 
 
 def accept(review_path: str | os.PathLike, decisions: dict[tuple[int, str], str | None],
-           backup_dir: str | os.PathLike | None = None) -> list[Proposal]:
+           backup_dir: str | os.PathLike | None = None, per_folder: bool = False) -> list[Proposal]:
     """Apply the person's decisions to a review file: key → the caption text to write (accept, possibly edited)
     or None (reject). Each accepted caption is written (with a backup of what it replaces), then the review file
     records the decision. Returns the proposals that changed."""
@@ -205,7 +237,7 @@ def accept(review_path: str | os.PathLike, decisions: dict[tuple[int, str], str 
         if text is None:
             p.status = REJECTED
         else:
-            backup = write_caption(p.write_to, p.image_path, text, p.in_jsonl, backup_dir)
+            backup = write_caption(p.write_to, p.image_path, text, p.in_jsonl, backup_dir, per_folder)
             p.caption, p.status, p.backup = text.strip(), ACCEPTED, str(backup) if backup else None
         changed.append(p)
         write_review(review_path, proposals)    # after each write: the file always tells what is on disk
