@@ -68,7 +68,7 @@ def build(ctx, toml) -> None:
                     timer: gr.Timer(active=True)}
 
         def caption_poll(job_id, path, chosen):
-            line, running = job_progress(ctx, job_id)
+            line, running = job_progress(ctx, job_id, path)
             return {progress: line, timer: gr.Timer(active=running), **_review_view(table, pick, path, chosen)}
 
         def caption_review(path, chosen):
@@ -76,7 +76,7 @@ def build(ctx, toml) -> None:
 
         def caption_decide(path, chosen, caption_text, accepted: bool):
             said = decide(ctx, path, chosen, caption_text if accepted else None)
-            return {message: said, **_review_view(table, pick, path, None)}
+            return {message: said, text: "", **_review_view(table, pick, path, None)}
 
         def caption_accept_all(path):
             return {message: accept_all(ctx, path), **_review_view(table, pick, path, None)}
@@ -88,9 +88,9 @@ def build(ctx, toml) -> None:
         review.submit(caption_review, [review, pick], [table, pick], api_name="caption_review")
         pick.input(lambda path, chosen: proposal_text(path, chosen), [review, pick], text, api_visibility="private")
         accept_btn.click(lambda p, c, t: caption_decide(p, c, t, True), [review, pick, text],
-                         [message, table, pick], api_name="caption_accept")
+                         [message, text, table, pick], api_name="caption_accept")
         reject_btn.click(lambda p, c, t: caption_decide(p, c, t, False), [review, pick, text],
-                         [message, table, pick], api_name="caption_reject")
+                         [message, text, table, pick], api_name="caption_reject")
         accept_all_btn.click(caption_accept_all, review, [message, table, pick], api_name="caption_accept_all")
 
 
@@ -122,7 +122,7 @@ def start(ctx, toml_text: str, cfg: CaptionImagesConfig) -> tuple[str, str, str]
     return job.id, job.cmdline, cfg.review_file
 
 
-def job_progress(ctx, job_id: str) -> tuple[str, bool]:
+def job_progress(ctx, job_id: str, review_path: str) -> tuple[str, bool]:
     """(a progress line, whether the job still runs)."""
     view = ctx.jobs.get(job_id) if job_id else None
     if view is None:
@@ -130,6 +130,8 @@ def job_progress(ctx, job_id: str) -> tuple[str, bool]:
     if view["status"] in FINAL:
         err = view.get("error")
         tail = "\n\n" + error_markdown(err) if err and view["status"] != "done" else ""
+        if view["status"] == "done" and not Path(review_path or "").is_file():
+            tail = "\n\nEvery image already has a caption; tick *Overwrite* to have them all captioned again."
         return status_line(view) + tail, False
     return f"**{view['status']}** · {progress_label(view) or 'starting'}", True
 

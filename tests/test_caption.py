@@ -274,3 +274,24 @@ def test_estimate_caption_images():
     assert bf16["inputs"]["vision_tokens_per_image"] == 768 * 768 // 784
     assert pair["inputs"]["sequence_tokens"] > bf16["inputs"]["sequence_tokens"] + 2 * 700
     assert pair["parts"]["activations"] > bf16["parts"]["activations"]
+
+
+def test_decisions_and_a_running_job_do_not_overwrite_each_other(tmp_path):
+    """The app accepts while the engine still adds proposals: each re-reads the file before writing it."""
+    review = tmp_path / C.REVIEW_FILE
+    caption = tmp_path / "a.txt"
+    caption.write_text("old\n", encoding="utf-8")
+
+    def proposal(stem):
+        return C.Proposal(0, stem, "caption", str(tmp_path / f"{stem}.png"), [], str(tmp_path / f"{stem}.txt"),
+                          False, None, f"new {stem}")
+
+    C.add_proposal(review, proposal("a"))
+    C.accept(review, {(0, "a"): "new a"})
+    C.add_proposal(review, proposal("b"))                        # the engine's next write
+    assert [(p.stem, p.status) for p in C.read_review(review)] == [("a", C.ACCEPTED), ("b", C.PENDING)]
+    assert caption.read_text(encoding="utf-8") == "new a\n"
+    assert next((tmp_path / C.BACKUP_FOLDER).glob("a.txt.*.bak")).read_text(encoding="utf-8") == "old\n"
+    review.write_text("not json\n", encoding="utf-8")
+    with pytest.raises(Exception, match="not a caption proposal"):
+        C.read_review(review)

@@ -60,7 +60,7 @@ def run(cfg, events) -> list[str]:
                         target.stem)
         else:
             caption = prompts.finish(raw, cfg.trigger_word)
-            written += _keep(cfg, target, caption, review)
+            written += _keep(cfg, target, caption)
             log.info("%s (%s): %s", target.stem, target.kind, caption)
         eta = (time.time() - started) / n * (len(todo) - n)
         events.progress(n, len(todo), unit="caption", eta_s=round(eta, 1), stem=target.stem, kind=target.kind)
@@ -78,13 +78,13 @@ def _check_options(cfg) -> None:
                           "End its name with .jsonl.")
 
 
-def _keep(cfg, target: C.CaptionTarget, caption: str, review: list[C.Proposal]) -> list[str]:
+def _keep(cfg, target: C.CaptionTarget, caption: str) -> list[str]:
     """Write the caption (CLI) or add it to the review file (review mode); each write is atomic."""
     if cfg.review_file:
-        review.append(C.Proposal(target.dataset, target.stem, target.kind, str(target.image_path),
-                                 [str(p) for p in target.control_paths], str(target.write_to), target.in_jsonl,
-                                 target.current, caption))
-        C.write_review(cfg.review_file, review)
+        proposal = C.Proposal(target.dataset, target.stem, target.kind, str(target.image_path),
+                              [str(p) for p in target.control_paths], str(target.write_to), target.in_jsonl,
+                              target.current, caption)
+        C.add_proposal(cfg.review_file, proposal)
         return []
     backup = C.write_caption(target.write_to, target.image_path, caption, target.in_jsonl, cfg.backup_dir)
     if backup:

@@ -171,6 +171,12 @@ def write_review(path: str | os.PathLike, proposals: list[Proposal]) -> None:
     atomic_write_text(path, text)
 
 
+def add_proposal(path: str | os.PathLike, proposal: Proposal) -> None:
+    """Append one proposal. The file is read again first: the person may have accepted or rejected proposals in
+    the app while the run goes on, and those decisions must survive the engine's next write."""
+    write_review(path, [*read_review(path), proposal])
+
+
 # ------------------------------------------------------------------------------------------ writing captions
 
 def backup_file(path: Path, backup_dir: str | os.PathLike | None = None, per_folder: bool = False) -> Path:
@@ -227,18 +233,25 @@ def accept(review_path: str | os.PathLike, decisions: dict[tuple[int, str], str 
            backup_dir: str | os.PathLike | None = None, per_folder: bool = False) -> list[Proposal]:
     """Apply the person's decisions to a review file: key → the caption text to write (accept, possibly edited)
     or None (reject). Each accepted caption is written (with a backup of what it replaces), then the review file
-    records the decision. Returns the proposals that changed."""
-    proposals = read_review(review_path)
+    records the decision. Returns the proposals that changed (a proposal is decided once)."""
     changed = []
-    for p in proposals:
-        if p.key not in decisions or p.status != PENDING:
-            continue
-        text = decisions[p.key]
-        if text is None:
-            p.status = REJECTED
-        else:
-            backup = write_caption(p.write_to, p.image_path, text, p.in_jsonl, backup_dir, per_folder)
-            p.caption, p.status, p.backup = text.strip(), ACCEPTED, str(backup) if backup else None
-        changed.append(p)
-        write_review(review_path, proposals)    # after each write: the file always tells what is on disk
+    for key, text in decisions.items():
+        decided = _decide(review_path, key, text, backup_dir, per_folder)
+        if decided is not None:
+            changed.append(decided)
     return changed
+
+
+def _decide(review_path, key: tuple[int, str], text: str | None, backup_dir, per_folder: bool) -> Proposal | None:
+    # read, change one proposal, write: a run still adding proposals to the file loses nothing
+    proposals = read_review(review_path)
+    p = next((p for p in proposals if p.key == key and p.status == PENDING), None)
+    if p is None:
+        return None
+    if text is None:
+        p.status = REJECTED
+    else:
+        backup = write_caption(p.write_to, p.image_path, text, p.in_jsonl, backup_dir, per_folder)
+        p.caption, p.status, p.backup = text.strip(), ACCEPTED, str(backup) if backup else None
+    write_review(review_path, proposals)       # after the caption: the file never claims what is not on disk
+    return p
