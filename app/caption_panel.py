@@ -21,6 +21,7 @@ from app.views import error_markdown, progress_label, status_line
 from engine.spec.config import CaptionImagesConfig, ConfigError, atomic_write_text
 from engine.spec.dataset import captions as C
 from engine.spec.errors import DatasetError, EngineError
+from engine.spec.vram import estimate_config
 
 FORM = ["text_encoder", "tokenizer", "caption_style", "caption_prompt", "trigger_word", "max_new_tokens",
         "overwrite", "fp8_vl", "device", "do_sample", "temperature", "top_p", "seed", "caption_image_area"]
@@ -36,6 +37,7 @@ def build(ctx, toml) -> None:
                     "(*overwrite*: for every image), and for an edit pair the instruction that turns the control "
                     "image(s) into the target. **Nothing is saved until you accept it below**; an accepted caption "
                     "replaces the file after a copy of it is kept in the Studio's `caption_backups/` folder.")
+        gr.Markdown(memory_note(), elem_id="caption-memory")
         form = build_form(CaptionImagesConfig, include=FORM, values=_defaults(ctx), elem_prefix="caption")
         with gr.Accordion("Built-in instructions (copy one into Caption prompt to edit it)", open=False):
             gr.Markdown("\n\n".join([f"**{k}**: {v}" for k, v in C.STYLE_PROMPTS.items()]
@@ -97,6 +99,14 @@ def build(ctx, toml) -> None:
 def _defaults(ctx) -> CaptionImagesConfig:
     return CaptionImagesConfig(text_encoder=ctx.model_path("text_encoder") or None,
                                tokenizer=ctx.model_path("tokenizer") or None)
+
+
+def memory_note() -> str:
+    """The estimator's figures for the default image size (engine/spec/vram: the caption_images target)."""
+    bf16 = estimate_config(CaptionImagesConfig())
+    fp8 = estimate_config(CaptionImagesConfig(fp8_vl=True))
+    return (f"GPU memory (estimate, one {bf16['inputs']['width']}² image): about **{bf16['vram_gib']:.1f} GiB**, "
+            f"**{fp8['vram_gib']:.1f} GiB** with *Fp8 vl*; each control image of a pair adds its vision tokens.")
 
 
 def _review_view(table, pick, path: str, chosen: str | None) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -69,7 +70,8 @@ def spy(monkeypatch):
             hook.remove()
         prompt = kwargs["input_ids"].shape[1]
         calls.append(dict(ids=kwargs["input_ids"][0].tolist(), grids=kwargs["image_grid_thw"].tolist(),
-                          vision_rows=rows, new=out.shape[1] - prompt, kwargs=kwargs))
+                          vision_rows=rows, new=out.shape[1] - prompt, kwargs=kwargs,
+                          head_dtype=self.lm_head.weight.dtype))
         return out
 
     monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "generate", generate)
@@ -295,3 +297,16 @@ def test_decisions_and_a_running_job_do_not_overwrite_each_other(tmp_path):
     review.write_text("not json\n", encoding="utf-8")
     with pytest.raises(Exception, match="not a caption proposal"):
         C.read_review(review)
+
+
+def test_transformers_folder_captions_too(tmp_path, dataset, spy, tiny_te_for_real_tokenizer, real_tokenizer_dir):
+    """A transformers folder (config.json + model.safetensors, current key layout) works as the ComfyUI file does."""
+    folder = tmp_path / "text_encoder"
+    tiny_te_for_real_tokenizer.save_pretrained(str(folder))
+    assert inspect_path(folder)["can_caption"] is True
+    check_can_generate(folder)
+    rc, events = run(tmp_path, folder, real_tokenizer_dir, "--dataset_config", str(dataset), "--fp8_vl")
+    assert rc == 0, [e for e in events if e["type"] == "error"]
+    assert len(spy) == 4 and (tmp_path / "edit" / "e0.txt").read_text(encoding="utf-8").strip()
+    assert spy[0]["kwargs"]["pixel_values"].dtype == torch.float32   # CPU computes in float32; fp8 weights upcast
+    assert spy[0]["head_dtype"] == torch.float8_e4m3fn                # --fp8_vl: the lm_head is stored in fp8 too
