@@ -161,7 +161,7 @@ def test_dits_and_their_variants(files):
     n = files["_sds"]["dit"]
     assert r["dit_2509"] | {"path": None} == {"path": None, "component": "dit", "variant": "edit-2509",
                                               "dtype": "bf16", "params": n, "problems": r["dit_2509"]["problems"],
-                                              "size_bytes": files["dit_2509"].stat().st_size}
+                                              "size_bytes": files["dit_2509"].stat().st_size, "can_caption": None}
     assert any("guessed from the file name" in p for p in r["dit_2509"]["problems"])
     assert (r["dit_marker"]["variant"], r["dit_marker"]["problems"]) == ("edit-2511", [])
     assert r["dit_marker"]["params"] == n                      # the marker tensor is empty

@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from app import caption_panel
 from app import dataset_files as F
 from app.context import save_settings
 from app.forms import build_form
@@ -98,6 +99,7 @@ def build(ctx) -> None:
             caption = gr.Textbox(label="Caption", lines=3, elem_id="dataset-caption", scale=4)
             save_caption_btn = gr.Button("Save caption", elem_id="dataset-save-caption", scale=1)
         item_info = gr.Markdown(elem_id="dataset-item-info")
+        caption_panel.build(ctx, toml)      # captions written by the text encoder, reviewed before saving
 
         # the functions below return values by these names; `named` turns them into component updates
         ui = dict(toml=toml, save_path=save_path, message=message, summary=summary, problems=problems,

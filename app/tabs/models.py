@@ -57,6 +57,7 @@ def inspect(ctx, paths: tuple[str, ...]) -> tuple[list[list], str]:
     files = [(role, p) for role, p in chosen if role.component != "tokenizer"]
     notes = [check_tokenizer(p) for role, p in chosen if role.component == "tokenizer"]
     rows: list[list] = []
+    by_path: dict = {}
     if files:
         unique = list(dict.fromkeys(p for _, p in files))
         try:
@@ -74,7 +75,20 @@ def inspect(ctx, paths: tuple[str, ...]) -> tuple[list[list], str]:
     notes = [n for n in notes if n]
     if not chosen:
         return [], "Fill at least one path."
-    return rows, "\n".join(notes) if notes else "No problems found."
+    said = "\n".join(notes) if notes else "No problems found."
+    abilities = [caption_note(role, by_path[p]) for role, p in files if role.component == "text_encoder"]
+    return rows, "\n\n".join([said, *filter(None, abilities)])
+
+
+def caption_note(role, info: dict) -> str:
+    """Whether the text-encoder file can also write captions (inspect_model's can_caption, from its headers)."""
+    if info.get("can_caption") is True:
+        return (f"**{role.label}** can also write captions and edit instructions (Dataset tab → *Write captions*): "
+                "it has the language-model head (lm_head).")
+    if info.get("can_caption") is False:
+        return (f"**{role.label}** cannot write captions: the file has no lm_head (Qwen-Image does not need it). "
+                "ComfyUI's qwen_2.5_vl_7b.safetensors has it.")
+    return ""
 
 
 def role_mismatch(role, info: dict) -> list[str]:

@@ -21,7 +21,7 @@ from engine.spec.errors import EngineError, OptionError
 from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, TensorInfo, expand_shards, read_header
 from engine.spec.variants import VARIANTS
 
-JSON_KEYS = ("path", "component", "variant", "dtype", "params", "size_bytes", "problems")
+JSON_KEYS = ("path", "component", "variant", "dtype", "params", "size_bytes", "problems", "can_caption")
 COMFY_DIT_PREFIX = "model.diffusion_model."
 MARKER_2511 = "__index_timestep_zero__"
 FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".weight_scale_2")
@@ -165,7 +165,7 @@ def inspect_path(path: str | Path) -> dict:
     file: what is wrong goes into `problems`."""
     path = Path(path)
     result = {"path": str(path), "component": "unknown", "variant": None, "dtype": None, "params": 0,
-              "size_bytes": 0, "problems": []}
+              "size_bytes": 0, "problems": [], "can_caption": None}
     try:
         headers = [read_header(f) for f in _files(path)]
     except EngineError as e:
@@ -187,6 +187,8 @@ def inspect_path(path: str | Path) -> dict:
     if ident.component == "unknown":
         problems.append(f"unrecognised: {ident.description}")
     result["problems"] = problems
+    if ident.component == "text_encoder" and ident.family == "qwen2.5-vl":
+        result["can_caption"] = lm_head_state(tensors, _config(metadata) or _folder_config(path)) != "missing"
     result["description"] = ident.description  # for the table; not part of the JSON contract
     return result
 
@@ -223,6 +225,30 @@ def _config(metadata: dict) -> dict | None:
     except (KeyError, ValueError):
         return None
     return cfg if isinstance(cfg, dict) else None
+
+
+def _folder_config(path: Path) -> dict | None:
+    """config.json of a transformers folder, or the Qwen2.5-VL config.json next to a file (another model's
+    config.json beside a ComfyUI file says nothing about it)."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or (not path.is_dir() and cfg.get("model_type") != "qwen2_5_vl"):
+        return None
+    return cfg
+
+
+def lm_head_state(keys, config: dict | None) -> str:
+    """Whether a Qwen2.5-VL file can generate text (caption_images): "present" (it has lm_head.weight), "tied"
+    (its config shares the head with the token embedding) or "missing" (hidden states only: enough for Qwen-Image,
+    not for captions). Headers only."""
+    if any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in keys):
+        return "present"
+    config = config or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return "tied" if config.get("tie_word_embeddings") or text.get("tie_word_embeddings") else "missing"
 
 
 def _evidence_name(path: Path) -> str:

@@ -88,10 +88,12 @@ LM_HEAD = "lm_head.weight"
 EMBED = "model.language_model.embed_tokens.weight"
 
 def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                      fp8_vl: bool = False):
+                      fp8_vl: bool = False, need_lm_head: bool = False):
     """Load Qwen2.5-VL as `Qwen2_5_VLForConditionalGeneration` on `device`, in eval mode, frozen.
 
     dtype: None = the file's bf16 on CUDA, float32 on CPU. fp8_vl: Linear weights stored as float8_e4m3fn.
+    need_lm_head: the caller generates text (caption_images), so a file without `lm_head` is refused before any
+    weight is read, unless its config ties the head to the token embedding.
     """
     files, folder_config = text_encoder_files(path)
     tensors = read_headers(files)
@@ -103,6 +105,8 @@ def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu
     config = make_config(config_dict, source)
     model = common.build_empty(model_class(), config)
     has_lm_head = any(rename(k) == LM_HEAD for k in tensors)
+    if need_lm_head and not has_lm_head and not config_ties_head(config):
+        raise no_lm_head_error(files[0])
     extra = None if has_lm_head else {LM_HEAD: model.lm_head.weight}
     common.check_shapes(model, tensors, source, rename=rename, extra=extra, what="Qwen2.5-VL text encoder")
 
@@ -119,6 +123,31 @@ def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu
     if fp8_vl:
         enable_fp8_compute(model)
     return model.requires_grad_(False)
+
+
+def check_can_generate(path: str | os.PathLike) -> None:
+    """Refuse, from the headers alone, a text encoder that cannot write text: no lm_head and no tied head."""
+    files, folder_config = text_encoder_files(path)
+    tensors = read_headers(files)
+    check_is_qwen25vl(tensors, files[0])
+    rename = key_mapping(tensors)
+    config_dict, source = common.resolve_config(files, PUBLISHED_TE_CONFIG, folder_config)
+    if not any(rename(k) == LM_HEAD for k in tensors) and not config_ties_head(make_config(config_dict, source)):
+        raise no_lm_head_error(files[0])
+
+
+def no_lm_head_error(file: Path) -> ModelFileError:
+    return ModelFileError(f"{file}: this text encoder file has no lm_head (the layer that turns hidden states into "
+                          "words), so it cannot write captions; Qwen-Image itself does not need it.",
+                          "Use a text encoder file that includes lm_head.weight: ComfyUI's qwen_2.5_vl_7b.safetensors "
+                          f"or the text_encoder/ folder of {downloads.OFFICIAL_REPOS['original']}. "
+                          f"{downloads.hint('text_encoder')}")
+
+
+def config_ties_head(config) -> bool:
+    """True when the config shares lm_head with the token embedding (small Qwen2.5-VL models do; 7B does not)."""
+    text = getattr(config, "text_config", None)
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
 
 
 def model_class():

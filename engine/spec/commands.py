@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "Full finetune of the DiT (--full_bf16, --fused_backward_pass with Adafactor, --mem_eff_save)."),
     Command("generate_image", C.GenerateImageConfig, "engine.infer.generate:run",
             "Generate images: text-to-image, edit (one or more control images), inpaint mask, RCM."),
+    Command("caption_images", C.CaptionImagesConfig, "engine.caption.run:run",
+            "Write captions (edit instructions for control -> target pairs) with the Qwen2.5-VL text encoder."),
     Command("inspect_lora", C.InspectLoraConfig, "engine.tools.inspect_lora:run",
             "Describe LoRA files: format, rank/alpha, targets, model version, dtype, training metadata."),
     Command("convert_lora", C.ConvertLoraConfig, "engine.tools.convert_lora:run",

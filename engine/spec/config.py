@@ -30,7 +30,7 @@ from engine.spec.options import (  # noqa: F401  (re-exported: engine.spec.confi
     ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions, DatasetOption, CachingOptions, Fp8VlOption,
     TrainAttentionOptions, TrainingOptions, NetworkOptions, FinetuneOptions, GenerationOptions, InspectModelConfig,
     MakeDemoConfig, CheckDatasetConfig, CacheLatentsConfig, CacheTextEncoderConfig, TrainNetworkConfig, TrainConfig,
-    GenerateImageConfig, ESTIMATE_TARGETS, EstimateOptions, EstimateVramConfig,
+    GenerateImageConfig, ESTIMATE_TARGETS, EstimateOptions, EstimateVramConfig, CaptionOptions, CaptionImagesConfig,
 )
 from engine.spec.options import (  # noqa: F401  (the LoRA tools' configs, re-exported the same way)
     LORA_FORMATS, InspectLoraConfig, ConvertLoraConfig, MergeLoraConfig, ExtractLoraConfig, ResizeLoraConfig,

@@ -302,6 +302,42 @@ class GenerationOptions:
                                    group="Prompt", path=True, gui=False)
 
 
+CAPTION_STYLES = ("short", "detailed", "tags")
+
+
+@dataclass
+class CaptionOptions:
+    overwrite: bool = opt(False, "Caption the items that already have a caption too (default: only the missing ones). "
+                                 "A replaced caption file is backed up first.", group="Captions")
+    review_file: Optional[str] = opt(None, "Write the captions as proposals to this JSONL review file and leave the "
+                                           "caption files alone (the Dataset tab's review list reads it). A rerun "
+                                           "skips the items it already holds.", group="Captions", path=True,
+                                     gui=False)
+    backup_dir: Optional[str] = opt(None, "Folder for the copies of replaced caption files (default: "
+                                          ".caption_backups/ beside them).", group="Captions", path=True,
+                                    advanced=True)
+    caption_style: str = opt("short", "Captions of images without control images: one sentence, a detailed "
+                                      "paragraph, or comma-separated tags.", group="Captions",
+                             choices=CAPTION_STYLES)
+    caption_prompt: Optional[str] = opt(None, "The instruction the model gets instead of the built-in one of "
+                                              "--caption_style (for edit pairs: of the edit instruction). "
+                                              "{n_controls} is replaced by the number of control images.",
+                                        group="Captions")
+    trigger_word: Optional[str] = opt(None, "Word or prefix put in front of every caption (followed by ', ').",
+                                      group="Captions")
+    max_new_tokens: int = opt(128, "Longest caption, in tokens.", group="Captions", min=1, max=4096)
+    caption_image_area: int = opt(768 * 768, "Pixels of each image the vision encoder sees (larger images are "
+                                             "scaled down; 784 pixels make one vision token).", group="Captions",
+                                  min=3136, advanced=True)
+    do_sample: bool = opt(False, "Sample the words (with --temperature and --top_p) instead of greedy decoding.",
+                          group="Decoding")
+    temperature: float = opt(0.7, "Sampling temperature (with --do_sample).", group="Decoding", min=0.01, max=5)
+    top_p: float = opt(0.9, "Nucleus sampling: keep the smallest set of words with this probability (with "
+                            "--do_sample).", group="Decoding", min=0.01, max=1)
+    seed: Optional[int] = opt(None, "Seed of the sampling; each item starts from it, so a rerun or a resumed run "
+                                    "writes the same text.", group="Decoding")
+
+
 # --------------------------------------------------------------------------------------------------
 # Command configs
 # --------------------------------------------------------------------------------------------------
@@ -352,7 +388,12 @@ class GenerateImageConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOpti
     pass
 
 
-ESTIMATE_TARGETS = ("train_network", "train", "generate_image")
+@dataclass
+class CaptionImagesConfig(CommonOptions, TextEncoderOptions, DatasetOption, Fp8VlOption, CaptionOptions):
+    pass
+
+
+ESTIMATE_TARGETS = ("train_network", "train", "generate_image", "caption_images")
 
 
 @dataclass
@@ -369,7 +410,7 @@ class EstimateOptions:
 
 
 @dataclass
-class EstimateVramConfig(TrainNetworkConfig, TrainConfig, GenerateImageConfig, EstimateOptions):
+class EstimateVramConfig(TrainNetworkConfig, TrainConfig, GenerateImageConfig, CaptionImagesConfig, EstimateOptions):
     """The union of the estimated commands' options, so their command lines work with `--for` added."""
 
 

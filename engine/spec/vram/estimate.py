@@ -34,6 +34,8 @@ def workload_from_config(opts: EstimateVramConfig) -> M.Workload:
     """Check the options and resolve what the estimate needs from them."""
     validate(opts)
     command, version = opts.for_command, opts.resolved_version()
+    if command == "caption_images":
+        return _caption_workload(opts)
     controls = _controls(opts, version)
     if command == "generate_image":
         h, w = opts.image_size
@@ -48,7 +50,18 @@ def workload_from_config(opts: EstimateVramConfig) -> M.Workload:
                       vl_tokens_per_control=_vl_tokens(version) if controls else 0, fp8=fp8)
 
 
+def _caption_workload(opts: EstimateVramConfig) -> M.Workload:
+    """caption_images: the images of one item (the target and --num_control_images controls) at
+    --caption_image_area; no DiT."""
+    side = int(opts.caption_image_area ** 0.5)
+    tokens = opts.caption_image_area // int(K("vl_patch_area"))
+    return M.Workload(opts=opts, command="caption_images", width=side, height=side, batch=1,
+                      controls=opts.num_control_images or 0, vl_tokens_per_control=tokens, fp8=False)
+
+
 def _command_of(cfg) -> str:
+    if hasattr(cfg, "caption_style") and not hasattr(cfg, "image_size"):
+        return "caption_images"
     if hasattr(cfg, "image_size"):
         return "generate_image"
     return "train" if hasattr(cfg, "full_bf16") else "train_network"
@@ -152,7 +165,19 @@ def generation_phases(w: M.Workload) -> dict:
     return phases
 
 
+def caption_phases(w: M.Workload) -> dict:
+    """Loading reads one tensor at a time (the largest is the token embedding); captioning holds the text encoder
+    with lm_head and one item's activations."""
+    weights = M.text_encoder_bytes(w.opts.fp8_vl)
+    embedding = M.P.TEXT_CONFIG["vocab_size"] * M.P.TEXT_CONFIG["hidden_size"] * M.BF16
+    return {"load": _phase(_process_ram() + embedding, weights=weights, workspace=_runtime(w)),
+            "captioning": _phase(_process_ram(), weights=weights, activations=M.caption_activation_bytes(w),
+                                 workspace=_runtime(w))}
+
+
 def phases_for(w: M.Workload) -> dict:
+    if w.command == "caption_images":
+        return caption_phases(w)
     if not w.training:
         return generation_phases(w)
     phases = {} if w.opts.caches_ready else caching_phases(w)
@@ -173,16 +198,26 @@ def estimate(w: M.Workload) -> dict:
         "parts": {k: gib(v) for k, v in phases[peak]["parts"].items()},
         "phases": {n: {"vram_gib": gib(p["vram"]), "ram_gib": gib(p["ram"]),
                        "parts": {k: gib(v) for k, v in p["parts"].items()}} for n, p in phases.items()},
-        "inputs": {"width": w.width, "height": w.height, "batch": w.batch, "control_images": w.controls,
-                   "image_tokens": w.image_tokens, "text_tokens": w.text_tokens, "dit_tokens": w.dit_tokens,
-                   "blocks_on_gpu": M.LAYERS - w.opts.blocks_to_swap,
-                   "trainable_params": M.trainable_params(w) if w.training else 0},
+        "inputs": _inputs(w),
         "notes": _notes(w),
     }
 
 
+def _inputs(w: M.Workload) -> dict:
+    if w.command == "caption_images":
+        return {"width": w.width, "height": w.height, "control_images": w.controls,
+                "vision_tokens_per_image": w.vl_tokens_per_control, "sequence_tokens": M.caption_tokens(w)}
+    return {"width": w.width, "height": w.height, "batch": w.batch, "control_images": w.controls,
+            "image_tokens": w.image_tokens, "text_tokens": w.text_tokens, "dit_tokens": w.dit_tokens,
+            "blocks_on_gpu": M.LAYERS - w.opts.blocks_to_swap,
+            "trainable_params": M.trainable_params(w) if w.training else 0}
+
+
 def _notes(w: M.Workload) -> list[str]:
     notes = []
+    if w.command == "caption_images":
+        notes.append("derived from the published shapes (weights exact; activations and KV cache counted, not "
+                     "measured on a GPU); per item, controls beside the target: --num_control_images.")
     if w.full and w.fp8:
         notes.append("fp8 is ignored for full finetuning (the finetuner trains bf16/fp32 weights).")
     if w.training and not w.opts.caches_ready:

@@ -250,3 +250,29 @@ def vae_activation_bytes(w: Workload, decode: bool) -> int:
         return int(K("vae_decode_units") * 256 * 256 * P.VAE_CONFIG["base_dim"] * BF16 + 3 * pixels * FP32)
     units = K("vae_decode_units") if decode else K("vae_encode_units")
     return int(units * pixels * P.VAE_CONFIG["base_dim"] * BF16 * (1 if decode else w.batch))
+
+
+# ------------------------------------------------------------------ caption_images (generation with the text encoder)
+
+CAPTION_PROMPT_TOKENS = 120     # system turn + instruction of the built-in prompts, with the template's tokens
+
+
+def caption_tokens(w: Workload) -> int:
+    """Sequence length at the end of one caption: every image's vision tokens, the prompt, the new tokens."""
+    return (1 + w.controls) * w.vl_tokens_per_control + CAPTION_PROMPT_TOKENS + w.opts.max_new_tokens
+
+
+def caption_activation_bytes(w: Workload) -> int:
+    """One item: the KV cache of the whole sequence, one decoder layer's prefill activations (no hidden states kept),
+    the vision tower's activations over all images' patches (memory-efficient attention: linear in patches), and
+    with --fp8_vl the bf16 copy of the largest Linear being used."""
+    t, v = P.TEXT_CONFIG, P.VISION_CONFIG
+    tokens = caption_tokens(w)
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    kv_cache = t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * head_dim * tokens * BF16
+    prefill = tokens * (6 * t["hidden_size"] + 3 * t["intermediate_size"]) * BF16
+    patches = (1 + w.controls) * w.vl_tokens_per_control * v["spatial_merge_size"] ** 2
+    vision = patches * (6 * v["hidden_size"] + 3 * v["intermediate_size"]) * BF16
+    dequant = t["hidden_size"] * t["intermediate_size"] * BF16 if w.opts.fp8_vl else 0
+    return kv_cache + max(prefill, vision) + dequant
+
