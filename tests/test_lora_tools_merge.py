@@ -159,3 +159,31 @@ def test_wrong_files_are_refused(demo_manifest, loras, tmp_path):
                             tmp_path / "o.safetensors")
     assert rc == 2 and "transformer_blocks.7.attn.to_q is not in the DiT" in error_of(events)["message"]
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_merge_and_extract_hold_one_tensor_at_a_time(demo_manifest, loras, tmp_path, monkeypatch):
+    """Streamed: while a tensor is read, at most the one before it is still alive (a tool that gathered the DiT
+    would hold all of them)."""
+    import weakref
+
+    from engine.tools.dit_stream import DitSource
+
+    alive, peak, reads = weakref.WeakSet(), [0], [0]
+    original = DitSource.read
+
+    def counting_read(self, name, device="cpu"):
+        t = original(self, name, device)
+        alive.add(t)
+        peak[0], reads[0] = max(peak[0], len(alive)), reads[0] + 1
+        return t
+
+    monkeypatch.setattr(DitSource, "read", counting_read)
+    rc, events = _merge(demo_manifest, loras, tmp_path / "m.safetensors", "bf16")
+    assert rc == 0, error_of(events)
+    assert reads[0] > 60 and peak[0] <= 2, (reads[0], peak[0])
+    peak[0] = reads[0] = 0
+    dit = demo_manifest["dit"]["original"]
+    rc, events = run_inproc("extract_lora", "--model_org", dit, "--model_tuned", tmp_path / "m.safetensors",
+                            "--save_to", tmp_path / "e.safetensors", "--device", "cpu")
+    assert rc == 0, error_of(events)
+    assert reads[0] > 60 and peak[0] <= 4, (reads[0], peak[0])
