@@ -38,8 +38,10 @@ from engine.models.dit import check_dit_headers
 from engine.models.runtime import resolve_device
 from engine.spec.errors import OptionError
 from engine.spec.variants import get_variant
+from engine.train import ema as E
 from engine.train import samples
 from engine.train import checkpoints as ckpt
+from engine.train import validation as V
 from engine.train.items import ItemCache
 from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
 from engine.train.report import emit_estimate, report_memory, write_run_config
@@ -83,10 +85,12 @@ def run_training(cfg, events, full: bool) -> list[str]:
         samples.check_prompts(cfg, variant)
     data = open_dataset(cfg, variant.name)
     check_batches(cfg, data)
+    validation = V.Validation.open(cfg, variant.name)     # its caches are checked before the model loads too
     accelerator = make_accelerator(cfg)
     if cfg.resume:
         ckpt.check_same_world(cfg.resume, accelerator.num_processes)     # before the model is loaded
     run = Run(cfg, events, accelerator, variant, data, full)
+    run.validation = validation if run.main else None
     return run.train()
 
 
@@ -123,6 +127,7 @@ class Run:
         self.outputs: list[str] = []
         self.losses: list[float] = []
         self.items = ItemCache(data)
+        self.validation = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -144,6 +149,7 @@ class Run:
         self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
         self.params = [p for g in self.t.param_groups for p in g["params"]]
         self._broadcast_weights()
+        self.ema = E.Ema.create(E.trained_tensors(self.t.module, self.params), cfg, self.device) if self.main else None
         self.optimizer, self.optimizer_text = create_optimizer(self.t.param_groups, cfg.optimizer_type,
                                                                cfg.learning_rate, cfg.optimizer_args)
         scheduler_name = cfg.lr_scheduler
@@ -184,6 +190,7 @@ class Run:
             progress = ckpt.load_state(self.acc, cfg.resume)
             self.step, start_epoch, start_micro = progress["step"], progress["epoch"], progress["micro"]
             self.losses = progress.get("losses", [])
+            E.resume(self.ema, cfg.resume)
             if progress.get("batches_per_epoch", self.data.num_batches) != self.data.num_batches:
                 log.warning("--resume: the dataset now has %d batches per epoch, the state was saved with %d; "
                             "training continues from the same step, but not with the same data order",
@@ -194,6 +201,8 @@ class Run:
                  sch.total_steps, sch.epochs, sch.steps_per_epoch, self.world, self.data.num_batches)
         if cfg.sample_at_first and self.step == 0:
             self._sample(0, None)
+        if self.step == 0:
+            self._validate()
         self.events.phase("training", total=sch.total_steps)
         self.started, self.start_step = time.time(), self.step
         try:
@@ -269,6 +278,8 @@ class Run:
     # ------------------------------------------------------------------------------------------ reporting
     def _after_step(self, loss: float) -> None:
         cfg, sch = self.cfg, self.schedule
+        if self.ema:
+            self.ema.update(self.step)
         self.losses.append(loss)
         recent = self.losses[-sch.steps_per_epoch:]
         done = self.step - self.start_step
@@ -291,6 +302,8 @@ class Run:
             self._save(ckpt.model_path(cfg, step=self.step), ckpt.state_path(cfg, step=self.step), "step")
         if samples.is_due(cfg, step=self.step):
             self._sample(self.step, None)
+        if self.validation and self.validation.is_due(self.step, sch.total_steps):
+            self._validate()
 
     def _current_lrs(self) -> list[float]:
         """The lr each group used. Adafactor with relative_step computes it from its step count; its schedule
@@ -316,7 +329,21 @@ class Run:
         if self.prompts is None:
             return
         self.events.phase("sampling", step=step)
-        self.outputs += self.prompts.generate(self.t.dit, step, epoch, self.events, self.t.eval_modules)
+        name = self.prompts.name
+        for suffix, weights in E.weight_sets(self.ema, self.cfg.ema_validation):
+            self.prompts.name = name + suffix
+            with weights:
+                self.outputs += self.prompts.generate(self.t.dit, step, epoch, self.events, self.t.eval_modules)
+        self.prompts.name = name
+        if self.step < self.schedule.total_steps:
+            self.events.phase("training", total=self.schedule.total_steps)
+
+    def _validate(self) -> None:
+        if self.validation is None:
+            return
+        autocast = self.acc.autocast if self.cfg.mixed_precision != "no" else None
+        V.report(self.validation, self.step, self.t, E.weight_sets(self.ema, self.cfg.ema_validation), self.events,
+                 self.device, autocast)
         if self.step < self.schedule.total_steps:
             self.events.phase("training", total=self.schedule.total_steps)
 
@@ -335,7 +362,8 @@ class Run:
         self.acc.wait_for_everyone()
         if self.main:
             self.events.phase("saving", step=self.step)
-            for path in self.t.save(model_file, self._stats()):
+            for path in self.t.save(model_file, self._stats()) + E.save_beside(self.ema, self.t.save, model_file,
+                                                                                self._stats()):
                 self.outputs.append(str(path))
                 self.events.checkpoint(str(path), self.step, epoch=self.epoch + 1, kind="model")
         if (cfg.save_state if with_state is None else with_state) and state_dir is not None:
@@ -345,7 +373,7 @@ class Run:
             progress = {"step": self.step, "epoch": epoch, "micro": micro, "seed": cfg.seed,
                         "batches_per_epoch": self.data.num_batches,
                         "total_steps": self.schedule.total_steps, "world": self.world, "losses": self.losses}
-            ckpt.save_state(self.acc, state_dir, progress)
+            ckpt.save_state(self.acc, state_dir, progress, {E.STATE_FILE: self.ema.state_dict()} if self.ema else None)
             if self.main:
                 self.events.checkpoint(str(state_dir), self.step, epoch=self.epoch + 1, kind="state")
         if self.main and kind:
