@@ -42,7 +42,7 @@ from engine.train import ema as E
 from engine.train import samples
 from engine.train import checkpoints as ckpt
 from engine.train import validation as V
-from engine.train.items import ItemCache
+from engine.train.items import ItemCache, drop_captions
 from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
 from engine.train.report import emit_estimate, report_memory, write_run_config
 from engine.train.step import flow_loss, predict, prepare_inputs
@@ -242,7 +242,8 @@ class Run:
 
     def _forward_backward(self, batch, batch_index: int) -> torch.Tensor:
         gen = step_generator(self.cfg.seed, batch_index)
-        inputs = prepare_inputs(self.items.load(batch), self.sampler, gen, self.device, self.t.dtype)
+        tensors = drop_captions(self.items.load(batch), batch, self.data, self.cfg.seed, batch_index)
+        inputs = prepare_inputs(tensors, self.sampler, gen, self.device, self.t.dtype)
         with self.acc.autocast() if self.cfg.mixed_precision != "no" else contextlib.nullcontext():
             pred = predict(self.t.dit, inputs, self.cfg.split_attn)
         loss = flow_loss(pred, inputs)

@@ -32,6 +32,17 @@ def check_config(cfg, full: bool) -> None:
                           "pip install wandb, or use --log_with tensorboard.")
     if not full and cfg.network_weights:
         _require(cfg.network_weights, "--network_weights", "a LoRA file to continue from")
+    _check_quality(cfg)
+
+
+def _check_quality(cfg) -> None:
+    if cfg.validation_every_n_steps and not cfg.validation_dataset_config:
+        raise OptionError("--validation_every_n_steps needs --validation_dataset_config.",
+                          "Give a held-out dataset TOML (cached like the training set), or drop the option.")
+    if cfg.validation_dataset_config:
+        _require(cfg.validation_dataset_config, "--validation_dataset_config", "a held-out dataset TOML")
+    if cfg.ema_validation != "none" and not cfg.use_ema:
+        raise OptionError(f"--ema_validation {cfg.ema_validation} needs --use_ema.", "Add --use_ema, or drop it.")
 
 
 def _check_attention(cfg) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine.spec import naming
+from engine.spec.dataset.dropout import empty_caption_items
 from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
 from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import expand_shards, read_header
@@ -289,6 +290,10 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
             out.append(entry_status(item, latent_cache_path(item, variant.cache_arch),
                                     Expected("latents", None, settings, vae_id), variant.is_edit))
         if "text" in kinds:
+            out.append(entry_status(item, text_cache_path(item, variant.cache_arch),
+                                    Expected("text", model_version, text_expected, te_id), variant.is_edit))
+    if "text" in kinds:         # the empty-caption embeddings of datasets with caption_dropout_rate > 0
+        for item in empty_caption_items(plan, variant.is_edit):
             out.append(entry_status(item, text_cache_path(item, variant.cache_arch),
                                     Expected("text", model_version, text_expected, te_id), variant.is_edit))
     return out
