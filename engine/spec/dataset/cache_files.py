@@ -91,9 +91,12 @@ def read_with_fingerprint(path: Path) -> tuple[dict, bytes]:
 def latent_source(item: PlannedItem, known: dict | None = None) -> dict:
     known = known or {}
     controls = known.get("controls") or []
-    return {"image": file_fingerprint(item.item.image_path, known.get("image")),
-            "controls": [file_fingerprint(p, controls[i] if i < len(controls) else None)
-                         for i, p in enumerate(item.item.control_paths)]}
+    source = {"image": file_fingerprint(item.item.image_path, known.get("image")),
+              "controls": [file_fingerprint(p, controls[i] if i < len(controls) else None)
+                           for i, p in enumerate(item.item.control_paths)]}
+    if item.item.mask_path is not None:          # a loss mask (mask_directory) is part of the latent cache
+        source["mask"] = file_fingerprint(item.item.mask_path, known.get("mask"))
+    return source
 
 
 def text_source(item: PlannedItem, edit: bool, known: dict | None = None) -> dict:
@@ -245,6 +248,10 @@ def _stale_reason(item: PlannedItem, meta: dict, exp: Expected, edit: bool) -> s
 def _source_change(recorded: dict, current: dict, item: PlannedItem) -> str:
     if _content(recorded.get("image")) != _content(current.get("image")):
         return f"image {item.item.image_path.name} changed"
+    if _content(recorded.get("mask")) != _content(current.get("mask")):
+        if not recorded.get("mask") or not current.get("mask"):
+            return "loss mask " + ("added" if current.get("mask") else "removed")
+        return f"loss mask {item.item.mask_path.name} changed"
     if recorded.get("caption_sha256") != current.get("caption_sha256"):
         return "caption changed"
     rec_c, cur_c = recorded.get("controls"), current.get("controls")
