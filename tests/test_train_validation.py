@@ -61,3 +61,12 @@ def test_runs_during_training(setup):
     assert points[5] < points[0]
     # a second run of the same training: the same curve (the validation is not disturbed by the rank dropout)
     assert val_points(run(setup, "run2")) == points
+
+
+def test_edit_model_validation_with_controls(demo_manifest, tmp_path_factory):
+    toml = cached_dataset(demo_manifest, tmp_path_factory.mktemp("validation_edit"), "edit")
+    dit = load_dit(demo_manifest["dit"]["edit"], "edit", "cpu", torch.float32)
+    val = Validation(CachedDataset.open(toml, "edit"), [500], seed=3, every=None)
+    assert any(k.startswith("latents_control_") for k in val.batches[0])
+    first = val.loss(dit, (), torch.device("cpu"), torch.float32)
+    assert first == val.loss(dit, (), torch.device("cpu"), torch.float32) and 0 < first < 10

@@ -5,12 +5,15 @@ the fix (engine.spec.errors)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 from engine.data.cached import CachedDataset
 from engine.spec.checks import check_fp8_scaled
 from engine.spec.errors import OptionError
 from engine.train.checkpoints import read_progress
+
+log = logging.getLogger(__name__)
 
 
 def check_config(cfg, full: bool) -> None:
@@ -41,6 +44,9 @@ def _check_quality(cfg) -> None:
                           "Give a held-out dataset TOML (cached like the training set), or drop the option.")
     if cfg.validation_dataset_config:
         _require(cfg.validation_dataset_config, "--validation_dataset_config", "a held-out dataset TOML")
+        if Path(cfg.validation_dataset_config).resolve() == Path(cfg.dataset_config).resolve():
+            log.warning("--validation_dataset_config is the training dataset: its loss shows how well the training "
+                        "images are fitted, not how the model does on images it never saw")
     if cfg.ema_validation != "none" and not cfg.use_ema:
         raise OptionError(f"--ema_validation {cfg.ema_validation} needs --use_ema.", "Add --use_ema, or drop it.")
 
