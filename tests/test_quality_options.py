@@ -47,7 +47,7 @@ def test_train_tab_form_and_chart():
 
     names = train_runs.form_names()
     for name in ("use_ema", "ema_decay", "ema_device", "ema_validation", "validation_dataset_config",
-                 "validation_every_n_steps"):
+                 "validation_every_n_steps", "validation_images"):
         assert name in names
     metrics = [{"step": 0, "val_loss": 0.9, "val_loss_ema": 0.9}] + [
         {"step": s, "loss": 1.0 / s, "lr": 1e-4} for s in range(1, 6)] + [{"step": 5, "val_loss": 0.5}]

@@ -4,6 +4,8 @@ bit), is what the loss at fixed noise/timesteps of the model is, and runs during
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,3 +72,45 @@ def test_edit_model_validation_with_controls(demo_manifest, tmp_path_factory):
     assert any(k.startswith("latents_control_") for k in val.batches[0])
     first = val.loss(dit, (), torch.device("cpu"), torch.float32)
     assert first == val.loss(dit, (), torch.device("cpu"), torch.float32) and 0 < first < 10
+
+
+def test_validation_images_beside_controls(demo_manifest, tmp_path):
+    """Edit model: each held-out item rendered from its control + caption, shown as [control | generated | target]."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from engine.__main__ import main
+
+    data = demo_manifest["dataset"]
+    held = tmp_path / "held"
+    for sub in ("images", "control"):
+        (held / sub).mkdir(parents=True)
+    stems = sorted(p.stem for p in Path(data["images"]).glob("*.png"))[:2]
+    for stem in stems:
+        shutil.copy(Path(data["images"]) / f"{stem}.png", held / "images")
+        shutil.copy(Path(data["images"]) / f"{stem}.txt", held / "images")
+        shutil.copy(Path(data["control"]) / f"{stem}.png", held / "control")
+    toml = held / "validation.toml"
+    toml.write_text(f"[general]\nresolution = [64, 64]\nenable_bucket = true\n\n[[datasets]]\n"
+                    f"image_directory = {json.dumps(str(held / 'images'))}\n"
+                    f"control_directory = {json.dumps(str(held / 'control'))}\n"
+                    f"cache_directory = {json.dumps(str(held / 'cache'))}\n", encoding="utf-8")
+    common = ["--model_version", "edit", "--dataset_config", str(toml), "--device", "cpu", "--num_workers", "0"]
+    assert main(["cache_latents", "--vae", demo_manifest["vae"], *common]) == 0
+    assert main(["cache_text_encoder_outputs", "--text_encoder", demo_manifest["text_encoder"], "--tokenizer",
+                 demo_manifest["tokenizer"], *common]) == 0
+    out = tmp_path / "run"
+    events = train("train_network", out, "--model_version", "edit", "--dit", demo_manifest["dit"]["edit"],
+                   "--vae", demo_manifest["vae"], "--text_encoder", demo_manifest["text_encoder"], "--tokenizer",
+                   demo_manifest["tokenizer"], "--dataset_config", toml, "--output_dir", out, "--output_name", "v",
+                   "--max_train_steps", 1, "--learning_rate", "5e-3", "--seed", 7, "--validation_dataset_config", toml,
+                   "--validation_images", "--validation_timesteps", 500)
+    shown = [e for e in events if e["type"] == "sample" and e.get("kind") == "validation"]
+    assert [(e["step"], e["index"]) for e in shown] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for e in shown:
+        with Image.open(e["path"]) as pair:
+            assert pair.height == 256 and pair.width == 3 * 256 + 2 * 4     # control | generated | target, square
+    assert stems[0] in Path(shown[0]["path"]).name
+    assert len(list((out / "validation" / "sample").glob("*.png"))) == 4

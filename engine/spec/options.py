@@ -279,6 +279,10 @@ class ValidationOptions:
     validation_timesteps: list[int] = opt([100, 300, 500, 700, 900], "The fixed timesteps (1-999) the validation "
                                           "loss is averaged over, each with its own fixed noise per item.",
                                           group="Validation", min=1, max=999, advanced=True)
+    validation_images: bool = opt(False, "At each validation point also render every validation item from its caption "
+                                         "(and control images, for edit models) and show it beside them and its "
+                                         "target (<output_dir>/validation/). Needs --vae and --text_encoder.",
+                                  group="Validation")
 
 
 @dataclass

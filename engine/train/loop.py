@@ -42,6 +42,7 @@ from engine.train import ema as E
 from engine.train import samples
 from engine.train import checkpoints as ckpt
 from engine.train import validation as V
+from engine.train import validation_images as VI
 from engine.train.items import ItemCache, drop_captions
 from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
 from engine.train.report import emit_estimate, report_memory, write_run_config
@@ -144,6 +145,8 @@ class Run:
         self.prompts = samples.SamplePrompts.prepare(cfg, self.variant, self.device,
                                                      dit_dtype(cfg, self.device, self.full),
                                                      cfg.output_name) if self.main else None
+        self.val_images = VI.ValidationImages.prepare(cfg, self.variant, self.device, dit_dtype(
+            cfg, self.device, self.full)) if self.main else None
         self.events.phase("loading", model="dit")
         torch.manual_seed(cfg.seed)                       # LoRA init: the same on every process
         self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
@@ -345,6 +348,9 @@ class Run:
         autocast = self.acc.autocast if self.cfg.mixed_precision != "no" else None
         V.report(self.validation, self.step, self.t, E.weight_sets(self.ema, self.cfg.ema_validation), self.events,
                  self.device, autocast)
+        if self.val_images:
+            with E.weight_sets(self.ema, self.cfg.ema_validation)[-1][1]:    # the EMA weights when asked for
+                self.outputs += self.val_images.render(self.t.dit, self.step, self.events, self.t.eval_modules)
         if self.step < self.schedule.total_steps:
             self.events.phase("training", total=self.schedule.total_steps)
 

@@ -47,6 +47,12 @@ def _check_quality(cfg) -> None:
         if Path(cfg.validation_dataset_config).resolve() == Path(cfg.dataset_config).resolve():
             log.warning("--validation_dataset_config is the training dataset: its loss shows how well the training "
                         "images are fitted, not how the model does on images it never saw")
+    if cfg.validation_images:
+        if not cfg.validation_dataset_config:
+            raise OptionError("--validation_images needs --validation_dataset_config.",
+                              "Give a held-out dataset TOML, or drop --validation_images.")
+        _require(cfg.vae, "--vae", "the Qwen-Image VAE (validation images are decoded with it)")
+        _require(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (validation captions are encoded with it)")
     if cfg.ema_validation != "none" and not cfg.use_ema:
         raise OptionError(f"--ema_validation {cfg.ema_validation} needs --use_ema.", "Add --use_ema, or drop it.")
 
