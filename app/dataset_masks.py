@@ -89,7 +89,7 @@ def load_painter(ctx, text: str, save_as: str, index, stem: str) -> tuple[dict |
         note = f"Mask `{masks[0]}` (white = train here). Paint or erase, then *Save mask*."
     else:
         note = "No mask yet: the whole image trains. Paint white where it should train, then *Save mask*."
-    return {"background": picture, "layers": layers, "composite": None}, note
+    return {"background": picture, "layers": layers, "composite": picture}, note
 
 
 def imported_layer(ctx, editor: dict | None, upload: str | None) -> tuple[dict | None, str]:
@@ -103,7 +103,7 @@ def imported_layer(ctx, editor: dict | None, upload: str | None) -> tuple[dict |
     layer = Image.new("RGBA", grey.size, (255, 255, 255, 0))
     layer.putalpha(grey)
     path = M.save_png(layer, ctx.data_dir / "mask_layers" / f"import-{Path(upload).stem}.png")
-    return {"background": editor["background"], "layers": [str(path)], "composite": None}, \
+    return {"background": editor["background"], "layers": [str(path)], "composite": editor["background"]}, \
         f"Imported mask loaded{note}: check it, then *Save mask*."
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+from _app_util import browser_page, studio  # noqa: F401  (studio is a fixture)
 from PIL import Image
 
 from app import dataset_masks as DM
@@ -77,3 +79,45 @@ def test_import_and_refusals(tmp_path, demo_manifest):
     _, note = DM.load_painter(ctx2, text2, "", 0, stem)
     assert "no `mask_directory`" in note
     assert "no mask_directory" in DM.save_mask(ctx2, text2, "", 0, stem, layered, False)
+
+
+@pytest.mark.browser
+def test_browser_paints_and_saves_a_loss_mask(studio, tmp_path):
+    from playwright.sync_api import expect
+
+    images = tmp_path / "images"
+    shutil.copytree(studio["manifest"]["dataset"]["images"], images)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    toml = tmp_path / "masked.toml"
+    toml.write_text("[general]\nresolution = [64, 64]\n\n[[datasets]]\n"
+                    f"image_directory = {json.dumps(str(images))}\ncache_directory = "
+                    f"{json.dumps(str(tmp_path / 'cache'))}\nmask_directory = {json.dumps(str(masks))}\n",
+                    encoding="utf-8")
+    with browser_page(1280, 1400) as page:
+        page.goto(studio["url"])
+        page.get_by_role("tab", name="Dataset").click()
+        page.get_by_text("Open an existing dataset config").click()
+        page.locator("#dataset-open-path textarea, #dataset-open-path input").first.fill(str(toml))
+        page.locator("#dataset-open").click()
+        thumbs = page.locator("#dataset-gallery img")
+        expect(thumbs).to_have_count(8, timeout=60_000)
+        thumbs.nth(0).click()
+        page.get_by_text("Loss mask (white = train here").click()
+        expect(page.locator("#dataset-mask-info")).to_contain_text("No mask yet", timeout=30_000)
+        editor = page.locator("#dataset-mask-editor")
+        editor.get_by_role("button", name="Brush", exact=True).click()
+        box = editor.locator("canvas").first.bounding_box()
+        x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for i in range(1, 11):
+            page.mouse.move(x + 8 * i, y + 2 * i)
+        page.mouse.up()
+        page.wait_for_timeout(1500)                      # the painter sends its layer after the stroke
+        page.locator("#dataset-mask-save").click()
+        expect(page.locator("#dataset-mask-info")).to_contain_text("Saved", timeout=30_000)
+    stem = sorted(p.stem for p in images.glob("*.png"))[0]
+    with Image.open(masks / f"{stem}.png") as m, Image.open(images / f"{stem}.png") as img:
+        assert m.size == img.size
+        assert 0 < (np.asarray(m) > 127).mean() < 1         # the stroke, not the whole image
