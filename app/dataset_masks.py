@@ -81,7 +81,8 @@ def load_painter(ctx, text: str, save_as: str, index, stem: str) -> tuple[dict |
     if masks:
         with Image.open(picture) as bg:
             layer = M.mask_layer(str(masks[0])).resize(bg.size, Image.Resampling.BILINEAR)
-        layers.append(str(M.save_png(layer, ctx.data_dir / "mask_layers" / f"{item.stem}-{masks[0].stat().st_mtime_ns}.png")))
+        name = f"{item.stem}-{masks[0].stat().st_mtime_ns}.png"
+        layers.append(str(M.save_png(layer, ctx.data_dir / "mask_layers" / name)))
     if spec.mask_directory is None:
         note = ("This dataset has no `mask_directory`: add `mask_directory = \"<folder>\"` to its `[[datasets]]` "
                 "entry above (and save the config) to give its images loss masks.")

@@ -3,9 +3,14 @@ the command line, the run TOML and the Train tab's form, and the Train tab chart
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from engine.spec import config as C
+from engine.train.checkpoints import prune
+from app import train_runs
+from app.views import loss_frame
 from engine.spec.vram import estimate_config
 
 GIB = 1024 ** 3
@@ -20,9 +25,9 @@ def test_ema_memory_goes_where_the_average_lives():
     plain, cpu, gpu = est(), est(use_ema=True), est(use_ema=True, ema_device="accelerator")
     ema = plain["inputs"]["trainable_params"] * 4 / GIB
     assert cpu["vram_gib"] == plain["vram_gib"]
-    assert cpu["phases"]["training_step"]["ram_gib"] == pytest.approx(plain["phases"]["training_step"]["ram_gib"] + ema, abs=2e-3)
-    assert gpu["phases"]["training_step"]["vram_gib"] == pytest.approx(plain["phases"]["training_step"]["vram_gib"] + ema,
-                                                                  abs=2e-3)
+    step = {name: run["phases"]["training_step"] for name, run in (("plain", plain), ("cpu", cpu), ("gpu", gpu))}
+    assert step["cpu"]["ram_gib"] == pytest.approx(step["plain"]["ram_gib"] + ema, abs=2e-3)
+    assert step["gpu"]["vram_gib"] == pytest.approx(step["plain"]["vram_gib"] + ema, abs=2e-3)
     assert any("--use_ema" in n for n in cpu["notes"]) and not any("--use_ema" in n for n in plain["notes"])
 
 
@@ -42,9 +47,6 @@ def test_options_on_the_command_line_and_in_the_run_toml(tmp_path):
 
 
 def test_train_tab_form_and_chart():
-    from app import train_runs
-    from app.views import loss_frame
-
     names = train_runs.form_names()
     for name in ("use_ema", "ema_decay", "ema_device", "ema_validation", "validation_dataset_config",
                  "validation_every_n_steps", "validation_images"):
@@ -57,3 +59,15 @@ def test_train_tab_form_and_chart():
     assert list(frame[frame.series == "validation (EMA weights)"].step) == [0]
     status = train_runs.status_markdown({"status": "running", "id": "x", "metrics": metrics})
     assert "loss 0.2" in status and "validation 0.5 (step 5)" in status
+
+
+def test_ema_twins_are_pruned_with_their_checkpoint(tmp_path):
+    for step in (2, 4):
+        for suffix in ("", "-ema"):
+            (tmp_path / f"lora-step{step:08d}{suffix}.safetensors").write_bytes(b"x")
+    cfg = SimpleNamespace(save_last_n_steps=1, save_every_n_steps=2, save_last_n_epochs=None,
+                          save_every_n_epochs=None, output_dir=tmp_path, output_name="lora")
+    removed = sorted(p.name for p in prune(cfg, "step", 4))
+    assert removed == ["lora-step00000002-ema.safetensors", "lora-step00000002.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-step00000004-ema.safetensors",
+                                                         "lora-step00000004.safetensors"]

@@ -4,12 +4,16 @@ bit), is what the loss at fixed noise/timesteps of the model is, and runs during
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from _train_util import cached_dataset, train
+from engine.__main__ import main
 from engine.data.cached import CachedDataset
 from engine.models.dit import load_dit
 from engine.train.validation import Validation
@@ -76,13 +80,6 @@ def test_edit_model_validation_with_controls(demo_manifest, tmp_path_factory):
 
 def test_validation_images_beside_controls(demo_manifest, tmp_path):
     """Edit model: each held-out item rendered from its control + caption, shown as [control | generated | target]."""
-    import json
-    import shutil
-
-    from PIL import Image
-
-    from engine.__main__ import main
-
     data = demo_manifest["dataset"]
     held = tmp_path / "held"
     for sub in ("images", "control"):

@@ -151,7 +151,8 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 # ---------------------------------------------------------------------------------------------- states
 
-def save_state(accelerator, path: Path, progress: dict, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+def save_state(accelerator, path: Path, progress: dict,
+               extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """All processes call this (accelerate saves each process's RNG state); the main process renames. `extra`:
     more safetensors files (name -> tensors) the main process writes into the state, e.g. the EMA."""
     path = Path(path)
