@@ -161,13 +161,17 @@ def status_markdown(view: dict | None) -> str:
     parts = [f"**{view['status']}**", f"`{view['id']}`"]
     if view.get("phase") and view["status"] == "running":
         parts.append(f"phase: {view['phase']}")
-    metric = (view.get("metrics") or [{}])[-1]
+    metrics = view.get("metrics") or []
+    metric = next((m for m in reversed(metrics) if m.get("loss") is not None), {})    # validation events carry none
+    val = next((m for m in reversed(metrics) if m.get("val_loss") is not None), None)
     if metric.get("lr") is not None:
         parts.append(f"lr {metric['lr']:.3g}")
     if metric.get("loss") is not None:
         parts.append(f"loss {metric['loss']:.4g}")
     if metric.get("it_s") is not None:
         parts.append(f"{metric['it_s']:.2f} it/s")
+    if val is not None:
+        parts.append(f"validation {val['val_loss']:.4g} (step {val['step']})")
     text = " · ".join(parts)
     err = view.get("error")
     if err and view["status"] != "running":

@@ -128,8 +128,12 @@ def fmt_duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+VALIDATION_SERIES = {"val_loss": "validation", "val_loss_ema": "validation (EMA weights)"}
+
+
 def loss_frame(metrics: list[dict], max_points: int = 2000, ema_beta: float = 0.9):
-    """Raw loss and its EMA per step, thinned to at most `max_points` steps (the EMA is taken before thinning)."""
+    """Raw loss and its EMA per step, thinned to at most `max_points` steps (the EMA is taken before thinning),
+    and the validation loss (metric events with `val_loss` / `val_loss_ema`) as its own series."""
     points = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
     rows, ema = [], None
     stride = max(1, len(points) // max_points)
@@ -137,4 +141,6 @@ def loss_frame(metrics: list[dict], max_points: int = 2000, ema_beta: float = 0.
         ema = loss if ema is None else ema_beta * ema + (1 - ema_beta) * loss
         if i % stride == 0 or i == len(points) - 1:
             rows += [(step, loss, "loss"), (step, ema, f"EMA {ema_beta:g}")]
+    for key, series in VALIDATION_SERIES.items():      # --validation_dataset_config: few points, all kept
+        rows += [(m["step"], m[key], series) for m in metrics if m.get(key) is not None]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from app import caption_panel
 from app import dataset_files as F
+from app import dataset_masks
 from app.context import save_settings
 from app.forms import build_form
 from app.views import error_markdown
@@ -145,8 +146,9 @@ def build(ctx) -> None:
         check_btn.click(dataset_check, [toml, save_path, version, pick], view, api_name="dataset_check")
         pick.input(lambda t, p, v, i: named(show(ctx, t, p, v, i, "")), [toml, save_path, version, pick], view,
                    api_visibility="private")
-        gallery.select(select, [stems, toml, save_path, pick], item, api_visibility="private")
-        stem.submit(dataset_item, [toml, save_path, pick, stem], item, api_name="dataset_item")
+        picked = gallery.select(select, [stems, toml, save_path, pick], item, api_visibility="private")
+        typed = stem.submit(dataset_item, [toml, save_path, pick, stem], item, api_name="dataset_item")
+        dataset_masks.build(ctx, toml, save_path, pick, stem, [picked, typed])
         save_caption_btn.click(dataset_save_caption, [toml, save_path, pick, stem, caption], [message, gallery],
                                api_name="dataset_save_caption")
         save_btn.click(dataset_save, [toml, save_path], message, api_name="dataset_save")

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from app import presets_ui
+from app import mask_painter, presets_ui
 from app import generate_media as M
 from app.forms import Form, build_form, gui_fields, to_widget
 from app.generate_view import run_view
@@ -131,14 +131,10 @@ def _form(cfg, names) -> Form:
 
 def control_widgets(ctx) -> dict:
     example = ctx.demo["examples"]["control"] if ctx.demo else None
-    w = {"editor": gr.ImageEditor(
+    w = {"editor": mask_painter.editor(
+        "Control image 1 — paint the mask (white = change)", f"{PREFIX}-control1",
         value={"background": example, "layers": [], "composite": example} if example else None,
-        type="filepath", image_mode="RGBA", format="png", label="Control image 1 — paint the mask (white = change)",
-        # gradio's "auto" brush is 25 image pixels: right for ~1 MP photos, most of a 64 px demo image
-        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
-                       default_size=6 if example else "auto"), eraser=gr.Eraser(),
-        layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]), transforms=(),
-        sources=("upload", "clipboard"), elem_id=f"{PREFIX}-control1")}
+        small_picture=bool(example))}
     with gr.Row():
         w["slots"] = [gr.Image(type="filepath", label=f"Control image {i + 2}", sources=("upload", "clipboard"),
                                elem_id=f"{PREFIX}-control{i + 2}") for i in range(EXTRA_CONTROLS)]

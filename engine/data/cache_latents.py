@@ -3,6 +3,7 @@
 Per item one file `<stem>_<W:04d>x<H:04d>_<qi|qie>.safetensors` holding
   latents_1x{h}x{w}_{dtype}            (16, 1, h, w)  the target at its bucket size
   latents_control_{i}_1x{h}x{w}_{dtype} (16, 1, h, w)  control i at its cached size (engine/spec/dataset/buckets.py)
+  mask_weights_1x{h}x{w}_float32      (1, 1, h, w)   the loss mask on the latent grid (mask_directory; only then)
 normalised with the VAE's latents mean/std (posterior mode, input pixels in [-1, 1]), plus the fingerprint
 metadata of `engine.spec.dataset.cache_files`. Targets of one bucket are encoded together; controls one by one
 (their sizes may differ).
@@ -10,6 +11,7 @@ metadata of `engine.spec.dataset.cache_files`. Targets of one bucket are encoded
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from engine.models.safetensors_io import save_file_atomic
 from engine.models.vae import encode_pixels, load_vae
 from engine.spec.dataset import cache_files as CF
 from engine.spec.dataset.buckets import resize_to_bucket
+from engine.spec.dataset.masks import MASK_KEY, mask_pixels
 from engine.spec.dataset.plan import PlannedItem
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class Loaded:
     source: dict
     target: torch.Tensor             # (1, 3, H, W) in [-1, 1] at the bucket size
     controls: list[torch.Tensor]     # (1, 3, Hc, Wc) each, at its cached size
+    mask: torch.Tensor | None = None  # (1, 1, h, w) loss weights on the latent grid, or None
 
 
 def load_batch(batch: list[PlannedItem]) -> list[Loaded]:
@@ -79,7 +83,12 @@ def load_batch(batch: list[PlannedItem]) -> list[Loaded]:
             cfp, cdata = CF.read_with_fingerprint(path)
             source["controls"].append(cfp)
             controls.append(pixels(open_rgb(cdata), size))
-        out.append(Loaded(source, pixels(open_rgb(data), item.bucket), controls))
+        mask = None
+        if item.item.mask_path is not None:
+            mfp, mdata = CF.read_with_fingerprint(item.item.mask_path)
+            source["mask"] = mfp
+            mask = mask_weights(Image.open(io.BytesIO(mdata)), item.bucket)
+        out.append(Loaded(source, pixels(open_rgb(data), item.bucket), controls, mask))
     return out
 
 
@@ -92,6 +101,8 @@ def encode_batch(vae, encode_pixels, loaded: list[Loaded], device) -> list[tuple
         for i, control in enumerate(x.controls):
             c = _encode(vae, encode_pixels, control, device)[0]   # one by one: control sizes may differ
             tensors[latent_key(f"latents_control_{i}", c)] = c
+        if x.mask is not None:
+            tensors[latent_key(MASK_KEY, x.mask)] = x.mask
         out.append((x.source, tensors))
     return out
 
@@ -121,6 +132,14 @@ def pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """(1, 3, H, W) float32 in [-1, 1] (musubi: uint8 / 127.5 - 1) after the bucket resize."""
     arr = np.asarray(resize_to_bucket(image, size), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def mask_weights(image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, h, w) float32 in [0, 1]: the mask resized like its image, then averaged over each latent's 8×8 pixels
+    (so a latent half inside the painted region trains at half weight)."""
+    grey = np.asarray(mask_pixels(image, bucket), dtype=np.float32) / 255.0
+    t = torch.from_numpy(grey.copy())[None, None]
+    return torch.nn.functional.avg_pool2d(t, 8)[0][None]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -24,6 +24,7 @@ from engine.models.textenc import encode_prompts
 from engine.models.tokenizer import VisionProcessor, load_tokenizer, resolve_tokenizer_folder
 from engine.spec import controls
 from engine.spec.dataset import cache_files as CF
+from engine.spec.dataset import dropout
 from engine.spec.dataset.plan import PlannedItem
 from engine.spec.variants import Variant
 
@@ -41,7 +42,7 @@ def run(cfg, events) -> list[str]:
     processor = VisionProcessor(tokenizer) if variant.is_edit else None
     te = load_text_encoder(cfg.text_encoder, device=device, fp8_vl=cfg.fp8_vl)
     dtype = _stored_dtype(te)
-    items = plan.items()
+    items = plan.items() + dropout.empty_caption_items(plan, variant.is_edit)     # caption_dropout_rate > 0
 
     def status(item):
         expected = CF.Expected("text", variant.name, text_settings(item, variant, cfg.fp8_vl, dtype), encoder)

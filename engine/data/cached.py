@@ -31,6 +31,7 @@ import torch
 from engine.models.safetensors_io import load_file
 from engine.models.tokenizer import resolve_tokenizer_folder
 from engine.spec.dataset import cache_files as CF
+from engine.spec.dataset import dropout
 from engine.spec.dataset.plan import PlannedItem, build_plan
 from engine.spec.errors import CacheError
 from engine.spec.safetensors_header import read_header
@@ -46,6 +47,8 @@ class CachedItem:
     text_path: Path
     key: tuple            # (target latent key, control latent keys...) without dtype: the bucket
     dataset_index: int
+    caption_dropout_rate: float = 0.0
+    empty_text_path: Path | None = None   # the empty caption's embedding (caption_dropout_rate > 0)
 
 
 class CachedDataset:
@@ -55,6 +58,7 @@ class CachedDataset:
         self.batch_sizes = batch_sizes
         self.repeats = repeats
         self.status = status
+        self._empty: dict[Path, torch.Tensor] = {}
 
     @classmethod
     def open(cls, dataset_config: str | Path, model_version: str, vae: str | None = None,
@@ -62,7 +66,7 @@ class CachedDataset:
              allow_stale: bool = False) -> "CachedDataset":
         plan = build_plan(dataset_config, model_version)
         plan.raise_if_errors()
-        arch = get_variant(model_version).cache_arch
+        arch, edit = get_variant(model_version).cache_arch, get_variant(model_version).is_edit
         tok = resolve_tokenizer_folder(tokenizer) if text_encoder else None
         status = CF.cache_status(plan, model_version, vae=vae, text_encoder=text_encoder, tokenizer=tok)
         bad = [s for s in status if s.state != "ok"]
@@ -76,7 +80,7 @@ class CachedDataset:
         missing = {s.path for s in bad if s.state == "missing"}
         for s in bad:
             log.warning("cache %s is %s: %s", s.path.name, s.state, s.reason)
-        items = [_cached_item(it, arch) for it in plan.items()
+        items = [_cached_item(it, arch, edit) for it in plan.items()
                  if CF.latent_cache_path(it, arch) not in missing and CF.text_cache_path(it, arch) not in missing]
         if not items:
             raise CacheError(f"no cached training items for {dataset_config}.",
@@ -116,14 +120,23 @@ class CachedDataset:
         out["stems"] = [it.stem for it in batch]
         return out
 
+    def load_empty_embed(self, item: CachedItem) -> torch.Tensor:
+        """The empty caption's embedding for `item` (read once per file)."""
+        if item.empty_text_path not in self._empty:
+            text = load_file(item.empty_text_path)
+            self._empty[item.empty_text_path] = next(t for n, t in text.items() if n.startswith("varlen_vl_embed_"))
+        return self._empty[item.empty_text_path]
+
 
 def _batch_key(name: str) -> str:
     """`latents_1x8x8_float32` → `latents`; `latents_control_0_1x8x6_bfloat16` → `latents_control_0`."""
     return name.rsplit("_", 2)[0]
 
 
-def _cached_item(item: PlannedItem, arch: str) -> CachedItem:
+def _cached_item(item: PlannedItem, arch: str, edit: bool) -> CachedItem:
     latent_path = CF.latent_cache_path(item, arch)
     names = sorted(read_header(latent_path).tensors)
     key = tuple(n.rsplit("_", 1)[0] for n in names)   # shapes without dtype
-    return CachedItem(item.stem, latent_path, CF.text_cache_path(item, arch), key, item.spec.index)
+    rate = item.spec.caption_dropout_rate
+    empty = CF.text_cache_path(dropout.empty_caption_item(item, edit), arch) if rate > 0 else None
+    return CachedItem(item.stem, latent_path, CF.text_cache_path(item, arch), key, item.spec.index, rate, empty)

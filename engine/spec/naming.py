@@ -20,6 +20,7 @@ PNG_PARAMETERS_KEY = "parameters"
 PREVIEW_FOLDER = "previews"
 RUN_TOML_SUFFIX = "_config.toml"
 STATE_SUFFIX = "-state"
+EMA_SUFFIX = "-ema"            # --use_ema: the averaged weights beside each checkpoint
 EVENTS_ENV = "QIS_EVENTS"
 EVENTS_ENV_JSON = "json"
 
@@ -36,6 +37,12 @@ def output_stem(output_name: str, epoch: int | None = None, step: int | None = N
 
 def model_file(output_dir: str | Path, output_name: str, epoch: int | None = None, step: int | None = None) -> Path:
     return Path(output_dir) / f"{output_stem(output_name, epoch, step)}.safetensors"
+
+
+def ema_file(model_path: str | Path) -> Path:
+    """`<stem>-ema.safetensors` beside the checkpoint `<stem>.safetensors` (--use_ema)."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}{EMA_SUFFIX}{model_path.suffix}")
 
 
 def state_folder(output_dir: str | Path, output_name: str, epoch: int | None = None,
@@ -55,7 +62,8 @@ def run_toml(output_dir: str | Path, output_name: str) -> Path:
 def intermediate_save(output_name: str, kind: str) -> re.Pattern:
     """The files and states of the intermediate saves of one kind ("epoch" or "step"); group 1 is the number."""
     number = r"-(\d{6})" if kind == "epoch" else r"-step(\d{8})"
-    return re.compile(re.escape(output_name) + number + rf"(\.safetensors|_diffusers\.safetensors|{STATE_SUFFIX})$")
+    return re.compile(re.escape(output_name) + number
+                      + rf"((?:{EMA_SUFFIX})?(?:\.safetensors|_diffusers\.safetensors)|{STATE_SUFFIX})$")
 
 
 # ------------------------------------------------------------------ caches

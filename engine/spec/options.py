@@ -246,6 +246,46 @@ class FinetuneOptions:
 
 
 @dataclass
+class EmaOptions:
+    use_ema: bool = opt(False, "Keep an exponential moving average (EMA) of the trained weights (LoRA or DiT) and save "
+                               "it beside each checkpoint as <name>-ema.safetensors. It smooths the step-to-step noise "
+                               "of the weights; often the better file for small learning-rate-sensitive datasets.",
+                        group="EMA")
+    ema_decay: float = opt(0.999, "EMA decay per update: ema = decay * ema + (1 - decay) * weights. 0 keeps the raw "
+                                  "weights; 0.999 averages over about the last 1000 updates.", group="EMA", min=0,
+                           max=1)
+    ema_device: str = opt("cpu", "Where the EMA copy lives: cpu (host RAM, no VRAM; each update copies the trained "
+                                 "weights to the host) or accelerator (the GPU: faster updates, costs 4 bytes per "
+                                 "trained parameter of VRAM).", group="EMA", choices=("cpu", "accelerator"))
+    ema_update_interval: int = opt(1, "Update the EMA every N optimizer steps (the decay applies per update).",
+                                   group="EMA", min=1, advanced=True)
+    ema_start_step: int = opt(0, "Until this step the EMA simply copies the weights (skips the noisy first steps).",
+                              group="EMA", min=0, advanced=True)
+    ema_validation: str = opt("none", "What samples and the validation loss use: none (the raw weights), ema_only "
+                                      "(the EMA weights), comparison (both; EMA samples are named <name>-ema_..., the "
+                                      "EMA validation loss is charted as its own line).", group="EMA",
+                              choices=("none", "ema_only", "comparison"))
+
+
+@dataclass
+class ValidationOptions:
+    validation_dataset_config: Optional[str] = opt(
+        None, "Held-out dataset (a dataset TOML like --dataset_config, cached with the same commands). Its loss "
+              "at fixed timesteps with fixed noise is computed every --validation_every_n_steps and before "
+              "training: the same weights always give the same number, so the curve shows real progress "
+              "(the training loss draws new noise and timesteps every step).", group="Validation", path=True)
+    validation_every_n_steps: Optional[int] = opt(None, "Compute the validation loss every N steps (and at the end).",
+                                                  group="Validation", min=1)
+    validation_timesteps: list[int] = opt([100, 300, 500, 700, 900], "The fixed timesteps (1-999) the validation "
+                                          "loss is averaged over, each with its own fixed noise per item.",
+                                          group="Validation", min=1, max=999, advanced=True)
+    validation_images: bool = opt(False, "At each validation point also render every validation item from its caption "
+                                         "(and control images, for edit models) and show it beside them and its "
+                                         "target (<output_dir>/validation/). Needs --vae and --text_encoder.",
+                                  group="Validation")
+
+
+@dataclass
 class GenerationOptions:
     prompt: Optional[str] = opt(None, "Prompt.", group="Prompt")
     negative_prompt: Optional[str] = opt(None, "Negative prompt (true CFG).", group="Prompt")
@@ -372,13 +412,15 @@ class CacheTextEncoderConfig(CommonOptions, ModelVersionOptions, TextEncoderOpti
 
 @dataclass
 class TrainNetworkConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions,
-                         DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, NetworkOptions):
+                         DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, NetworkOptions,
+                         EmaOptions, ValidationOptions):
     pass
 
 
 @dataclass
 class TrainConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions, DatasetOption,
-                  TrainAttentionOptions, TrainingOptions, Fp8VlOption, FinetuneOptions):
+                  TrainAttentionOptions, TrainingOptions, Fp8VlOption, FinetuneOptions, EmaOptions,
+                  ValidationOptions):
     pass
 
 

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from engine.models.safetensors_io import dtype_name, save_file_atomic, write_streamed
 from engine.spec import naming
@@ -130,8 +131,10 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 # ---------------------------------------------------------------------------------------------- states
 
-def save_state(accelerator, path: Path, progress: dict) -> Path:
-    """All processes call this (accelerate saves each process's RNG state); the main process renames."""
+def save_state(accelerator, path: Path, progress: dict,
+               extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """All processes call this (accelerate saves each process's RNG state); the main process renames. `extra`:
+    more safetensors files (name -> tensors) the main process writes into the state, e.g. the EMA."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -140,6 +143,8 @@ def save_state(accelerator, path: Path, progress: dict) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, tmp / name)
         (tmp / STATE_JSON).write_text(json.dumps(progress, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.spec.dataset.dropout import dropped
+
 
 class ItemCache:
     """Cached items held in RAM after their first load, up to `budget` bytes (a LoRA dataset of a few hundred
@@ -31,3 +33,12 @@ class ItemCache:
                 self.loaded[item] = hit
                 self.used += size
         return hit
+
+
+def drop_captions(tensors: dict, batch, data, seed: int, batch_index: int) -> dict:
+    """Caption dropout (the dataset's caption_dropout_rate): the chosen items get the empty caption's embedding.
+    `tensors["vl_embed"]` is a fresh list per load, so the RAM cache keeps the real embeddings."""
+    for i, drop in enumerate(dropped(seed, batch_index, [item.caption_dropout_rate for item in batch])):
+        if drop:
+            tensors["vl_embed"][i] = data.load_empty_embed(batch[i])
+    return tensors

@@ -38,9 +38,12 @@ from engine.models.dit import check_dit_headers
 from engine.models.runtime import resolve_device
 from engine.spec.errors import OptionError
 from engine.spec.variants import get_variant
+from engine.train import ema as E
 from engine.train import samples
 from engine.train import checkpoints as ckpt
-from engine.train.items import ItemCache
+from engine.train import validation as V
+from engine.train import validation_images as VI
+from engine.train.items import ItemCache, drop_captions
 from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
 from engine.train.report import emit_estimate, report_memory, write_run_config
 from engine.train.step import flow_loss, predict, prepare_inputs
@@ -83,10 +86,12 @@ def run_training(cfg, events, full: bool) -> list[str]:
         samples.check_prompts(cfg, variant)
     data = open_dataset(cfg, variant.name)
     check_batches(cfg, data)
+    validation = V.Validation.open(cfg, variant.name)     # its caches are checked before the model loads too
     accelerator = make_accelerator(cfg)
     if cfg.resume:
         ckpt.check_same_world(cfg.resume, accelerator.num_processes)     # before the model is loaded
     run = Run(cfg, events, accelerator, variant, data, full)
+    run.validation = validation if run.main else None
     return run.train()
 
 
@@ -123,6 +128,7 @@ class Run:
         self.outputs: list[str] = []
         self.losses: list[float] = []
         self.items = ItemCache(data)
+        self.validation = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -139,11 +145,14 @@ class Run:
         self.prompts = samples.SamplePrompts.prepare(cfg, self.variant, self.device,
                                                      dit_dtype(cfg, self.device, self.full),
                                                      cfg.output_name) if self.main else None
+        self.val_images = VI.ValidationImages.prepare(cfg, self.variant, self.device, dit_dtype(
+            cfg, self.device, self.full)) if self.main else None
         self.events.phase("loading", model="dit")
         torch.manual_seed(cfg.seed)                       # LoRA init: the same on every process
         self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
         self.params = [p for g in self.t.param_groups for p in g["params"]]
         self._broadcast_weights()
+        self.ema = E.Ema.create(E.trained_tensors(self.t.module, self.params), cfg, self.device) if self.main else None
         self.optimizer, self.optimizer_text = create_optimizer(self.t.param_groups, cfg.optimizer_type,
                                                                cfg.learning_rate, cfg.optimizer_args)
         scheduler_name = cfg.lr_scheduler
@@ -184,6 +193,7 @@ class Run:
             progress = ckpt.load_state(self.acc, cfg.resume)
             self.step, start_epoch, start_micro = progress["step"], progress["epoch"], progress["micro"]
             self.losses = progress.get("losses", [])
+            E.resume(self.ema, cfg.resume)
             if progress.get("batches_per_epoch", self.data.num_batches) != self.data.num_batches:
                 log.warning("--resume: the dataset now has %d batches per epoch, the state was saved with %d; "
                             "training continues from the same step, but not with the same data order",
@@ -194,6 +204,8 @@ class Run:
                  sch.total_steps, sch.epochs, sch.steps_per_epoch, self.world, self.data.num_batches)
         if cfg.sample_at_first and self.step == 0:
             self._sample(0, None)
+        if self.step == 0:
+            self._validate()
         self.events.phase("training", total=sch.total_steps)
         self.started, self.start_step = time.time(), self.step
         try:
@@ -233,7 +245,8 @@ class Run:
 
     def _forward_backward(self, batch, batch_index: int) -> torch.Tensor:
         gen = step_generator(self.cfg.seed, batch_index)
-        inputs = prepare_inputs(self.items.load(batch), self.sampler, gen, self.device, self.t.dtype)
+        tensors = drop_captions(self.items.load(batch), batch, self.data, self.cfg.seed, batch_index)
+        inputs = prepare_inputs(tensors, self.sampler, gen, self.device, self.t.dtype)
         with self.acc.autocast() if self.cfg.mixed_precision != "no" else contextlib.nullcontext():
             pred = predict(self.t.dit, inputs, self.cfg.split_attn)
         loss = flow_loss(pred, inputs)
@@ -269,6 +282,8 @@ class Run:
     # ------------------------------------------------------------------------------------------ reporting
     def _after_step(self, loss: float) -> None:
         cfg, sch = self.cfg, self.schedule
+        if self.ema:
+            self.ema.update(self.step)
         self.losses.append(loss)
         recent = self.losses[-sch.steps_per_epoch:]
         done = self.step - self.start_step
@@ -291,6 +306,8 @@ class Run:
             self._save(ckpt.model_path(cfg, step=self.step), ckpt.state_path(cfg, step=self.step), "step")
         if samples.is_due(cfg, step=self.step):
             self._sample(self.step, None)
+        if self.validation and self.validation.is_due(self.step, sch.total_steps):
+            self._validate()
 
     def _current_lrs(self) -> list[float]:
         """The lr each group used. Adafactor with relative_step computes it from its step count; its schedule
@@ -316,7 +333,24 @@ class Run:
         if self.prompts is None:
             return
         self.events.phase("sampling", step=step)
-        self.outputs += self.prompts.generate(self.t.dit, step, epoch, self.events, self.t.eval_modules)
+        name = self.prompts.name
+        for suffix, weights in E.weight_sets(self.ema, self.cfg.ema_validation):
+            self.prompts.name = name + suffix
+            with weights:
+                self.outputs += self.prompts.generate(self.t.dit, step, epoch, self.events, self.t.eval_modules)
+        self.prompts.name = name
+        if self.step < self.schedule.total_steps:
+            self.events.phase("training", total=self.schedule.total_steps)
+
+    def _validate(self) -> None:
+        if self.validation is None:
+            return
+        autocast = self.acc.autocast if self.cfg.mixed_precision != "no" else None
+        V.report(self.validation, self.step, self.t, E.weight_sets(self.ema, self.cfg.ema_validation), self.events,
+                 self.device, autocast)
+        if self.val_images:
+            with E.weight_sets(self.ema, self.cfg.ema_validation)[-1][1]:    # the EMA weights when asked for
+                self.outputs += self.val_images.render(self.t.dit, self.step, self.events, self.t.eval_modules)
         if self.step < self.schedule.total_steps:
             self.events.phase("training", total=self.schedule.total_steps)
 
@@ -335,7 +369,8 @@ class Run:
         self.acc.wait_for_everyone()
         if self.main:
             self.events.phase("saving", step=self.step)
-            for path in self.t.save(model_file, self._stats()):
+            for path in self.t.save(model_file, self._stats()) + E.save_beside(self.ema, self.t.save, model_file,
+                                                                                self._stats()):
                 self.outputs.append(str(path))
                 self.events.checkpoint(str(path), self.step, epoch=self.epoch + 1, kind="model")
         if (cfg.save_state if with_state is None else with_state) and state_dir is not None:
@@ -345,7 +380,7 @@ class Run:
             progress = {"step": self.step, "epoch": epoch, "micro": micro, "seed": cfg.seed,
                         "batches_per_epoch": self.data.num_batches,
                         "total_steps": self.schedule.total_steps, "world": self.world, "losses": self.losses}
-            ckpt.save_state(self.acc, state_dir, progress)
+            ckpt.save_state(self.acc, state_dir, progress, {E.STATE_FILE: self.ema.state_dict()} if self.ema else None)
             if self.main:
                 self.events.checkpoint(str(state_dir), self.step, epoch=self.epoch + 1, kind="state")
         if self.main and kind:

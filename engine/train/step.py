@@ -21,6 +21,7 @@ import torch
 
 from engine.models.latents import pack, unpack
 from engine.models.textenc import pad_embeddings
+from engine.spec.dataset.masks import MASK_KEY
 from engine.train.timesteps import TimestepSampler, loss_weighting, noisy_input
 
 
@@ -35,6 +36,7 @@ class StepInputs:
     img_shapes: list                # per sample: [(1, h/2, w/2), (1, hc/2, wc/2), ...]
     weights: torch.Tensor | None    # (B,) loss weights (sigma_sqrt / cosmap) or None
     pixel_hw: tuple[int, int]       # target image height, width in pixels (for unpack)
+    mask: torch.Tensor | None = None    # (B, 1, 1, h, w) loss weights per latent (mask_directory) or None
 
 
 def control_keys(batch: dict) -> list[str]:
@@ -65,7 +67,7 @@ def prepare_inputs(batch: dict, sampler: TimestepSampler, generator: torch.Gener
         target=target.to(device), timestep=(timesteps / 1000).to(device, torch.float32),
         text=text.to(device, dtype), text_mask=None if mask is None else mask.to(device),
         img_shapes=[list(shapes)] * b, weights=None if weights is None else weights.to(device),
-        pixel_hw=(h * 8, w * 8))
+        pixel_hw=(h * 8, w * 8), mask=None if MASK_KEY not in batch else batch[MASK_KEY].float().to(device))
 
 
 def predict(dit, inputs: StepInputs, split_attn: bool = False) -> torch.Tensor:
@@ -89,9 +91,13 @@ def _forward(dit, hidden, timestep, text, mask, img_shapes) -> torch.Tensor:
 
 
 def flow_loss(pred_tokens: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """musubi's compute_loss: mse(pred.float(), target, reduction=none) × per-sample weight, mean."""
+    """musubi's compute_loss: mse(pred.float(), target, reduction=none) × per-sample weight, mean. With a loss mask
+    each latent's error is multiplied by its weight first and the mean stays over all latents (kohya's masked
+    loss): an all-white mask is the plain loss, a black region gives no gradient."""
     pred = unpack(pred_tokens.float(), *inputs.pixel_hw)
     loss = torch.nn.functional.mse_loss(pred, inputs.target, reduction="none")
+    if inputs.mask is not None:
+        loss = loss * inputs.mask
     if inputs.weights is not None:
         loss = loss * inputs.weights.reshape(-1, *([1] * (loss.dim() - 1)))
     return loss.mean()

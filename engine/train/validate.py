@@ -5,12 +5,15 @@ the fix (engine.spec.errors)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 from engine.data.cached import CachedDataset
 from engine.spec.checks import check_fp8_scaled
 from engine.spec.errors import OptionError
 from engine.train.checkpoints import read_progress
+
+log = logging.getLogger(__name__)
 
 
 def check_config(cfg, full: bool) -> None:
@@ -32,6 +35,26 @@ def check_config(cfg, full: bool) -> None:
                           "pip install wandb, or use --log_with tensorboard.")
     if not full and cfg.network_weights:
         _require(cfg.network_weights, "--network_weights", "a LoRA file to continue from")
+    _check_quality(cfg)
+
+
+def _check_quality(cfg) -> None:
+    if cfg.validation_every_n_steps and not cfg.validation_dataset_config:
+        raise OptionError("--validation_every_n_steps needs --validation_dataset_config.",
+                          "Give a held-out dataset TOML (cached like the training set), or drop the option.")
+    if cfg.validation_dataset_config:
+        _require(cfg.validation_dataset_config, "--validation_dataset_config", "a held-out dataset TOML")
+        if Path(cfg.validation_dataset_config).resolve() == Path(cfg.dataset_config).resolve():
+            log.warning("--validation_dataset_config is the training dataset: its loss shows how well the training "
+                        "images are fitted, not how the model does on images it never saw")
+    if cfg.validation_images:
+        if not cfg.validation_dataset_config:
+            raise OptionError("--validation_images needs --validation_dataset_config.",
+                              "Give a held-out dataset TOML, or drop --validation_images.")
+        _require(cfg.vae, "--vae", "the Qwen-Image VAE (validation images are decoded with it)")
+        _require(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (validation captions are encoded with it)")
+    if cfg.ema_validation != "none" and not cfg.use_ema:
+        raise OptionError(f"--ema_validation {cfg.ema_validation} needs --use_ema.", "Add --use_ema, or drop it.")
 
 
 def _check_attention(cfg) -> None:

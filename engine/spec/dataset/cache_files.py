@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine.spec import naming
+from engine.spec.dataset.dropout import empty_caption_items
 from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
 from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import expand_shards, read_header
@@ -90,9 +91,12 @@ def read_with_fingerprint(path: Path) -> tuple[dict, bytes]:
 def latent_source(item: PlannedItem, known: dict | None = None) -> dict:
     known = known or {}
     controls = known.get("controls") or []
-    return {"image": file_fingerprint(item.item.image_path, known.get("image")),
-            "controls": [file_fingerprint(p, controls[i] if i < len(controls) else None)
-                         for i, p in enumerate(item.item.control_paths)]}
+    source = {"image": file_fingerprint(item.item.image_path, known.get("image")),
+              "controls": [file_fingerprint(p, controls[i] if i < len(controls) else None)
+                           for i, p in enumerate(item.item.control_paths)]}
+    if item.item.mask_path is not None:          # a loss mask (mask_directory) is part of the latent cache
+        source["mask"] = file_fingerprint(item.item.mask_path, known.get("mask"))
+    return source
 
 
 def text_source(item: PlannedItem, edit: bool, known: dict | None = None) -> dict:
@@ -244,6 +248,10 @@ def _stale_reason(item: PlannedItem, meta: dict, exp: Expected, edit: bool) -> s
 def _source_change(recorded: dict, current: dict, item: PlannedItem) -> str:
     if _content(recorded.get("image")) != _content(current.get("image")):
         return f"image {item.item.image_path.name} changed"
+    if _content(recorded.get("mask")) != _content(current.get("mask")):
+        if not recorded.get("mask") or not current.get("mask"):
+            return "loss mask " + ("added" if current.get("mask") else "removed")
+        return f"loss mask {item.item.mask_path.name} changed"
     if recorded.get("caption_sha256") != current.get("caption_sha256"):
         return "caption changed"
     rec_c, cur_c = recorded.get("controls"), current.get("controls")
@@ -289,6 +297,10 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
             out.append(entry_status(item, latent_cache_path(item, variant.cache_arch),
                                     Expected("latents", None, settings, vae_id), variant.is_edit))
         if "text" in kinds:
+            out.append(entry_status(item, text_cache_path(item, variant.cache_arch),
+                                    Expected("text", model_version, text_expected, te_id), variant.is_edit))
+    if "text" in kinds:         # the empty-caption embeddings of datasets with caption_dropout_rate > 0
+        for item in empty_caption_items(plan, variant.is_edit):
             out.append(entry_status(item, text_cache_path(item, variant.cache_arch),
                                     Expected("text", model_version, text_expected, te_id), variant.is_edit))
     return out

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.spec.dataset.buckets import BucketSelector, control_size
 from engine.spec.dataset.schema import DatasetConfig, DatasetSpec, load_dataset_config
+from engine.spec.dataset.masks import attach_masks, check_mask
 from engine.spec.dataset.sources import Item, Problem, list_items
 from engine.spec.errors import DatasetError
 from engine.spec.variants import get_variant
@@ -90,6 +91,8 @@ def build_plan(dataset_config: str | Path, model_version: str | None = None) -> 
 
 def _plan_dataset(spec: DatasetSpec, edit: bool | None, version: str | None, problems: list[Problem]) -> DatasetPlan:
     items = list_items(spec, problems, controls=edit is not False)
+    if spec.mask_directory is not None:
+        attach_masks(items, spec.mask_directory, problems)
     if edit is False and spec.control_directory is not None:
         problems.append(Problem(str(spec.control_directory), "control images are ignored for the text-to-image "
                                 "model (--model_version original)", "Pass --model_version edit / edit-2509 / "
@@ -135,6 +138,7 @@ def _plan_item(item: Item, spec: DatasetSpec, selector: BucketSelector, edit: bo
                                 f"Add {item.stem}.png (or {item.stem}_0.png, {item.stem}_1.png, ...) to the control "
                                 "folder, or control_path in the JSONL line."))
         return None
+    check_mask(item, size, problems)
     bucket = selector.select(size)
     _check_size(item.image_path, size, bucket, spec, problems)
     buckets = [control_size(s, bucket, spec.control_resolution, spec.no_resize_control) for _, s in controls]

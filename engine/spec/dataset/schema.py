@@ -5,9 +5,12 @@ defaults. Old key names (`qwen_image_edit_no_resize_control`, `qwen_image_edit_c
 `flux_kontext_no_resize_control`) are renamed with a warning. Unknown keys are an error naming the line and the
 closest known key. Relative paths are resolved against the current folder, as musubi does.
 
-Our one addition: `allow_missing_captions` (general or per dataset, default false). musubi silently skips images
+Our additions: `allow_missing_captions` (general or per dataset, default false). musubi silently skips images
 that have no caption file; we report them as a problem unless this key is true, in which case they are skipped
-with a warning (listing them) exactly as musubi would.
+with a warning (listing them) exactly as musubi would. `caption_dropout_rate` (general or per dataset, 0-1,
+SimpleTuner's name): the probability that a training step sees an item with the empty caption
+(engine/spec/dataset/dropout.py). `mask_directory` (per dataset): loss masks named like the images, white = train
+here (engine/spec/dataset/masks.py).
 
 Importable without torch.
 """
@@ -34,10 +37,12 @@ DEFAULT_CAPTION_EXTENSION = ".txt"
 SHARED_KEYS: dict[str, tuple] = {
     "caption_extension": (str,), "batch_size": (int,), "num_repeats": (int,), "resolution": (int, list),
     "enable_bucket": (bool,), "bucket_no_upscale": (bool,), "allow_missing_captions": (bool,),
+    "caption_dropout_rate": (float, int),
 }
 DATASET_KEYS: dict[str, tuple] = {
     "image_directory": (str,), "image_jsonl_file": (str,), "cache_directory": (str,), "control_directory": (str,),
     "control_resolution": (int, list), "no_resize_control": (bool,), "multiple_target": (bool,),
+    "mask_directory": (str,),
 }
 # FramePack-only keys: musubi accepts them in any image dataset; they mean nothing for Qwen-Image.
 IGNORED_KEYS = ("fp_latent_window_size", "fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post")
@@ -67,6 +72,8 @@ class DatasetSpec:
     control_resolution: tuple[int, int] | None
     no_resize_control: bool
     allow_missing_captions: bool
+    caption_dropout_rate: float = 0.0           # probability that a step trains an item with the empty caption
+    mask_directory: Path | None = None          # per-image loss masks (white = train here)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -213,6 +220,9 @@ def _check_type(key: str, value: Any, types: tuple, where: _KeyLocator) -> Any:
                            f"{_example(key)}.")
     if types == (int, list):
         return _size(key, value, where)
+    if key == "caption_dropout_rate" and not 0 <= value <= 1:
+        raise DatasetError(f"{where(key)}: 'caption_dropout_rate' is a probability from 0 to 1, got {value}.",
+                           "Write e.g. caption_dropout_rate = 0.1 (one step in ten trains without the caption).")
     if key in ("batch_size", "num_repeats") and value < 1:
         raise DatasetError(f"{where(key)}: '{key}' must be at least 1, got {value}.", f"Write {key} = 1.")
     return value
@@ -262,6 +272,8 @@ def _make_spec(index: int, v: dict, config_path: Path, where: _KeyLocator) -> Da
         control_resolution=v.get("control_resolution"),
         no_resize_control=v.get("no_resize_control", False),
         allow_missing_captions=v.get("allow_missing_captions", False),
+        caption_dropout_rate=float(v.get("caption_dropout_rate", 0.0)),
+        mask_directory=Path(v["mask_directory"]) if v.get("mask_directory") else None,
     )
 
 

@@ -43,6 +43,7 @@ class Item:
     caption: str | None            # None: no caption found
     caption_path: Path | None      # None for JSONL captions (they live in the JSONL file)
     control_paths: list[Path] = field(default_factory=list)
+    mask_path: Path | None = None  # loss mask (mask_directory), None: the whole image trains
 
 
 def is_image(path: Path) -> bool:

@@ -121,9 +121,10 @@ def training_phase(w: M.Workload) -> dict:
     # GPU, so every optimizer state (created next to its weight) and the in-flight block's gradients are on the GPU.
     states = M.optimizer_state_bytes(w)
     trained = 0 if w.full else M.trainable_params(w) * M.trainable_param_bytes(w)
-    ram = _process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w) + act_ram
+    ema_gpu, ema_ram = M.ema_bytes(w)
+    ram = _process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w) + act_ram + ema_ram
     return _phase(ram, weights=M.dit_resident_bytes(w),
-                  lora_and_optimizer=trained + states + M.autocast_cache_bytes(w),
+                  lora_and_optimizer=trained + states + M.autocast_cache_bytes(w) + ema_gpu,
                   gradients=M.gradient_bytes(w), activations=act_gpu,
                   workspace=_runtime(w, step=True) + M.fp8_dequant_bytes(w) + M.optimizer_step_bytes(w))
 
@@ -136,7 +137,9 @@ def saving_phase(w: M.Workload) -> dict:
         states = M.optimizer_state_bytes(w) if w.opts.save_state else 0
     else:
         saved, states = M.trainable_params(w) * M.FP32, (M.optimizer_state_bytes(w) if w.opts.save_state else 0)
-    return _phase(train["ram"] + saved + states, **parts)
+    # --use_ema: the -ema file is written while the average sits in the weights; the raw ones wait in host RAM
+    backup = M.trainable_params(w) * M.trainable_param_bytes(w) if w.opts.use_ema else 0
+    return _phase(train["ram"] + saved + states + backup, **parts)
 
 
 def generation_phases(w: M.Workload) -> dict:
@@ -224,4 +227,8 @@ def _notes(w: M.Workload) -> list[str]:
         notes.append("includes the caching commands (VAE and text encoder); add --caches_ready to leave them out.")
     if w.training and M.uses_fp8(w) and not w.opts.gradient_checkpointing:
         notes.append("fp8 without --gradient_checkpointing keeps a bf16 copy of every block's weights for backward.")
+    ema_gpu, ema_ram = M.ema_bytes(w)
+    if ema_gpu or ema_ram:
+        notes.append(f"--use_ema keeps a float32 copy of the {M.trainable_params(w) / 1e6:.0f}M trained values "
+                     f"({(ema_gpu + ema_ram) / GIB:.1f} GiB) in {'VRAM' if ema_gpu else 'host RAM'}.")
     return notes

@@ -141,6 +141,15 @@ def trainable_param_bytes(w: Workload) -> int:
     return FP32 if not w.full else dit_param_bytes(w)
 
 
+def ema_bytes(w: Workload) -> tuple[int, int]:
+    """(VRAM, RAM) of --use_ema: a float32 copy of every trained tensor, on the device (--ema_device
+    accelerator) or in host RAM (cpu, the default)."""
+    if not (w.training and w.opts.use_ema):
+        return 0, 0
+    size = trainable_params(w) * FP32
+    return (size, 0) if w.opts.ema_device == "accelerator" else (0, size)
+
+
 def optimizer_state_bytes(w: Workload) -> int:
     opt = w.opts.optimizer_type.lower()
     pb = trainable_param_bytes(w)
