@@ -1,16 +1,22 @@
 """Helpers for the GUI tests (test_app.py, test_browser.py): one Studio server per test session, started the
-way a user starts it (`python launch.py --demo --no-browser --port N`) on a temporary data dir."""
+way a user starts it (`python launch.py --demo --no-browser --port N`) on a temporary data dir.
+
+Every route needs the launch's access token (app/security.py): the fixture reads it from the address launch.py
+prints, like a person copying it from the terminal. gradio_client passes it as a header
+(`Client(studio["url"], headers=studio["headers"])`), a browser opens `studio["open_url"]` (the printed address)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -51,18 +57,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+PRINTED_URL = re.compile(r"http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]+)")
+
+
+def wait_printed_url(log_path: Path, proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """(the printed address, its token) once launch.py has printed it, i.e. once it serves."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"launch.py exited with code {proc.returncode}: {log_path.read_text()[-2000:]}")
+        m = PRINTED_URL.search(log_path.read_text(errors="replace"))
+        if m:
+            return m.group(0), m.group(2)
+        time.sleep(0.3)
+    raise AssertionError(f"launch.py printed no address within {timeout} s")
+
+
+def auth_headers(token: str) -> dict:
+    return {"Authorization": f"token {token}"}
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600, headers: dict | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"launch.py exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def get(url: str, headers: dict | None = None, method: str = "GET", data: bytes | None = None):
+    """(status, headers, body) of one request; an HTTP error status is an answer, not an exception."""
+    req = urllib.request.Request(url, headers=headers or {}, method=method, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
 
 
 def kill_jobs(data_dir: Path) -> None:
@@ -97,9 +133,11 @@ def studio(tmp_path_factory, demo_dir):
                              "--data_dir", str(data_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_http(url, proc)
+        open_url, token = wait_printed_url(base / "launch.log", proc)
+        wait_http(url, proc, headers=auth_headers(token))
         manifest = json.loads((data_dir / "demo" / "demo.json").read_text())
-        yield {"url": url, "data_dir": data_dir, "manifest": manifest, "log": base / "launch.log"}
+        yield {"url": url, "open_url": open_url, "token": token, "headers": auth_headers(token),
+               "data_dir": data_dir, "manifest": manifest, "log": base / "launch.log"}
     finally:
         proc.send_signal(signal.SIGINT)
         try:

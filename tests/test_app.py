@@ -21,7 +21,7 @@ from engine.spec.config import ConfigError, to_argv
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 def test_page_is_served_without_google_fonts(studio):

@@ -23,7 +23,7 @@ def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
 
     outside = []     # the app must work air-gapped: no fonts, scripts or analytics from the internet
     page.on("request", lambda r: None if r.url.startswith((studio["url"], "data:", "blob:")) else outside.append(r.url))
-    page.goto(studio["url"])
+    page.goto(studio["open_url"])
     page.get_by_role("tab", name="Models").click()
     dit_box = page.locator("#model-dit textarea, #model-dit input").first
     expect(dit_box).to_have_value(studio["manifest"]["dit"]["original"])     # pre-filled with the demo
@@ -50,7 +50,7 @@ def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
 def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page):
     from playwright.sync_api import expect
 
-    page.goto(studio["url"])
+    page.goto(studio["open_url"])
     page.get_by_role("tab", name="Jobs").click()
     page.get_by_text("Run an engine command").click()
     page.locator("#jobs-run-command textarea, #jobs-run-command input").first.fill("slow_job 1000")
