@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data_dir).expanduser().resolve()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     # gradio keeps uploads and served copies here: inside the data dir, readable by this user only
-    uploads = Path(os.environ.get("GRADIO_TEMP_DIR") or data_dir / "uploads")
-    os.environ["GRADIO_TEMP_DIR"] = str(private_dir(uploads))
+    os.environ["GRADIO_TEMP_DIR"] = str(private_dir(data_dir / "uploads"))
     from app.context import open_context   # imported late: --help and the checks above stay instant
     from app.jobs import JobDirBusy
     from app.main import launch
