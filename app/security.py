@@ -129,7 +129,7 @@ class Guard:
         if self.loopback_only and not is_loopback_host(split_host(request.host)):
             return 403, "host", (f"This address ({request.host or 'no Host header'}) is not this computer. "
                                  "Qwen-Image Studio answers only http://127.0.0.1 or http://localhost.")
-        if request.websocket or request.method not in SAFE_METHODS:
+        if request.websocket or request.upgrade or request.method not in SAFE_METHODS:
             site = request.header("sec-fetch-site")
             origin = request.header("origin")
             if site and site not in SAME_SITE_FETCH:
@@ -170,6 +170,7 @@ class Request:
             self.headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         self.method = scope.get("method", "GET")
         self.websocket = scope["type"] == "websocket"
+        self.upgrade = "upgrade" in self.headers      # a handshake (websocket) the server may not speak: same rule
         self.path = scope.get("path", "/")
         self.query = urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         self.client = (scope.get("client") or ("?", 0))[0]

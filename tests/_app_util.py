@@ -106,13 +106,14 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600, headers: d
 
 
 def get(url: str, headers: dict | None = None, method: str = "GET", data: bytes | None = None):
-    """(status, headers, body) of one request; an HTTP error status is an answer, not an exception."""
+    """(status, headers, body) of one request; an HTTP error status is an answer, not an exception. The headers
+    are read case-insensitively (headers["set-cookie"] == headers["Set-Cookie"])."""
     req = urllib.request.Request(url, headers=headers or {}, method=method, data=data)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 @contextlib.contextmanager
