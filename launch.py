@@ -69,7 +69,7 @@ def read_auth(args: argparse.Namespace) -> tuple[str, str] | None:
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read --auth-file {args.auth_file} ({e}).\n  fix: give a text file "
                              "whose first line is USER:PASSWORD.") from None
-        return parse_auth(lines[0].strip() if lines else "")
+        return parse_auth((lines[0].strip() if lines else "") or ":")   # an empty file is an error, not "no login"
     return parse_auth(args.auth or from_env)
 
 

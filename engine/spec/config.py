@@ -228,6 +228,8 @@ def to_argv(cfg, only_changed: bool = True) -> list[str]:
             if value:
                 argv.append(f"--{f.name}")
                 argv.extend(_free_item(f.name, v) for v in value)
+        elif str(value) == "--":        # argparse drops a bare "--" even from `--name=--`
+            raise ConfigError(f"{f.name}: the value '--' cannot be passed on a command line.", "Change the value.")
         elif str(value).startswith("-"):
             argv.append(f"--{f.name}={value}")
         else:
