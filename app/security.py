@@ -17,7 +17,9 @@ the app starts engine processes and reads files. So, for every HTTP request and 
    opened with `?token=` gets the cookie and is sent on to the same address without the token (so it does not
    stay in the address bar or the history). Compared in constant time; wrong tokens are throttled.
 4. Login (`--auth`): until gradio's session cookie is valid, the only things served are our own login page
-   (no API description, no paths, no config) and gradio's POST /login, whose failures are throttled.
+   (no API description, no paths, no config) and gradio's POST /login, whose failures are throttled. POST
+   /login is the one route that does not need the token (gradio_client sends it without its headers); it
+   only answers whether a password is right, and the Host and Origin checks still apply to it.
 
 A refused request gets a short page or JSON saying what to do, never the API description or a path.
 """
@@ -110,7 +112,9 @@ class Guard:
             return
         request = Request(scope)
         refusal = self.refusal(request)
-        exempt = request.method == "GET" and request.path in NO_TOKEN_GET
+        # with a login, gradio's POST /login is a credential check of its own (throttled below): gradio_client
+        # sends it without its other headers, so it cannot carry the token
+        exempt = (request.method == "GET" and request.path in NO_TOKEN_GET) or (self.auth and request.is_login_post())
         if refusal is None and self.token is not None and not exempt:
             refusal = await self.check_token(request, scope, receive, send)
             if refusal == "answered":

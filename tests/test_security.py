@@ -266,7 +266,14 @@ def test_the_password_from_qis_auth_works_and_argv_stays_clean(tmp_path):
 
 
 def test_listen_requires_the_token_too(tmp_path):
+    """A login is not enough: every route but the password check itself still needs the token."""
     data = configured(tmp_path)
     with launched(data, "--listen", env={"QIS_AUTH": "bob:env-Pass"}) as app:
-        assert get(app["url"] + "config", {})[0] == 401
-        assert get(app["url"] + "config", auth_headers("x" * 43))[0] == 401
+        body = b"username=bob&password=env-Pass"
+        status, headers, _ = get(app["url"] + "login", {"Content-Type": "application/x-www-form-urlencoded"},
+                                 "POST", body)
+        session = "; ".join(c.split(";")[0] for c in headers.get_all("Set-Cookie"))
+        assert status == 200 and "access-token" in session
+        assert get(app["url"] + "config", {"Cookie": session})[0] == 401
+        assert get(app["url"] + "config", {**auth_headers("x" * 43), "Cookie": session})[0] == 401
+        assert get(app["url"] + "config", {**app["headers"], "Cookie": session})[0] == 200
