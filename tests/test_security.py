@@ -19,7 +19,7 @@ import time
 import uuid
 
 import pytest
-from _app_util import REPO, auth_headers, free_port, get, launched, studio, wait_http  # noqa: F401  (studio: a fixture)
+from _app_util import REPO, auth_headers, browser_page, free_port, get, launched, studio, wait_http  # noqa: F401
 
 pytestmark = pytest.mark.fault("security")
 
@@ -200,6 +200,18 @@ def test_gradio_client_works_with_the_header_and_not_without(studio):
         Client(studio["url"], verbose=False)
 
 
+def test_files_are_served_only_from_the_data_dir_and_never_settings(studio, tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG not really")
+    inside = studio["data_dir"] / "outputs" / "served.txt"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_text("served")
+    assert get(studio["url"] + f"gradio_api/file={inside}", studio["headers"])[0] == 200
+    for path in (outside, studio["data_dir"] / "settings.json", "/etc/passwd"):
+        status, _, body = get(studio["url"] + f"gradio_api/file={path}", studio["headers"])
+        assert status in (403, 404) and b"root:" not in body and b"models" not in body, path
+
+
 def test_the_upload_folder_is_private(studio):
     assert (studio["data_dir"] / "uploads").stat().st_mode & 0o777 == 0o700
 
@@ -277,3 +289,19 @@ def test_listen_requires_the_token_too(tmp_path):
         assert get(app["url"] + "config", {"Cookie": session})[0] == 401
         assert get(app["url"] + "config", {**auth_headers("x" * 43), "Cookie": session})[0] == 401
         assert get(app["url"] + "config", {**app["headers"], "Cookie": session})[0] == 200
+
+
+@pytest.mark.browser
+def test_a_browser_opens_the_printed_address_and_the_token_leaves_the_address_bar(studio):
+    from playwright.sync_api import expect
+
+    with browser_page() as page:
+        page.goto(studio["url"])                                  # without the token: our page, not the app
+        expect(page.get_by_text("needs its access token")).to_be_visible()
+        page.goto(studio["open_url"])
+        expect(page.get_by_role("tab", name="Models")).to_be_visible(timeout=60_000)
+        assert studio["token"] not in page.url and page.url.rstrip("/") == studio["url"].rstrip("/")
+        cookie = next(c for c in page.context.cookies() if c["name"].startswith("qis-token-"))
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        page.reload()                                             # the cookie carries on without the token
+        expect(page.get_by_role("tab", name="Jobs")).to_be_visible(timeout=60_000)
