@@ -212,7 +212,8 @@ class Request:
 
     def path_without_token(self) -> str:
         rest = [(k, v) for k, v in self.query if k != TOKEN_PARAM]
-        return urllib.parse.quote(self.path) + ("?" + urllib.parse.urlencode(rest) if rest else "")
+        path = "/" + self.path.lstrip("/")      # never `//host/...`: that would send the browser to another site
+        return urllib.parse.quote(path) + ("?" + urllib.parse.urlencode(rest) if rest else "")
 
     def logged_in(self) -> bool:
         """gradio's own session check (its /login sets `access-token[-unsecure]-<cookie_id>`)."""
@@ -252,7 +253,8 @@ document.getElementById("login").addEventListener("submit", async (e) => {
   e.preventDefault();
   const said = document.getElementById("said");
   said.textContent = "checking…";
-  const r = await fetch("login", {method: "POST", body: new FormData(e.target), credentials: "same-origin"});
+  const form = new URLSearchParams(new FormData(e.target));
+  const r = await fetch("login", {method: "POST", body: form, credentials: "same-origin"});
   if (r.ok) { location.reload(); } else { said.textContent = "Wrong user or password."; }
 });
 </script>"""

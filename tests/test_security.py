@@ -305,3 +305,21 @@ def test_a_browser_opens_the_printed_address_and_the_token_leaves_the_address_ba
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         page.reload()                                             # the cookie carries on without the token
         expect(page.get_by_role("tab", name="Jobs")).to_be_visible(timeout=60_000)
+
+
+@pytest.mark.browser
+def test_a_browser_logs_in_through_the_login_page(tmp_path):
+    from playwright.sync_api import expect
+
+    data = configured(tmp_path)
+    secret = tmp_path / "login.txt"
+    secret.write_text("ann:s3cret-Pass\n")
+    with launched(data, "--listen", "--auth-file", str(secret)) as app, browser_page() as page:
+        page.goto(app["open_url"])
+        page.get_by_label("User").fill("ann")
+        page.get_by_label("Password").fill("wrong")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_text("Wrong user or password.")).to_be_visible()
+        page.get_by_label("Password").fill("s3cret-Pass")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("tab", name="Models")).to_be_visible(timeout=60_000)
