@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.jobs import JobManager, engine_argv
-from engine.spec.config import atomic_write_text, to_argv, validate
+from engine.spec.config import atomic_write_text, check_no_plumbing, to_argv, validate
 from engine.spec.demo_manifest import load_manifest
 from engine.spec.events import parse_line
 from engine.spec.naming import EVENTS_ENV, EVENTS_ENV_JSON
@@ -89,8 +89,10 @@ class AppContext:
                       accelerate: list[str] | None = None):
         """Queue `python -m engine <command>` with the arguments that reproduce `cfg` (engine.spec.config.to_argv),
         or `accelerate launch <accelerate options> -m engine <command> ...` when `accelerate` is given.
-        Returns the Job; its `cmdline` is the exact command, for the tab to show."""
+        Returns the Job; its `cmdline` is the exact command, for the tab to show. The plumbing options
+        (--events_file, --config_file) never come from a form, a loaded TOML or a PNG: refused here."""
         validate(cfg)
+        check_no_plumbing(cfg, command)
         if accelerate is None:
             return self.jobs.submit(command, to_argv(cfg), title=title, exclusive=exclusive)
         argv = accelerate_argv(command, to_argv(cfg), accelerate)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 
 import gradio as gr
+from starlette.middleware import Middleware
 
+from app.security import Guard, is_loopback_host
 from app.tabs import TABS
 
 TITLE = "Qwen-Image Studio"
@@ -30,10 +32,18 @@ def build_app(ctx) -> gr.Blocks:
     return demo
 
 
-def launch(ctx, host: str = "127.0.0.1", port: int | None = None, inbrowser: bool = True,
-           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False):
+def launch(ctx, token: str | None, host: str = "127.0.0.1", port: int | None = None,
+           auth: tuple[str, str] | None = None) -> gr.Blocks:
+    """Start serving and return at once (the caller prints the address and then waits: demo.block_thread()).
+
+    Every route sits behind app/security.py's Guard (Host, Origin, the per-launch `token`, the login). gradio's
+    own browser opening and address print are off: the address that works carries the token, and launch.py
+    prints and opens that one. Files are served from the data dir only (the demo, results, uploads, inputs)."""
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
-    return demo.launch(server_name=host, server_port=port, inbrowser=inbrowser, auth=auth,
-                       theme=offline_theme(), css=CSS, footer_links=[], allowed_paths=[str(ctx.data_dir)],
-                       prevent_thread_lock=prevent_thread_lock, show_error=True)
+    guard = Middleware(Guard, token=token, loopback_only=is_loopback_host(host), auth=auth is not None)
+    demo.launch(server_name=host, server_port=port, inbrowser=False, auth=auth, quiet=True,
+                theme=offline_theme(), css=CSS, footer_links=[], allowed_paths=[str(ctx.data_dir)],
+                blocked_paths=[str(ctx.data_dir / "settings.json"), str(ctx.data_dir / "private")],
+                prevent_thread_lock=True, show_error=True, app_kwargs={"middleware": [guard]})
+    return demo

@@ -71,6 +71,7 @@ def accelerate_options(cfg, num_processes: int) -> list[str] | None:
 
 def launch_argv(kind: str, cfg, num_processes: int) -> list[str]:
     """The exact argument list the job manager will run for this config (ctx.submit_config builds the same)."""
+    C.check_no_plumbing(cfg, "this run")
     args = C.to_argv(cfg)
     opts = accelerate_options(cfg, num_processes)
     return engine_argv(kind, args) if opts is None else accelerate_argv(kind, args, opts)

@@ -12,8 +12,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,17 +20,17 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the Studio exited with code {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"the Studio did not answer at {url} within {timeout:.0f} s")
+PRINTED_URL = re.compile(r"http://127\.0\.0\.1:\d+/\?token=[A-Za-z0-9_-]+")
+
+
+def printed_url(proc: subprocess.Popen) -> str:
+    """The address launch.py prints once it serves (it carries the launch's access token)."""
+    for line in proc.stdout:
+        print(line, end="")
+        match = PRINTED_URL.search(line)
+        if match:
+            return match.group(0)
+    raise SystemExit(f"the Studio exited (code {proc.wait()}) without printing its address")
 
 
 def slug(label: str) -> str:
@@ -63,10 +61,9 @@ def main() -> int:
     port = 7960
     with tempfile.TemporaryDirectory() as data_dir:
         proc = subprocess.Popen([sys.executable, "launch.py", "--demo", "--no-browser", "--port", str(port),
-                                 "--data_dir", data_dir], cwd=REPO)
+                                 "--data_dir", data_dir], cwd=REPO, stdout=subprocess.PIPE, text=True)
         try:
-            url = f"http://127.0.0.1:{port}/"
-            wait_http(url, proc)
+            url = printed_url(proc)
             for shot in photograph(url, REPO / "docs"):
                 print(shot.relative_to(REPO))
         finally:

@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives the app in a headless chromium (Playwright)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "fault(category): a bad input, fault or attack the app must survive with one "
+                                       "clear error (scripts/fault_report.py counts them by category)")
     # property tests draw the same examples on every run (a CI result must not depend on the draw); explore more
     # with fresh random draws: HYPOTHESIS_PROFILE=explore
     from hypothesis import settings

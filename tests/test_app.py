@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from _app_util import REPO, demo_model_paths, studio  # noqa: F401  (studio is a fixture)
+from _app_util import REPO, demo_model_paths, get, start_slow_job, studio  # noqa: F401  (studio is a fixture)
 
 from app.forms import config_to_values, gui_fields, values_to_config, widget_kind
 from engine.spec import config as C
@@ -21,14 +21,12 @@ from engine.spec.config import ConfigError, to_argv
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 def test_page_is_served_without_google_fonts(studio):
-    with urllib.request.urlopen(studio["url"]) as r:
-        html = r.read().decode()
-    with urllib.request.urlopen(studio["url"] + "theme.css") as r:
-        css = r.read().decode()
+    html = get(studio["url"], studio["headers"])[2].decode()
+    css = get(studio["url"] + "theme.css", studio["headers"])[2].decode()
     assert "Qwen-Image Studio" in html
     assert "fonts.googleapis" not in html and "fonts.googleapis" not in css and "system-ui" in css
 
@@ -69,11 +67,9 @@ def job_row(client, job_id):
     return next(r for r in table["data"] if r[0] == job_id)
 
 
-def test_a_job_outlives_the_browser_session_and_stops(studio):
+def test_a_job_outlives_the_browser_session_and_stops(studio, tmp_path):
     first = client_for(studio)
-    menu, message = first.predict("slow_job 1000", api_name="/jobs_run")
-    job_id = menu["value"]
-    assert job_id in message
+    job_id = start_slow_job(first, tmp_path)
     first.close()                                      # the browser tab goes away
 
     second = client_for(studio)                        # a refresh: a new session sees the same job
@@ -82,7 +78,8 @@ def test_a_job_outlives_the_browser_session_and_stops(studio):
         time.sleep(0.3)
     assert row[1] == "running" and row[3].startswith(tuple(f"{i}/1000" for i in range(1, 1000)))
     _, _, status, cmdline, log, plot = second.predict(job_id, api_name="/jobs_refresh")
-    assert "**running**" in status and cmdline.endswith("-m qis_fake_engine slow_job 1000")
+    assert "**running**" in status and "-m qis_fake_engine cache_latents " in cmdline
+    assert f"--dataset_config {tmp_path / 'slow_job.toml'}" in cmdline
     assert "progress" in log
     while "value" not in plot and time.monotonic() < deadline:   # resent only when new metrics arrived
         time.sleep(0.3)
@@ -212,28 +209,20 @@ def test_listen_with_a_login_serves_only_after_login(tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AuthenticationError
 
-    from _app_util import free_port, wait_http
+    from _app_util import launched
 
-    (tmp_path / "settings.json").write_text(json.dumps({"models": {"dit": "/models/dit.safetensors"}}))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "launch.py", "--listen", "--no-browser", "--port", str(port),
-                             "--data_dir", str(tmp_path)], cwd=REPO, env={**os.environ,
-                            "QIS_AUTH": "ann:secret", "GRADIO_ANALYTICS_ENABLED": "False"})
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_http(url, proc, timeout=120)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "settings.json").write_text(json.dumps({"models": {"dit": "/models/dit.safetensors"}}))
+    with launched(data, "--listen", env={"QIS_AUTH": "ann:secret"}) as app:
+        url = app["url"]
         with pytest.raises(AuthenticationError):
-            Client(url, verbose=False)                 # no login: the app's config is not served
-        with pytest.raises(urllib.error.HTTPError) as denied:
-            urllib.request.urlopen(url + "config")
-        assert denied.value.code == 401
-        client = Client(url, auth=("ann", "secret"), verbose=False)
+            Client(url, headers=app["headers"], verbose=False)     # no login: the app's config is not served
+        assert get(url + "config", app["headers"])[0] == 401
+        client = Client(url, auth=("ann", "secret"), headers=app["headers"], verbose=False)
         table, _ = client.predict("", "", "", "", "", "", "", api_name="/models_inspect")
         assert table["data"] == []
-        assert not (tmp_path / "demo").exists()        # a configured DiT: no demo was built
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert not (data / "demo").exists()        # a configured DiT: no demo was built
 
 
 def test_the_demo_is_used_until_a_dit_is_configured(tmp_path, demo_dir, demo_manifest):

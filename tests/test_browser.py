@@ -7,7 +7,7 @@ import re
 import shutil
 
 import pytest
-from _app_util import REPO, browser_page, studio  # noqa: F401  (studio is a fixture)
+from _app_util import REPO, browser_page, start_slow_job, studio  # noqa: F401  (studio is a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -23,7 +23,7 @@ def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
 
     outside = []     # the app must work air-gapped: no fonts, scripts or analytics from the internet
     page.on("request", lambda r: None if r.url.startswith((studio["url"], "data:", "blob:")) else outside.append(r.url))
-    page.goto(studio["url"])
+    page.goto(studio["open_url"])
     page.get_by_role("tab", name="Models").click()
     dit_box = page.locator("#model-dit textarea, #model-dit input").first
     expect(dit_box).to_have_value(studio["manifest"]["dit"]["original"])     # pre-filled with the demo
@@ -47,14 +47,13 @@ def test_models_tab_inspects_the_demo_models(studio, page, tmp_path):
         shutil.copy(shot, REPO / "docs" / "screenshot-models.png")
 
 
-def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page):
+def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page, tmp_path):
+    from gradio_client import Client
     from playwright.sync_api import expect
 
-    page.goto(studio["url"])
+    page.goto(studio["open_url"])
     page.get_by_role("tab", name="Jobs").click()
-    page.get_by_text("Run an engine command").click()
-    page.locator("#jobs-run-command textarea, #jobs-run-command input").first.fill("slow_job 1000")
-    page.locator("#jobs-run").click()
+    start_slow_job(Client(studio["url"], headers=studio["headers"], verbose=False), tmp_path)   # a script's job
     running = page.locator("#jobs-table").get_by_role("row").filter(has_text="slow_job").filter(has_text="running")
     expect(running).to_have_count(1, timeout=30_000)
     page.reload()                                   # the browser session ends; the job does not
@@ -62,7 +61,7 @@ def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page):
     expect(running).to_have_count(1, timeout=30_000)
     expect(page.locator("#jobs-status")).to_contain_text("running", timeout=30_000)   # shown by default
     expect(page.locator("#jobs-command input, #jobs-command textarea").first).to_have_value(
-        re.compile(r"-m qis_fake_engine slow_job 1000$"))
+        re.compile(r"-m qis_fake_engine cache_latents .*--dataset_config \S*slow_job.toml"))
     page.locator("#jobs-stop").click()
     expect(running).to_have_count(0, timeout=30_000)
     expect(page.locator("#jobs-status")).to_contain_text("stopped", timeout=30_000)

@@ -18,7 +18,7 @@ STEMS = ("shapes_00", "shapes_06", "shapes_07")      # three buckets: 64x64, 80x
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 @pytest.fixture

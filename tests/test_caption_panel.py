@@ -36,7 +36,7 @@ def test_review_list_accepts_captions_and_they_are_saved(studio, user_folder):
     images = user_folder / "images"
     own = {p.name: p.read_text(encoding="utf-8") for p in images.glob("*.txt")}
     with browser_page(1280, 1400) as page:
-        page.goto(studio["url"])
+        page.goto(studio["open_url"])
         page.get_by_role("tab", name="Dataset").click()
         box(page, "dataset-folder").fill(str(images))
         box(page, "dataset-controls").fill(str(user_folder / "control"))

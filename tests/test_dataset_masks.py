@@ -95,7 +95,7 @@ def test_browser_paints_and_saves_a_loss_mask(studio, tmp_path):
                     f"{json.dumps(str(tmp_path / 'cache'))}\nmask_directory = {json.dumps(str(masks))}\n",
                     encoding="utf-8")
     with browser_page(1280, 1400) as page:
-        page.goto(studio["url"])
+        page.goto(studio["open_url"])
         page.get_by_role("tab", name="Dataset").click()
         page.get_by_text("Open an existing dataset config").click()
         page.locator("#dataset-open-path textarea, #dataset-open-path input").first.fill(str(toml))

@@ -17,7 +17,7 @@ from app import dataset_files as F
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -167,7 +167,7 @@ def test_dataset_tab_in_a_browser(studio):
     from playwright.sync_api import expect
 
     with browser_page(1280, 1000) as page:
-        page.goto(studio["url"])
+        page.goto(studio["open_url"])
         page.get_by_role("tab", name="Dataset").click()
         folder = page.locator("#dataset-folder textarea, #dataset-folder input").first
         expect(folder).to_have_value(studio["manifest"]["dataset"]["images"])       # the demo, pre-filled

@@ -28,7 +28,7 @@ STEPS = 3
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 def config(studio, version="original", **changes) -> C.GenerateImageConfig:
@@ -254,7 +254,7 @@ def test_browser_paints_a_mask_and_runs_an_edit(studio):
     from playwright.sync_api import expect
 
     with browser_page(1400, 1100) as page:
-        page.goto(studio["url"])
+        page.goto(studio["open_url"])
         page.get_by_role("tab", name="Generate / Edit").click()
         editor = page.locator("#generate-control1")
         editor.get_by_role("button", name="Brush", exact=True).click()

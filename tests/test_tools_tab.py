@@ -45,7 +45,7 @@ def test_convert_from_the_tools_tab(studio, comfy_lora, tmp_path):
 
     out = tmp_path / "converted_kohya.safetensors"
     with browser_page() as page:
-        page.goto(studio["url"])
+        page.goto(studio["open_url"])
         page.get_by_role("tab", name="Tools").click()
         page.locator("#tools-convert_lora-input textarea, #tools-convert_lora-input input").first.fill(str(comfy_lora))
         page.locator("#tools-convert_lora-output textarea, #tools-convert_lora-output input").first.fill(str(out))

@@ -27,7 +27,7 @@ NAMES = ["kind", "procs", *R.form_names()]          # the argument order of trai
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 def form_values(client, **overrides) -> dict:
@@ -256,7 +256,7 @@ def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_data
         return page.locator(f"#train-{name} textarea, #train-{name} input").first
 
     with browser_page(1280, 1000) as page:
-        page.goto(studio["url"])
+        page.goto(studio["open_url"])
         page.get_by_role("tab", name="Train").click()
         estimate = page.locator("#train-lora-estimate")
         expect(estimate).to_contain_text("Estimated peak")

@@ -20,6 +20,7 @@ from app import dataset_files as F
 from app import dataset_masks
 from app.context import save_settings
 from app.forms import build_form
+from app.places import PlaceError, dataset_config_file
 from app.views import error_markdown
 from engine.spec.config import CheckDatasetConfig
 from engine.spec.errors import DatasetError
@@ -230,7 +231,11 @@ def import_text(ctx, folder, controls, name, version, resolution, caption_ext, b
 
 
 def open_config(ctx, path: str, version):
-    path = Path((path or "").strip()).expanduser()
+    """Open a dataset config: only a .toml of at most 1 MiB in an allowed place (app/places.py)."""
+    try:
+        path = dataset_config_file(ctx, path)
+    except PlaceError as e:
+        return {"message": error_text(e), **_empty_view()}
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

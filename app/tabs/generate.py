@@ -24,6 +24,7 @@ from app import mask_painter, presets_ui
 from app import generate_media as M
 from app.forms import Form, build_form, gui_fields, to_widget
 from app.generate_view import run_view
+from app.places import allowed_roots, is_allowed
 from app.tabs.tools import inspect_markdown
 from app.views import error_markdown, progress_html
 from engine.spec import checks
@@ -379,16 +380,21 @@ def load_parameters(ctx, form: Form, w: dict, note_box, path: str, values) -> di
     the new value of each form field, of the control images and mask controls, and a note."""
     if not path:
         raise ValueError("no file")
+    roots = allowed_roots(ctx)
+    if not is_allowed(path, roots):
+        raise ValueError(f"{Path(path).name} is not in the app's folders (drop the PNG on the page instead)")
     params = M.read_png_parameters(path)
     base = C.to_dict(form.to_config(*values), only_changed=False)
     cfg = C.from_dict(C.GenerateImageConfig, {**base, **params}, source=Path(path).name)
     C.validate(cfg)
-    controls = [p for p in cfg.control_image_path if Path(p).is_file()]
+    # a PNG names files; only those in an allowed place (app/places.py: the data dir, where a run copies its
+    # control images) are loaded, so a crafted PNG cannot pull an arbitrary file into the page
+    controls = [p for p in cfg.control_image_path if is_allowed(p, roots) and Path(p).is_file()]
     missing = [p for p in cfg.control_image_path if p not in controls]
     editor = None
     if controls:
         layers = []
-        if cfg.mask_path and Path(cfg.mask_path).is_file():
+        if cfg.mask_path and is_allowed(cfg.mask_path, roots) and Path(cfg.mask_path).is_file():
             folder = ctx.data_dir / "generate" / "inputs" / f"loaded-{secrets.token_hex(3)}"
             layers = [str(M.save_png(M.mask_layer(cfg.mask_path), folder / "mask_layer.png"))]
         editor = {"background": controls[0], "layers": layers, "composite": controls[0]}
@@ -396,6 +402,7 @@ def load_parameters(ctx, form: Form, w: dict, note_box, path: str, values) -> di
     more = controls[1 + EXTRA_CONTROLS:] or None
     note = f"Loaded the parameters of **{Path(path).name}** (seed {cfg.seed})."
     if missing:
-        note += " Missing control images (moved or deleted): " + ", ".join(f"`{p}`" for p in missing)
+        note += (" Not loaded (moved, deleted or outside the app's folders): "
+                 + ", ".join(f"`{Path(p).name}`" for p in missing))
     return {**dict(zip(form.inputs, form.values(cfg))), w["editor"]: editor, **dict(zip(w["slots"], slots)),
             w["more"]: more, w["grow"]: 0, w["feather"]: 0, w["invert"]: False, note_box: note}

@@ -1,4 +1,8 @@
-"""Jobs tab: every engine job (running, queued, finished), its log tail, its exact command line, stop / force kill.
+"""Jobs tab: every engine job (running, queued, finished), its log tail, its exact command line, stop / force kill,
+run again.
+
+There is no box for a command line: "Run again" rebuilds the job from its command's typed config (app/rerun.py),
+so no request can hand the engine arguments of its own (docs/security.md).
 
 Everything shown comes from the job manager on each timer tick, so a browser refresh (or a second browser)
 sees the same jobs: nothing lives in a generator bound to one browser session.
@@ -6,11 +10,11 @@ sees the same jobs: nothing lives in a generator bound to one browser session.
 
 from __future__ import annotations
 
-import shlex
-
 import gradio as gr
 
+from app.rerun import run_again
 from app.views import error_markdown, fmt_time, loss_frame, progress_label, status_line
+from engine.spec.config import ConfigError
 
 TABLE_HEADERS = ["id", "status", "command", "progress", "started"]
 POLL_S = 1.0
@@ -27,6 +31,7 @@ def build(ctx) -> None:
                                    elem_id="jobs-selected", scale=3)
             stop_btn = gr.Button("Stop", elem_id="jobs-stop", scale=1)
             kill_btn = gr.Button("Force kill", variant="stop", elem_id="jobs-kill", scale=1)
+            again_btn = gr.Button("Run again", elem_id="jobs-again", scale=1)
         status = gr.Markdown(elem_id="jobs-status")
         loss_plot = gr.LinePlot(x="step", y="loss", color="series", height=260, label="Loss", visible=False,
                                 buttons=["fullscreen", "export"], elem_id="jobs-loss")
@@ -34,10 +39,6 @@ def build(ctx) -> None:
                              interactive=False, buttons=["copy"], elem_id="jobs-command")
         log = gr.Textbox(label="Log (last lines; the full log is in the file named above)", lines=18, max_lines=18,
                          autoscroll=True, interactive=False, buttons=["copy"], elem_id="jobs-log")
-        with gr.Accordion("Run an engine command", open=False):
-            command_box = gr.Textbox(label="Engine command and options", elem_id="jobs-run-command",
-                                     placeholder="inspect_model /path/to/model.safetensors --json")
-            run_btn = gr.Button("Run", elem_id="jobs-run")
         signature = gr.State("")      # what this browser already has: resend the menu / plot only on change
         plotted = gr.State("")
         timer = gr.Timer(POLL_S)
@@ -67,8 +68,8 @@ def build(ctx) -> None:
         table.select(pick_row, None, selected, api_visibility="private")
         stop_btn.click(lambda j: act(jobs.stop, j, "stop requested"), selected, status, api_name="jobs_stop")
         kill_btn.click(lambda j: act(jobs.kill, j, "killed"), selected, status, api_name="jobs_kill")
-        run_btn.click(lambda text: run_command(jobs, text, selected, status), command_box, [selected, status],
-                      api_name="jobs_run")
+        again_btn.click(lambda j: again(ctx, j, selected, status), selected, [selected, status],
+                        api_name="jobs_run_again")
 
 
 def table_rows(views: list[dict]) -> list[list]:
@@ -119,15 +120,12 @@ def act(fn, job_id: str | None, done_text: str) -> str:
     return f"{job_id}: {done_text}; status now **{view['status']}**."
 
 
-def run_command(jobs, text: str, selected, status) -> dict:
-    """Queue `python -m engine <text>`; the text is split like a shell would, but never run by one."""
+def again(ctx, job_id: str | None, selected, status) -> dict:
+    """Queue the picked job once more, rebuilt from its typed config; a record that does not parse is refused."""
+    if not job_id:
+        return {status: "Pick a job first."}
     try:
-        argv = shlex.split(text or "")
-    except ValueError as e:
-        return {status: f"Could not read the command: {e}."}
-    while argv and (argv[0].endswith(("python", "python3", "python.exe")) or argv[0] in ("-m", "engine")):
-        argv.pop(0)    # accept a pasted `python -m engine ...` line
-    if not argv:
-        return {status: "Type an engine command, e.g. `inspect_model FILE --json`."}
-    job = jobs.submit(argv[0], argv[1:])
-    return {selected: gr.update(value=job.id), status: f"Started **{job.id}** ({job.status})."}
+        job = run_again(ctx, job_id)
+    except ConfigError as e:
+        return {status: "Not started. " + error_markdown(e)}
+    return {selected: gr.update(value=job.id), status: f"Started **{job.id}** ({job.status}), again."}

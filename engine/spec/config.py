@@ -210,7 +210,11 @@ def to_dict(cfg, only_changed: bool = True) -> dict[str, Any]:
 
 
 def to_argv(cfg, only_changed: bool = True) -> list[str]:
-    """The exact argument list that reproduces this config on the command line."""
+    """The exact argument list that reproduces this config on the command line.
+
+    No value can become a separate option on the way (the app builds jobs from forms and PNG parameters): a
+    scalar that starts with '-' is written `--name=value`; a list item or positional that starts with '-' (other
+    than a negative number) cannot be written safely at all, so it is refused with a ConfigError."""
     argv: list[str] = []
     values = to_dict(cfg, only_changed)
     for f in option_fields(type(cfg)):
@@ -218,7 +222,7 @@ def to_argv(cfg, only_changed: bool = True) -> list[str]:
             continue
         value = values[f.name]
         if f.metadata["positional"]:
-            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+            argv.extend(_free_item(f.name, v) for v in (value if isinstance(value, list) else [value]))
         elif value is True:
             argv.append(f"--{f.name}")
         elif value is False:
@@ -226,10 +230,43 @@ def to_argv(cfg, only_changed: bool = True) -> list[str]:
         elif isinstance(value, list):
             if value:
                 argv.append(f"--{f.name}")
-                argv.extend(str(v) for v in value)
+                argv.extend(_free_item(f.name, v) for v in value)
+        elif str(value) == "--":        # argparse drops a bare "--" even from `--name=--`
+            raise ConfigError(f"{f.name}: the value '--' cannot be passed on a command line.", "Change the value.")
+        elif str(value).startswith("-"):
+            argv.append(f"--{f.name}={value}")
         else:
             argv.extend([f"--{f.name}", str(value)])
     return argv
+
+
+def _free_item(name: str, value: Any) -> str:
+    """A list item or positional value as an argument, refused when argparse would read it as an option."""
+    text = str(value)
+    if text.startswith("-") and not _is_number(text):
+        raise ConfigError(f"{name}: the value {text!r} starts with '-', so the command line would read it as an "
+                          "option of its own.", f"Remove the leading '-' (write a path as ./{text}).")
+    return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# Options the app sets itself (where events go, which TOML a run reads): never taken from a form, a PNG or a job
+# record, so nothing a person types in the browser can make the engine append to or read an arbitrary file.
+PLUMBING_OPTIONS = ("events_file", "config_file")
+
+
+def check_no_plumbing(cfg, source: str = "this job") -> None:
+    for name in PLUMBING_OPTIONS:
+        if getattr(cfg, name, None):
+            raise ConfigError(f"{source}: --{name} is set by the app itself and cannot come from a form, a PNG or a "
+                              "job record.", f"Remove {name}; use the command line for it.")
 
 
 def read_toml_values(cls, path: str | os.PathLike) -> dict[str, Any]:
