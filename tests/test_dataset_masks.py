@@ -89,7 +89,9 @@ def test_browser_paints_and_saves_a_loss_mask(studio, tmp_path):
     shutil.copytree(studio["manifest"]["dataset"]["images"], images)
     masks = tmp_path / "masks"
     masks.mkdir()
-    toml = tmp_path / "masked.toml"
+    # dataset_open reads configs only from allowed places (app/places.py): the data dir's datasets folder is one
+    toml = studio["data_dir"] / "datasets" / "masked.toml"
+    toml.parent.mkdir(parents=True, exist_ok=True)
     toml.write_text("[general]\nresolution = [64, 64]\n\n[[datasets]]\n"
                     f"image_directory = {json.dumps(str(images))}\ncache_directory = "
                     f"{json.dumps(str(tmp_path / 'cache'))}\nmask_directory = {json.dumps(str(masks))}\n",
