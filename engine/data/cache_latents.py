@@ -78,8 +78,8 @@ def load_batch(batch: list[PlannedItem]) -> list[Loaded]:
         for path, size in zip(item.item.control_paths, item.control_buckets):
             cfp, cdata = CF.read_with_fingerprint(path)
             source["controls"].append(cfp)
-            controls.append(pixels(open_rgb(cdata), size))
-        out.append(Loaded(source, pixels(open_rgb(data), item.bucket), controls))
+            controls.append(pixels(open_rgb(cdata, path), size))
+        out.append(Loaded(source, pixels(open_rgb(data, item.item.image_path), item.bucket), controls))
     return out
 
 

@@ -17,10 +17,12 @@ API:
 - `check_same_world(path, num_processes)`                                        refuse another process count
 - `prune(cfg, kind, current)`                                                      save_last_n_* policy
 - `remove_dead_temps(output_dir, output_name)`                                     temp files of killed saves
+- `remove_state_leftovers(output_dir, output_name)`                                `.tmp`/`.old` state folders
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -81,6 +83,19 @@ def remove_dead_temps(output_dir: str | Path, output_name: str) -> list[Path]:
         if m and path.is_file() and not _pid_alive(int(m.group(1))):
             path.unlink()
             removed.append(path)
+    return removed
+
+
+def remove_state_leftovers(output_dir: str | Path, output_name: str) -> list[Path]:
+    """Hidden `.<name>…-state.tmp` / `.<name>…-state.old` folders of a state save that was interrupted (kill -9,
+    power loss, disk full). A `.tmp` never became a state and an `.old` was already replaced, so neither holds
+    anything --resume would use; left in place they would make the next save of that state fail."""
+    removed = []
+    for suffix in (".tmp", ".old"):
+        for path in Path(output_dir).glob(f".{glob.escape(output_name)}*{naming.STATE_SUFFIX}{suffix}"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -163,6 +178,8 @@ def save_state(accelerator, path: Path, progress: dict) -> Path:
         (tmp / STATE_JSON).write_text(json.dumps(progress, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
+        if old.exists():                        # left by an interrupted save: os.replace cannot rename over it
+            shutil.rmtree(old)
         if path.exists():                       # replace an older state of the same name: keep it until the end
             os.replace(path, old)
         os.replace(tmp, path)
