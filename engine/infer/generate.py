@@ -26,6 +26,7 @@ from engine.infer.preview import Previewer
 from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
 from engine.models import dit_setup
 from engine.models.dit import check_dit_headers
+from engine.models.lora_formats import read_lora
 from engine.models.latents import initial_noise, pack, unpack
 from engine.models.runtime import compute_dtype, resolve_device
 from engine.models.text_encoder import load_text_encoder
@@ -108,6 +109,8 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
         return
     check_dit_headers(cfg.dit, variant)
     checks.check_run_jobs(cfg, jobs, variant)
+    for path in cfg.lora_weight:       # small files: read and checked now, before the text encoder loads
+        read_lora(path)
 
 
 def emit_estimate(cfg, jobs: list[Job], events) -> None:

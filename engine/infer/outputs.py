@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from engine.models.safetensors_io import save_file_atomic
 from engine.spec import naming
-from engine.spec.errors import EngineError, ModelFileError
+from engine.spec.errors import ModelFileError, NumericError
 
 PARAMETERS_KEY = naming.PNG_PARAMETERS_KEY
 
@@ -113,7 +113,7 @@ def check_finite_image(pixels: torch.Tensor, what: str) -> None:
     """A decoded image with NaN/inf (a diverged DiT, a broken LoRA, fp16 overflow) is refused: clamping would
     save it as a black or grey picture that looks like a result."""
     if not bool(torch.isfinite(pixels).all()):
-        raise EngineError(f"{what}: the decoded image contains NaN or infinite values, so nothing was saved.",
+        raise NumericError(f"{what}: the decoded image contains NaN or infinite values, so nothing was saved.",
                           "The model produced invalid numbers: check the LoRA (--lora_weight) and the DiT file, try "
                           "without --fp8_base/--fp8_scaled, or with fewer --infer_steps or another --guidance_scale.")
 

@@ -115,6 +115,16 @@ def check_not_prequantized(tensors: TensorMap, component: str, variant: str | No
         "--fp8_vl (text encoder) store it in fp8 at load time.")
 
 
+def check_float_tensors(tensors: TensorMap, what: str, skip: Callable[[str], bool] = lambda k: False) -> None:
+    """Weights are floating-point: an integer tensor (a damaged file, or a quantization format we cannot read)
+    would be cast into nonsense weights. From headers only."""
+    for key, (path, info) in tensors.items():
+        if info.dtype not in FLOAT_DTYPES and not skip(key):
+            raise ModelFileError(f"{path}: tensor {key!r} is stored as {info.dtype} (integers), but a {what} holds "
+                                 "floating-point weights.", "The file is damaged or quantized in a format this "
+                                 "engine cannot read; use the bf16/fp16/fp32 safetensors file.")
+
+
 # ---------------------------------------------------------------------------------------------- build + check
 
 def build_empty(cls, config: Mapping) -> torch.nn.Module:
