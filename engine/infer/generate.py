@@ -25,8 +25,8 @@ from engine.infer.outputs import (check_finite_image, latent_metadata, load_late
 from engine.infer.preview import Previewer
 from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
 from engine.models import dit_setup
-from engine.models.dit import check_dit_headers
-from engine.models.lora_formats import read_lora
+from engine.models.dit import check_dit_headers, weight_shapes
+from engine.models.lora_formats import check_fits, read_lora
 from engine.models.latents import initial_noise, pack, unpack
 from engine.models.runtime import compute_dtype, resolve_device
 from engine.models.text_encoder import load_text_encoder
@@ -109,8 +109,9 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
         return
     check_dit_headers(cfg.dit, variant)
     checks.check_run_jobs(cfg, jobs, variant)
+    shapes = weight_shapes(cfg.dit) if cfg.lora_weight else {}
     for path in cfg.lora_weight:       # small files: read and checked now, before the text encoder loads
-        read_lora(path)
+        check_fits(read_lora(path), shapes)
 
 
 def emit_estimate(cfg, jobs: list[Job], events) -> None:

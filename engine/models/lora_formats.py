@@ -322,6 +322,20 @@ def _describe(kinds: set[str], styles: set[str], grouped) -> str:
 
 # ---------------------------------------------------------------------------------------------- applying
 
+def check_fits(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every module of `lora` names a weight of the DiT whose `shapes` (from its headers) match the delta: a LoRA
+    for another model size is refused before any model loads."""
+    for module, factor in lora.factors.items():
+        shape = shapes.get(module + ".weight")
+        delta = tuple(factor.delta("meta").shape)
+        if shape is None:
+            raise ModelFileError(f"LoRA file {lora.path}: module {module} is not a layer of this DiT.",
+                                 "The LoRA was made for a different model (or number of blocks).")
+        if delta != shape:
+            raise ModelFileError(f"LoRA file {lora.path}: {module} gives a {delta} delta but the DiT weight is "
+                                 f"{shape}.", "The LoRA was made for a model of another size.")
+
+
 def _checked(model: torch.nn.Module, loras: Iterable[tuple[LoraFile, float]]) -> list[tuple[str, LoraFactor, float]]:
     modules = dict(model.named_modules())
     work = []
