@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if launcher_rank() > 0:   # accelerate/torchrun worker: one voice per job (one start, one done, one events file);
         events = EventWriter(stream=sys.stderr, json_stdout=False)    # the others' lines and errors go to stderr
     else:
-        events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
+        try:
+            events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
+        except OSError as e:            # the events file cannot be opened: say so once, as a refusal
+            error = disk_error(e, cfg.events_file, "write the --events_file")
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return run_command(cmd, cfg, events, rest)
 
 
