@@ -53,13 +53,17 @@ KNOWN_ERRNOS = frozenset(_CAUSES)
 
 def os_error_in(e: BaseException) -> OSError | None:
     """The OSError behind `e`: itself, its cause, or the one safetensors' Rust writer describes in its message
-    ("IoError(Os { code: 28, ... })"), which is not an OSError."""
+    ("I/O error: No space left on device (os error 28)", older versions "IoError(Os { code: 28, ... })"), which
+    is not an OSError."""
     if isinstance(e, OSError):
         return e
     if isinstance(e.__cause__, OSError):
         return e.__cause__
-    m = re.search(r"Os \{ code: (\d+)", str(e))
-    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+    m = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", str(e))
+    if m is None:
+        return None
+    code = int(m.group(1) or m.group(2))
+    return OSError(code, os.strerror(code))
 
 
 def disk_error(e: OSError, path: str | os.PathLike | None = None, action: str = "write") -> DiskError:

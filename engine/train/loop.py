@@ -289,7 +289,8 @@ class Run:
             why = ("--fused_backward_pass has already applied it" if cfg.skip_nan_steps and self.fused else
                    f"{self.nan_run} steps in a row failed" if cfg.skip_nan_steps else "")
             raise NumericError(
-                f"training step {self.step + 1}: the {what} is {loss if what == 'loss' else 'NaN/inf'}"
+                f"training step {self.step + 1}: the {what} is "
+                f"{'NaN' if what != 'loss' or math.isnan(loss) else 'infinite'}"
                 f"{f' ({why})' if why else ''}; the run was stopped before saving anything from this step on "
                 f"(saves of earlier steps are kept).",
                 "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, check the dataset's caches "
