@@ -10,7 +10,9 @@ a fix, and that nothing they own changed. The assertion messages start with a ta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import struct
@@ -32,6 +34,16 @@ def run_engine(argv: list[str], events_file: Path) -> tuple[int, list[dict]]:
     events_file.unlink(missing_ok=True)
     rc = main([*map(str, argv), "--events_file", str(events_file)])
     return rc, read_events(events_file)
+
+
+def run_engine_captured(argv: list[str]) -> tuple[int, list[dict], str]:
+    """For commands without --events_file (check_dataset, inspect_model): (exit code, the event lines of its
+    stdout and stderr, its stdout)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([*map(str, argv)])
+    lines = (out.getvalue() + err.getvalue()).splitlines()
+    return rc, [json.loads(x, parse_constant=_no_constants) for x in lines if x.startswith('{"type"')], out.getvalue()
 
 
 def run_engine_process(argv: list[str], events_file: Path, timeout: float = 180, **popen) -> tuple[int, list[dict]]:

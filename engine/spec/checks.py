@@ -138,8 +138,10 @@ def check_latent_file(path: str) -> None:
 
 
 def _image_size(path: str, what: str) -> tuple[int, int]:
+    """Decoded once (control images and masks are small), so a truncated file is refused now, not after the
+    models have loaded."""
     try:
-        return imageio.image_size(path)
+        return imageio.decoded_size(path)
     except imageio.ImageError as e:
         raise OptionError(f"{what} {e.message}", e.hint) from None
 
