@@ -326,16 +326,18 @@ class JobManager:
     def _start(self, job: Job) -> None:
         log = self.log_path(job.id)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", EVENTS_ENV: EVENTS_ENV_JSON, "PYTHONIOENCODING": "utf-8"}
+        action = "create the job log"
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "ab") as fh:
                 fh.write(f"$ {job.cmdline}\n".encode())
                 fh.flush()
+                action = "start the program"
                 proc = subprocess.Popen(job.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=self.cwd, env=env, **_new_group_kwargs())
         except OSError as e:     # no log folder (disk full, unwritable data dir) or no interpreter: this job fails,
             job.started = time.time()                               # the queue goes on
-            error = disk_error(e, e.filename or log, "start the job with")
+            error = disk_error(e, e.filename or (log if action != "start the program" else job.argv[0]), action)
             self._settle(job, "failed", None, {"kind": "start", "message": error.message, "hint": error.hint})
             return
         job.pid, job.status, job.started = proc.pid, "running", time.time()
