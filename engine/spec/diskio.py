@@ -91,12 +91,13 @@ def reporting(path: str | os.PathLike, action: str = "write") -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """A hidden temp path beside `path`; when the block ends normally it is fsynced and renamed over `path`,
+    """A hidden temp path beside `path` (`.<name>.tmp-<pid>-<random>`); when the block ends normally it is fsynced and renamed over `path`,
     otherwise removed. Disk errors name `path`."""
     path = Path(path)
     with reporting(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        # pid in the name: a later run tells a killed writer's leftover from a live one (remove_dead_temps)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{suffix}-{os.getpid()}-")
         os.close(fd)
     tmp = Path(name)
     try:

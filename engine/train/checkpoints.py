@@ -73,12 +73,12 @@ def prune(cfg, kind: str, current: int) -> list[Path]:
 
 
 def remove_dead_temps(output_dir: str | Path, output_name: str) -> list[Path]:
-    """Temp files of model saves whose process was killed mid-write (kill -9, power loss): hidden
-    `.<output_name>….safetensors.tmp-<pid>` files whose pid is gone. Users never load them, but a full-finetune
-    temp is 40 GB. (State temp folders have fixed names; the next save of that state clears its own.)"""
-    pattern = re.compile(r"\." + re.escape(output_name) + r".*\.safetensors\.tmp-(\d+)")
+    """Temp files of saves whose process was killed mid-write (kill -9, power loss): hidden
+    `.<output_name>….tmp-<pid>[-<random>]` files (model files, the run TOML) whose pid is gone. Users never load
+    them, but a full-finetune temp is 40 GB. (State temp folders: remove_state_leftovers.)"""
+    pattern = re.compile(r"\." + re.escape(output_name) + r".*\.tmp-(\d+)(?:-\w+)?")
     removed = []
-    for path in Path(output_dir).glob(f".{output_name}*.tmp-*"):
+    for path in Path(output_dir).glob(f".{glob.escape(output_name)}*.tmp-*"):
         m = pattern.fullmatch(path.name)
         if m and path.is_file() and not _pid_alive(int(m.group(1))):
             path.unlink()
