@@ -140,6 +140,8 @@ def check_latent_file(path: str) -> None:
 def _image_size(path: str, what: str) -> tuple[int, int]:
     """Decoded once (control images and masks are small), so a truncated file is refused now, not after the
     models have loaded."""
+    if not Path(path).is_file():
+        raise OptionError(f"{what} {path}: no such file", "check the path")
     try:
         return imageio.decoded_size(path)
     except imageio.ImageError as e:
