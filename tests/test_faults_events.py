@@ -9,7 +9,9 @@ import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from _fault_util import one_clear_error, run_engine_process
 from engine.__main__ import main, run_command
@@ -29,9 +31,6 @@ def _strict(line: str) -> dict:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_numbers_become_null(value):
-    import numpy as np
-    import torch
-
     buf = io.StringIO()
     w = EventWriter(stream=buf, json_stdout=True)
     w.metric(3, loss=value, lr=np.float32(value), avg_loss=torch.tensor(value), lrs={"a": [value, 1.0]})

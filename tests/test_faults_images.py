@@ -114,7 +114,8 @@ def test_oversized_control_image_for_generation(demo_manifest, tmp_path):
     bomb.write_bytes(png_header_only(40_000, 40_000))
     m = demo_manifest
     rc, events = run_engine(["generate_image", "--dit", m["dit"]["edit"], "--vae", m["vae"], "--text_encoder",
-                             m["text_encoder"], "--tokenizer", m["tokenizer"], "--model_version", "edit", "--device", "cpu", "--prompt", "x",
+                             m["text_encoder"], "--tokenizer", m["tokenizer"], "--model_version", "edit",
+                             "--device", "cpu", "--prompt", "x",
                              "--control_image_path", bomb, "--image_size", "32", "32", "--save_path",
                              tmp_path / "out"], tmp_path / "ev.jsonl")
     one_clear_error(rc, events, str(bomb), f"{imageio.MAX_PIXELS:,}")
@@ -137,7 +138,8 @@ def test_truncated_mask_for_generation(demo_manifest, tmp_path):
     rgb().save(control)
     m = demo_manifest
     rc, events = run_engine(["generate_image", "--dit", m["dit"]["edit"], "--vae", m["vae"], "--text_encoder",
-                             m["text_encoder"], "--tokenizer", m["tokenizer"], "--model_version", "edit", "--device", "cpu", "--prompt", "x",
+                             m["text_encoder"], "--tokenizer", m["tokenizer"], "--model_version", "edit",
+                             "--device", "cpu", "--prompt", "x",
                              "--control_image_path", control, "--mask_path", mask, "--image_size", "32", "32",
                              "--resize_control_to_image_size", "--save_path", tmp_path / "out"], tmp_path / "ev.jsonl")
     one_clear_error(rc, events, str(mask))

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,6 @@ def test_job_finished_normally_after_stop_is_done(managers, script):
     jm = managers()
     job = submit(jm, script, "finish_despite_stop", delay=2.0)
     jm.get(job)
-    import time
     deadline = time.monotonic() + 30
     while not (jm.get(job)["progress"]) and time.monotonic() < deadline:
         time.sleep(0.05)

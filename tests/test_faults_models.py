@@ -126,15 +126,18 @@ def test_integer_dtype_weights_refused(base, demo_manifest, tmp_path):
 # ---------------------------------------------------------------------------------------------- LoRAs
 
 def _lora(demo_manifest, make) -> dict[str, torch.Tensor]:
-    h = read_header(demo_manifest["dit"]["original"]).tensors["model.diffusion_model.transformer_blocks.0.attn.to_q.weight"]
+    key = "model.diffusion_model.transformer_blocks.0.attn.to_q.weight"
+    h = read_header(demo_manifest["dit"]["original"]).tensors[key]
     out_f, in_f = h.shape
     stem = "lora_unet_transformer_blocks_0_attn_to_q"
     return make(stem, out_f, in_f)
 
 
 LORA_FAULTS = {
-    "one_dimensional_up": lambda s, o, i: {f"{s}.lora_down.weight": torch.zeros(4, i), f"{s}.lora_up.weight": torch.zeros(o)},
-    "rank_mismatch": lambda s, o, i: {f"{s}.lora_down.weight": torch.zeros(4, i), f"{s}.lora_up.weight": torch.zeros(o, 3)},
+    "one_dimensional_up": lambda s, o, i: {f"{s}.lora_down.weight": torch.zeros(4, i),
+                                           f"{s}.lora_up.weight": torch.zeros(o)},
+    "rank_mismatch": lambda s, o, i: {f"{s}.lora_down.weight": torch.zeros(4, i),
+                                      f"{s}.lora_up.weight": torch.zeros(o, 3)},
     "integer_factors": lambda s, o, i: {f"{s}.lora_down.weight": torch.zeros(4, i, dtype=torch.int32),
                                         f"{s}.lora_up.weight": torch.zeros(o, 4, dtype=torch.int32)},
     "nan_factors": lambda s, o, i: {f"{s}.lora_down.weight": torch.full((4, i), float("nan")),
@@ -143,8 +146,10 @@ LORA_FAULTS = {
                                                f"{s}.lora_up.weight": torch.zeros(o * 2, 4)},
     "alpha_with_two_values": lambda s, o, i: {f"{s}.lora_down.weight": torch.zeros(4, i),
                                               f"{s}.lora_up.weight": torch.zeros(o, 4), f"{s}.alpha": torch.ones(2)},
-    "loha_shapes_do_not_combine": lambda s, o, i: {f"{s}.hada_w1_a": torch.zeros(o, 4), f"{s}.hada_w1_b": torch.zeros(3, i),
-                                                   f"{s}.hada_w2_a": torch.zeros(o, 4), f"{s}.hada_w2_b": torch.zeros(4, i)},
+    "loha_shapes_do_not_combine": lambda s, o, i: {f"{s}.hada_w1_a": torch.zeros(o, 4),
+                                                   f"{s}.hada_w1_b": torch.zeros(3, i),
+                                                   f"{s}.hada_w2_a": torch.zeros(o, 4),
+                                                   f"{s}.hada_w2_b": torch.zeros(4, i)},
 }
 
 
@@ -202,7 +207,8 @@ def test_nan_dit_decode_is_refused_and_nothing_saved(base, demo_manifest, tmp_pa
     data = bytearray(data)
     key = "model.diffusion_model.proj_out.weight"
     start, end = header[key]["data_offsets"]
-    data[start:end] = torch.full(((end - start) // 2,), float("nan"), dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    nan = torch.full(((end - start) // 2,), float("nan"), dtype=torch.bfloat16)
+    data[start:end] = nan.view(torch.uint8).numpy().tobytes()
     dit = write(tmp_path, "nan_dit.safetensors", safetensors_bytes(header, bytes(data)))
     rc, events = run_engine([*base, "--dit", dit, "--save_path", tmp_path / "out"], tmp_path / "ev.jsonl")
     err = one_clear_error(rc, events, "NaN", kind="numeric")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from _fault_util import ENV, ROOT, digest, ok, one_clear_error, read_events, run_engine, run_engine_process
 from _train_harness import cached_dataset, train_argv
+from engine.train import checkpoints as ckpt
 
 pytestmark = pytest.mark.fault("training")
 
@@ -116,8 +117,6 @@ def test_leftovers_of_an_interrupted_state_save_are_cleaned(demo_manifest, data,
 def test_state_save_over_a_leftover_old_folder(demo_manifest, data, tmp_path, monkeypatch):
     """An `.old` folder appearing between the start and the end of a run (another interrupted process) must not
     crash the end of this one."""
-    from engine.train import checkpoints as ckpt
-
     out = tmp_path / "run"
     original = ckpt.save_state
 

@@ -91,8 +91,8 @@ def reporting(path: str | os.PathLike, action: str = "write") -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """A hidden temp path beside `path` (`.<name>.tmp-<pid>-<random>`); when the block ends normally it is fsynced and renamed over `path`,
-    otherwise removed. Disk errors name `path`."""
+    """A hidden temp path beside `path` (`.<name>.tmp-<pid>-<random>`); when the block ends normally it is
+    fsynced and renamed over `path`, otherwise removed. Disk errors name `path`."""
     path = Path(path)
     with reporting(path):
         path.parent.mkdir(parents=True, exist_ok=True)

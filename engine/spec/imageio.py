@@ -9,7 +9,8 @@
   of that one file; nothing else stops.
 - Every failure is one `ImageError` naming the file, the cause and the fix.
 
-API: `read_rgb(path)`, `open_image(path)`, `rgb_from_bytes(data, name)`, `image_size(path)`, `decoded_size(path)`, `to_rgb(image)`, `MAX_PIXELS`.
+API: `read_rgb(path)`, `open_image(path)`, `rgb_from_bytes(data, name)`, `image_size(path)`, `decoded_size(path)`,
+`to_rgb(image)`, `MAX_PIXELS`.
 """
 
 from __future__ import annotations
