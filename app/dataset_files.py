@@ -25,6 +25,7 @@ from pathlib import Path
 import tomli_w
 from PIL import Image
 
+from engine.spec import imageio
 from engine.spec.config import atomic_write_text
 from engine.spec.dataset.check import report
 from engine.spec.dataset.plan import build_plan
@@ -248,9 +249,9 @@ def picture(path: Path, cache_dir: Path, max_side: int = THUMB_SIDE, min_side: i
     if dest.is_file():
         return str(dest)
     try:
-        with Image.open(path) as img:
+        with imageio.open_image(path) as img:
             img.load()
-            img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+            img = img.convert("RGBA") if "A" in img.getbands() else imageio.to_rgb(img)
             img.thumbnail((max_side, max_side))
             if max(img.size) < min_side:
                 factor = -(-min_side // max(img.size))
@@ -259,6 +260,6 @@ def picture(path: Path, cache_dir: Path, max_side: int = THUMB_SIDE, min_side: i
             tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
             img.save(tmp, format="PNG")
             os.replace(tmp, dest)
-    except (OSError, ValueError, SyntaxError):
+    except (imageio.ImageError, *imageio.READ_ERRORS):
         return None
     return str(dest)

@@ -10,7 +10,8 @@ Decisions:
   to the GUI. One watcher thread per running job follows that file, keeps a bounded tail in memory and parses
   the JSON event lines (engine.spec.events) into the job's state. A fresh job and a re-attached one go through the
   same code, because both are just "follow this log file while this pid lives".
-- The job list is persisted in `jobs/jobs.json` (atomic writes). On start-up a job marked running whose pid is
+- The job list is persisted in `jobs/jobs.json` (atomic writes; app/job_store.py rebuilds it from the job folders
+  when it is lost or damaged, and a failed write never stops a watcher or the queue). On start-up a job marked running whose pid is
   still alive *and* is the same process (psutil create_time and command line) is followed again; one whose
   process has gone is settled from its log: a `done` event without an error means it finished while the GUI
   was closed, anything else marks it failed, keeping its last log lines.
@@ -23,7 +24,7 @@ Decisions:
 from __future__ import annotations
 
 import collections
-import json
+import logging
 import os
 import re
 import secrets
@@ -39,10 +40,12 @@ from typing import Any
 
 import psutil
 
-from engine.spec.config import atomic_write_text
+from app.job_store import load_records, save_index, save_job_file
+from engine.spec.diskio import disk_error
 from engine.spec.events import human, parse_line
 from engine.spec.naming import EVENTS_ENV, EVENTS_ENV_JSON
 
+log = logging.getLogger(__name__)
 FINAL = ("done", "failed", "stopped")
 CHEAP_COMMANDS = frozenset({"inspect_model", "make_demo", "check_dataset", "estimate_vram"})
 TAIL_LINES = 500          # lines kept in memory per job (the file keeps everything)
@@ -213,6 +216,8 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._procs: dict[str, Any] = {}     # id -> Popen (our child) or psutil.Process (re-attached)
         self._threads: dict[str, threading.Thread] = {}
+        self.store_error: str | None = None     # the last failed index write, for the UI
+        self.load_notes: list[str] = []         # what start-up had to rebuild
         self._owner = _claim(self.root)
         self._load()
         self._schedule()
@@ -231,7 +236,11 @@ class JobManager:
                   exclusive=exclusive, queued_at=time.time())
         with self._lock:
             self._jobs[job.id] = job
-            self._save()
+            try:
+                self._save(strict=True)
+            except OSError:               # reported to the caller as failed: it must never run later
+                del self._jobs[job.id]
+                raise
             self._schedule()
         return job
 
@@ -316,23 +325,26 @@ class JobManager:
 
     def _start(self, job: Job) -> None:
         log = self.log_path(job.id)
-        log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", EVENTS_ENV: EVENTS_ENV_JSON, "PYTHONIOENCODING": "utf-8"}
-        with open(log, "ab") as fh:
-            fh.write(f"$ {job.cmdline}\n".encode())
-            fh.flush()
-            try:
+        action = "create the job log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as fh:
+                fh.write(f"$ {job.cmdline}\n".encode())
+                fh.flush()
+                action = "start the program"
                 proc = subprocess.Popen(job.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=self.cwd, env=env, **_new_group_kwargs())
-            except OSError as e:
-                job.started = time.time()
-                self._settle(job, "failed", None, {"kind": "start", "message": f"could not start: {e}",
-                                                   "hint": "Check the Python interpreter and the command."})
-                return
+        except OSError as e:     # no log folder (disk full, unwritable data dir) or no interpreter: this job fails,
+            job.started = time.time()                               # the queue goes on
+            error = disk_error(e, e.filename or (log if action != "start the program" else job.argv[0]), action)
+            self._settle(job, "failed", None, {"kind": "start", "message": error.message, "hint": error.hint})
+            return
         job.pid, job.status, job.started = proc.pid, "running", time.time()
         job.create_time = _create_time(proc.pid)
         self._procs[job.id] = proc
         self._save()
+        save_job_file(self.root, job.record())
         self._follow(job)
 
     def _follow(self, job: Job) -> None:
@@ -341,23 +353,39 @@ class JobManager:
         t.start()
 
     def _watch(self, job: Job) -> None:
+        """Follow the job until its process ends. Any failure of one pass (the log unreadable, a disk error while
+        saving) is noted in the job's tail and the next pass tries again: a dead watcher would leave the job
+        "running" forever and stall the queue behind it."""
         reader = LogFollower(self.log_path(job.id))
         while not self._closing.is_set():
+            try:
+                if self._watch_once(job, reader):
+                    return
+            except Exception as e:  # noqa: BLE001  (the thread must outlive any one failure)
+                with self._lock:
+                    note = f"[studio] following this job failed once ({type(e).__name__}: {e}); retrying"
+                    if not job.tail or job.tail[-1] != note:
+                        job.tail.append(note)
+            self._closing.wait(POLL_S)
+
+    def _watch_once(self, job: Job, reader: LogFollower) -> bool:
+        """One pass: new log lines, then the process; True once the job is settled."""
+        while True:
             lines = reader.read()
             with self._lock:
                 for line in lines:
                     job.feed(line)
-            if len(lines) > 1000:   # catching up on a long log: read on before sleeping
-                continue
-            ended, code = self._poll(job)
-            if ended:
-                lines = reader.read(final=True)
-                with self._lock:
-                    for line in lines:
-                        job.feed(line)
-                    self._finish(job, code)
-                return
-            self._closing.wait(POLL_S)
+            if len(lines) <= 1000:  # catching up on a long log: read on before polling
+                break
+        ended, code = self._poll(job)
+        if not ended:
+            return False
+        lines = reader.read(final=True)
+        with self._lock:
+            for line in lines:
+                job.feed(line)
+            self._finish(job, code)
+        return True
 
     def _poll(self, job: Job) -> tuple[bool, int | None]:
         proc = self._procs.get(job.id)
@@ -376,10 +404,11 @@ class JobManager:
     def _finish(self, job: Job, code: int | None) -> None:
         self._procs.pop(job.id, None)
         self._threads.pop(job.id, None)
-        if job.stop_requested:
-            status = "stopped"
-        elif code == 0 or (code is None and job.state.done and not job.state.error):
+        finished = code == 0 or (code is None and job.state.done is not None and not job.state.error)
+        if finished:            # also after Stop: it finished before the signal arrived, and its outputs are whole
             status = "done"
+        elif job.stop_requested:
+            status = "stopped"
         else:
             status = "failed"
         self._settle(job, status, code)
@@ -397,6 +426,8 @@ class JobManager:
                 job.error = {"kind": "exit", "message": f"{job.command} {why}.",
                              "hint": "The last log lines below show what happened."}
         self._save()
+        if job.started is not None:
+            save_job_file(self.root, job.record())
         self._changed.notify_all()
 
     # ---- signals -----------------------------------------------------------------------------------
@@ -451,20 +482,30 @@ class JobManager:
         return cmd[-(len(job.argv) - 1):] == job.argv[1:] if len(job.argv) > 1 else True
 
     # ---- persistence -------------------------------------------------------------------------------
-    @property
-    def _index(self) -> Path:
-        return self.root / "jobs.json"
-
-    def _save(self) -> None:
+    def _save(self, strict: bool = False) -> bool:
+        """Write the index. A failure raises only when `strict` (a submission must know); elsewhere it is logged,
+        kept in `store_error` for the UI, and the next save tries again: the jobs themselves go on."""
         records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.queued_at)]
-        atomic_write_text(self._index, json.dumps({"version": 1, "jobs": records}, indent=1))
+        try:
+            save_index(self.root, records)
+        except OSError as e:
+            self.store_error = str(e)
+            if strict:
+                raise
+            log.warning("%s", e)
+            return False
+        self.store_error = None
+        return True
 
     def _load(self) -> None:
-        if not self._index.exists():
-            return
-        data = json.loads(self._index.read_text(encoding="utf-8"))
-        for rec in data.get("jobs", []):
-            job = Job(**{k: rec[k] for k in Job.RECORD if k in rec})
+        records, self.load_notes = load_records(self.root)
+        for note in self.load_notes:
+            log.warning("%s", note)
+        for rec in records:
+            try:
+                job = Job(**{k: rec[k] for k in Job.RECORD if k in rec})
+            except TypeError:
+                continue              # a record without id/command/argv: nothing to show or run
             self._jobs[job.id] = job
             # a running job's watcher re-reads its log; a finished one is read on demand (get), not at start-up
             job.replayed = job.status in ("running", "queued")
@@ -472,6 +513,8 @@ class JobManager:
             for job in self._jobs.values():
                 if job.status == "running":
                     self._reattach(job)
+            if self.load_notes:
+                self._save()
 
     def _replay(self, job: Job) -> None:
         """Rebuild state and tail from the log file (the file is the source of truth)."""

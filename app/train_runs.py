@@ -14,7 +14,7 @@ from app.context import accelerate_argv
 from app.forms import gui_fields
 from app.jobs import command_line, engine_argv
 from app.views import error_markdown
-from engine.spec import naming
+from engine.spec import naming, run_outputs
 from engine.spec import config as C
 from engine.spec.options import FinetuneOptions, NetworkOptions
 
@@ -100,6 +100,42 @@ def preflight(cfg) -> list[str]:
         if value and not Path(value).exists():
             problems.append(f"`{name}`: {value} does not exist. Fix the path or clear the box.")
     return problems
+
+
+def name_conflict(cfg, views: list[dict]) -> tuple[str, str, bool] | None:
+    """(message, a free name, whether overwriting is a way on) when this run would replace the outputs of another run with the same output name:
+    files of an earlier run in its output folder (the engine refuses those too, engine/spec/run_outputs.py), or
+    a training job with the same folder and name that is queued or running (its files do not exist yet). None
+    when the name is free, or the run resumes or overwrites on purpose (a queued twin is refused even then: two
+    runs would write the same files at once)."""
+    if not cfg.output_dir or not cfg.output_name:
+        return None
+    target = (str(Path(cfg.output_dir).expanduser().resolve()), cfg.output_name)
+    twins = [v for v in views if is_train_job(v) and v["status"] in ("queued", "running")
+             and _output_of(v) == target]
+    taken = {cfg.output_name} if twins else set()
+    free = run_outputs.free_name(cfg.output_dir, cfg.output_name, taken | _queued_names(views, target[0]))
+    if twins:
+        return (f"A training run with the output name `{cfg.output_name}` in `{cfg.output_dir}` is already "
+                f"{twins[0]['status']} (`{twins[0]['id']}`); a second one would write the same files.", free, False)
+    if cfg.resume or cfg.overwrite:
+        return None
+    found = run_outputs.existing_outputs(cfg.output_dir, cfg.output_name)
+    if not found:
+        return None
+    listed = ", ".join(f"`{p.name}`" for p in found[:4]) + (" …" if len(found) > 4 else "")
+    return (f"`{cfg.output_dir}` already holds the outputs of a run named `{cfg.output_name}` ({listed}). "
+            "Starting would replace them.", free, True)
+
+
+def _output_of(view: dict) -> tuple[str, str] | None:
+    out, name = arg_value(view["argv"], "output_dir"), arg_value(view["argv"], "output_name")
+    return (str(Path(out).expanduser().resolve()), name) if out and name else None
+
+
+def _queued_names(views: list[dict], folder: str) -> set[str]:
+    return {o[1] for v in views if is_train_job(v) and v["status"] in ("queued", "running")
+            and (o := _output_of(v)) is not None and o[0] == folder}
 
 
 def load_run_toml(path: str, kind: str):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import time
 
 from engine.spec.commands import COMMANDS
 from engine.spec.config import ConfigError, parse_args, validate
+from engine.spec.diskio import KNOWN_ERRNOS, disk_error, os_error_in
 from engine.spec.errors import EngineError
 from engine.spec.events import EventLogHandler, EventWriter
 
@@ -41,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if launcher_rank() > 0:   # accelerate/torchrun worker: one voice per job (one start, one done, one events file);
         events = EventWriter(stream=sys.stderr, json_stdout=False)    # the others' lines and errors go to stderr
     else:
-        events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
+        try:
+            events = EventWriter(stream=stream, events_file=getattr(cfg, "events_file", None))
+        except OSError as e:            # the events file cannot be opened: say so once, as a refusal
+            error = disk_error(e, cfg.events_file, "write the --events_file")
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return run_command(cmd, cfg, events, rest)
 
 
@@ -53,7 +60,19 @@ def launcher_rank() -> int:
     return 0
 
 
+def restore_sigint() -> None:
+    """Stop must work whoever started us: a process launched from a script or service with SIGINT ignored passes
+    SIG_IGN on to its children, and then the Jobs tab's Stop (SIGINT) would do nothing and the run would only end
+    by the kill after the timeout, without its save. The default handler raises KeyboardInterrupt, which every
+    command handles (training saves first)."""
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:      # not the main thread (an embedding host): its handlers are its own
+        pass
+
+
 def run_command(cmd, cfg, events: EventWriter, argv: list[str]) -> int:
+    restore_sigint()
     handler = EventLogHandler(events)
     root = logging.getLogger()
     root.addHandler(handler)
@@ -71,6 +90,11 @@ def run_command(cmd, cfg, events: EventWriter, argv: list[str]) -> int:
         events.error("interrupted", "stopped by the user")
         return 130
     except Exception as e:  # unexpected: keep the traceback in the log, one error event for the GUI
+        os_error = os_error_in(e)
+        if os_error is not None and os_error.errno in KNOWN_ERRNOS:   # disk full, no permission ...: the path
+            error = disk_error(os_error)
+            events.error(error.kind, error.message, error.hint)
+            return 2
         logging.getLogger("engine").exception("unexpected failure")
         events.error("internal", f"{type(e).__name__}: {e}", "This is a bug; the log has the traceback.")
         return 1

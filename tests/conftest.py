@@ -25,8 +25,8 @@ Function fixtures:
 Also here: transformers' Qwen2VLProcessor / Qwen2_5_VLProcessor need torchvision (for their video part), which
 cannot be installed next to the CPU build of torch. When torchvision is missing, both classes are patched to
 have no video processor the moment transformers imports them, so diffusers' edit pipelines
-can be built in tests (`drop_video_processor(cls)` is the patch itself). Markers `browser` and `slow` are
-registered.
+can be built in tests (`drop_video_processor(cls)` is the patch itself). Markers `browser`, `slow` and
+`fault(category)` are registered (the fault suite: tests/test_faults_*.py, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ if str(ROOT) not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives the app in a headless chromium (Playwright)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    config.addinivalue_line("markers", "fault(category): a bad input, fault or attack the app must survive with one "
-                                       "clear error (scripts/fault_report.py counts them by category)")
+    config.addinivalue_line("markers", "fault(category): a fault-suite scenario (a bad input, a disk fault, a kill -9 "
+                                       "point, a security check); scripts/fault_report.py runs them and counts them")
     # property tests draw the same examples on every run (a CI result must not depend on the draw); explore more
     # with fresh random draws: HYPOTHESIS_PROFILE=explore
     from hypothesis import settings

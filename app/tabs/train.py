@@ -85,6 +85,11 @@ def layout(ctx) -> SimpleNamespace:
         ui.save = gr.Button("Save TOML", elem_id="train-save", scale=1)
         ui.load = gr.Button("Load TOML", elem_id="train-load", scale=1)
     ui.message = gr.Markdown(elem_id="train-message")
+    with gr.Row():      # shown when the output name is taken (R.name_conflict): the two ways on besides resuming
+        ui.use_free = gr.Button("Use a new name", visible=False, elem_id="train-use-free")
+        ui.overwrite_go = gr.Button("Overwrite the earlier run", variant="stop", visible=False,
+                                    elem_id="train-overwrite")
+    ui.free_name = gr.State("")
     live_section(ui)
     return ui
 
@@ -162,12 +167,26 @@ def wire(ctx, tab, ui) -> None:
             return {ui.message: "⚠️ " + error_markdown(e)}
         problems = R.preflight(cfg)
         if problems:
-            return {ui.message: "⚠️ Not started:\n\n" + "\n".join(f"- {p}" for p in problems)}
-        job = ctx.submit_config(kind, cfg, title=f"{kind} {cfg.output_name}",
-                                accelerate=R.accelerate_options(cfg, procs))
-        return {ui.run: gr.update(value=job.id), ui.command: job.cmdline,
+            return {ui.message: "⚠️ Not started:\n\n" + "\n".join(f"- {p}" for p in problems), **hide}
+        conflict = R.name_conflict(cfg, ctx.jobs.list())
+        if conflict is not None:
+            text, free, can_overwrite = conflict
+            return {ui.message: f"⚠️ Not started: {text}\n\nUse the new name `{free}`"
+                                + (", overwrite the earlier run, or resume it from one of its saved states (below)"
+                                   if can_overwrite else "") + ".",
+                    ui.use_free: gr.update(value=f"Use {free}", visible=True),
+                    ui.overwrite_go: gr.update(visible=can_overwrite), ui.free_name: free}
+        try:
+            job = ctx.submit_config(kind, cfg, title=f"{kind} {cfg.output_name}",
+                                    accelerate=R.accelerate_options(cfg, procs))
+        except OSError as e:                        # the job list could not be saved: nothing was queued
+            return {ui.message: f"⚠️ Not started: {e}", **hide}
+        return {ui.run: gr.update(value=job.id), ui.command: job.cmdline, **hide,
                 ui.message: f"Started **{job.id}** ({job.status}). The run keeps its resolved config in "
                             f"`{R.run_toml_path(cfg)}`."}
+
+    hide = {ui.use_free: gr.update(visible=False), ui.overwrite_go: gr.update(visible=False)}
+    start_out = [ui.run, ui.message, ui.command, ui.use_free, ui.overwrite_go, ui.free_name]
 
     gr.on([c.change for c in form_in], preview, form_in, [ui.command, ui.toml], api_name="train_preview",
           show_progress="hidden")
@@ -176,7 +195,12 @@ def wire(ctx, tab, ui) -> None:
     ui.kind.change(lambda k: {**{c: gr.update(visible=k == "train_network") for c in lora_only},
                               **{c: gr.update(visible=k == "train") for c in finetune_only}},
                    ui.kind, [*lora_only, *finetune_only], api_visibility="private")
-    ui.start.click(start, form_in, [ui.run, ui.message, ui.command], api_name="train_start")
+    ui.start.click(start, form_in, start_out, api_name="train_start")
+    # the choice on a taken name: the proposed free name, or --overwrite; either then starts
+    ui.use_free.click(lambda free: free, ui.free_name, ui.components["output_name"], api_visibility="private") \
+        .then(start, form_in, start_out, api_visibility="private")
+    ui.overwrite_go.click(lambda: True, None, ui.components["overwrite"], api_visibility="private") \
+        .then(start, form_in, start_out, api_visibility="private")
     wire_files(ctx, ui, form_in, config)
     wire_defaults(ctx, tab, ui)
     wire_live(ctx, ui, form_in)

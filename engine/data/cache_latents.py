@@ -82,13 +82,13 @@ def load_batch(batch: list[PlannedItem]) -> list[Loaded]:
         for path, size in zip(item.item.control_paths, item.control_buckets):
             cfp, cdata = CF.read_with_fingerprint(path)
             source["controls"].append(cfp)
-            controls.append(pixels(open_rgb(cdata), size))
+            controls.append(pixels(open_rgb(cdata, path), size))
         mask = None
         if item.item.mask_path is not None:
             mfp, mdata = CF.read_with_fingerprint(item.item.mask_path)
             source["mask"] = mfp
             mask = mask_weights(Image.open(io.BytesIO(mdata)), item.bucket)
-        out.append(Loaded(source, pixels(open_rgb(data), item.bucket), controls, mask))
+        out.append(Loaded(source, pixels(open_rgb(data, item.item.image_path), item.bucket), controls, mask))
     return out
 
 

@@ -87,7 +87,7 @@ def load_batch(batch: list[PlannedItem], variant: Variant) -> tuple[list[dict], 
             for path, size in zip(item.item.control_paths, vl_sizes(item, variant)):
                 fp, data = CF.read_with_fingerprint(path)
                 source["controls"].append(fp)
-                imgs.append(controls.resize(open_rgb(data), size, exact=True))
+                imgs.append(controls.resize(open_rgb(data, path), size, exact=True))
             images.append(imgs)
         sources.append(source)
     return sources, images if variant.is_edit else None

@@ -8,7 +8,6 @@ just what is missing or stale. Temp files a killed run left behind are removed a
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
-from engine.spec import naming
+from engine.spec import imageio, naming
 from engine.spec.dataset.cache_files import EntryStatus, is_our_cache_file
 from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
 from engine.spec.errors import OptionError
@@ -105,10 +104,10 @@ def _cache_dirs(plan: Plan) -> list[Path]:
     return [d.spec.cache_directory for d in plan.datasets if d.spec.cache_directory.is_dir()]
 
 
-def open_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes to RGB (alpha dropped, palette/grey converted), as musubi does for qi/qie."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+def open_rgb(data: bytes, name: str | Path = "image") -> Image.Image:
+    """Decode image bytes to 8-bit RGB (alpha dropped, palette/grey converted as musubi does for qi/qie; 16-bit
+    and float images scaled by their range): engine/spec/imageio.py, the one image reader."""
+    return imageio.rgb_from_bytes(data, name)
 
 
 T = TypeVar("T")

@@ -20,18 +20,20 @@ import torch
 from PIL import Image
 
 from engine.infer import masks
-from engine.infer.outputs import latent_metadata, load_latent, original_suffix, save_image, save_latent, to_pil
+from engine.infer.outputs import (check_finite_image, latent_metadata, load_latent, original_suffix, save_image,
+                                  save_latent, to_pil)
 from engine.infer.preview import Previewer
 from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
 from engine.models import dit_setup
-from engine.models.dit import check_dit_headers
+from engine.models.dit import check_dit_headers, weight_shapes
+from engine.models.lora_formats import check_fits, read_lora
 from engine.models.latents import initial_noise, pack, unpack
 from engine.models.runtime import compute_dtype, resolve_device
 from engine.models.text_encoder import load_text_encoder
 from engine.models.textenc import encode_prompts
 from engine.models.tokenizer import VisionProcessor, load_tokenizer
 from engine.models.vae import decode_latents, encode_pixels, load_vae
-from engine.spec import checks
+from engine.spec import checks, imageio
 from engine.spec.controls import prepare_control
 from engine.spec.errors import EngineError
 from engine.spec.events import IMAGE_OUTPUT, RcmStep
@@ -107,6 +109,9 @@ def check_run(cfg, jobs: list[Job], variant: Variant) -> None:
         return
     check_dit_headers(cfg.dit, variant)
     checks.check_run_jobs(cfg, jobs, variant)
+    shapes = weight_shapes(cfg.dit) if cfg.lora_weight else {}
+    for path in cfg.lora_weight:       # small files: read and checked now, before the text encoder loads
+        check_fits(read_lora(path), shapes)
 
 
 def emit_estimate(cfg, jobs: list[Job], events) -> None:
@@ -169,7 +174,7 @@ def encode_controls(p: Prepared, variant: Variant, cfg, vae, dtype) -> None:
     """VAE latents (packed, in order) and vision-encoder images of the job's control images."""
     packed, shapes, vl_images = [], [], []
     for path in p.job.control_image_path:
-        vae_img, vl_img = prepare_control(variant, Image.open(path), (p.job.width, p.job.height),
+        vae_img, vl_img = prepare_control(variant, imageio.read_rgb(path), (p.job.width, p.job.height),
                                           cfg.resize_control_to_official_size, cfg.resize_control_to_image_size)
         latents = encode_pixels(vae, pil_to_pixels(vae_img))           # (1, 16, 1, h, w) normalised
         packed.append(pack(latents).to(dtype))
@@ -308,6 +313,7 @@ def save_outputs(p: Prepared, latents: torch.Tensor, cfg, variant: Variant, vae,
 
 def decode_and_save(vae, unpacked: torch.Tensor, save_dir: Path, seed: int, suffix: str, params) -> Path:
     pixels = decode_latents(vae, unpacked)       # (1, 3, H, W) in [0, 1]
+    check_finite_image(pixels, f"image of seed {seed}")
     return save_image(to_pil(pixels[0]), save_dir, seed, suffix, params)
 
 

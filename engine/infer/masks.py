@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.models.latents import unpack
+from engine.spec import imageio
 from engine.spec.controls import cover_crop
 from engine.spec.events import RcmStep
 from engine.spec.jobs import Job
@@ -23,7 +24,7 @@ from engine.spec.jobs import Job
 def load_mask_tokens(path: str | Path, width: int, height: int) -> torch.Tensor:
     """(1, S, 1) soft mask on the token grid: cover-resize + centre crop to the output size, red channel,
     bilinear down to (H/16, W/16), mapped to [0, 1]."""
-    image = cover_crop(Image.open(path).convert("RGB"), (width, height))
+    image = cover_crop(imageio.read_rgb(path), (width, height))
     red = torch.from_numpy(np.asarray(image, dtype=np.float32)[..., 0] / 255.0 * 2.0 - 1.0)
     grid = F.interpolate(red[None, None], size=(height // 16, width // 16), mode="bilinear", align_corners=False)
     return ((grid + 1.0) / 2.0).reshape(1, -1, 1)

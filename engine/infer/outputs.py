@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from engine.models.safetensors_io import save_file_atomic
 from engine.spec import naming
+from engine.spec.errors import ModelFileError, NumericError
 
 PARAMETERS_KEY = naming.PNG_PARAMETERS_KEY
 
@@ -100,8 +101,21 @@ def load_latent(path: str | Path) -> tuple[torch.Tensor, dict]:
         metadata = f.metadata() or {}
         latent = f.get_tensor("latent")
     if latent.ndim == 4:
-        latent = latent.unsqueeze(0)
+        latent = latent.unsqueeze(0)           # musubi's (16, 1, h, w) → (1, 16, 1, h, w)
+    if not bool(torch.isfinite(latent).all()):
+        raise ModelFileError(f"--latent_path {path}: the latent contains NaN or infinite values, so it cannot be "
+                             "decoded into an image.", "Generate it again (the run that wrote it went wrong: try "
+                             "another seed, fewer steps or without fp8).")
     return latent, metadata
+
+
+def check_finite_image(pixels: torch.Tensor, what: str) -> None:
+    """A decoded image with NaN/inf (a diverged DiT, a broken LoRA, fp16 overflow) is refused: clamping would
+    save it as a black or grey picture that looks like a result."""
+    if not bool(torch.isfinite(pixels).all()):
+        raise NumericError(f"{what}: the decoded image contains NaN or infinite values, so nothing was saved.",
+                          "The model produced invalid numbers: check the LoRA (--lora_weight) and the DiT file, try "
+                          "without --fp8_base/--fp8_scaled, or with fewer --infer_steps or another --guidance_scale.")
 
 
 def elapsed(start: float) -> float:

@@ -29,9 +29,9 @@ from accelerate import init_empty_weights
 
 from engine.models.runtime import compute_dtype
 from engine.models.safetensors_io import Transform, iter_tensors, torch_dtype
-from engine.spec import downloads
+from engine.spec import downloads, model_bounds
 from engine.spec.errors import ModelFileError
-from engine.spec.safetensors_header import FP8_DTYPES, TensorInfo, read_header
+from engine.spec.safetensors_header import FLOAT_DTYPES, FP8_DTYPES, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def config_from_metadata(path: str | os.PathLike) -> dict | None:
         return None
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ModelFileError(f"{header.path}: metadata key 'config' is not valid JSON ({e}).",
                              "Re-save the file with a valid config, or remove the key to use the published "
                              "config.") from None
@@ -71,12 +71,18 @@ def resolve_config(files: Iterable[str | os.PathLike], published: Mapping,
     for f in files:
         cfg = config_from_metadata(f)
         if cfg is not None:
-            return cfg, f"the 'config' metadata of {f}"
+            source = f"the 'config' metadata of {f}"
+            model_bounds.check_config(cfg, source)          # before anything is built from it
+            return cfg, source
     if folder_config is not None and Path(folder_config).is_file():
         try:
-            return json.loads(Path(folder_config).read_text(encoding="utf-8")), str(folder_config)
-        except (OSError, json.JSONDecodeError) as e:
+            cfg = json.loads(Path(folder_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
             raise ModelFileError(f"{folder_config}: cannot read config ({e}).", "Download it again.") from None
+        if not isinstance(cfg, dict):
+            raise ModelFileError(f"{folder_config}: is not a JSON object.", "Download it again.")
+        model_bounds.check_config(cfg, str(folder_config))
+        return cfg, str(folder_config)
     return dict(published), "the published config (the file has no 'config' metadata)"
 
 
@@ -107,6 +113,16 @@ def check_not_prequantized(tensors: TensorMap, component: str, variant: str | No
         "fp8_scaled / fp8_e4m3fn checkpoints cannot be used.",
         f"{downloads.hint(component, variant)} Download the bf16 file; --fp8_base/--fp8_scaled (DiT) or "
         "--fp8_vl (text encoder) store it in fp8 at load time.")
+
+
+def check_float_tensors(tensors: TensorMap, what: str, skip: Callable[[str], bool] = lambda k: False) -> None:
+    """Weights are floating-point: an integer tensor (a damaged file, or a quantization format we cannot read)
+    would be cast into nonsense weights. From headers only."""
+    for key, (path, info) in tensors.items():
+        if info.dtype not in FLOAT_DTYPES and not skip(key):
+            raise ModelFileError(f"{path}: tensor {key!r} is stored as {info.dtype} (integers), but a {what} holds "
+                                 "floating-point weights.", "The file is damaged or quantized in a format this "
+                                 "engine cannot read; use the bf16/fp16/fp32 safetensors file.")
 
 
 # ---------------------------------------------------------------------------------------------- build + check
@@ -148,6 +164,12 @@ def check_shapes(model: torch.nn.Module, tensors: TensorMap, config_source: str,
     expected = model.state_dict()
     first_file = next(iter(sorted({str(p) for p, _ in tensors.values()})), "<no files>")
     for name, param in expected.items():
+        if name in found and param.is_floating_point() and found[name][2].dtype not in FLOAT_DTYPES:
+            key, path, info = found[name]
+            raise ModelFileError(
+                f"{path}: tensor {key!r} is stored as {info.dtype} (integers), but the {what} needs floating-point "
+                "weights there.", "The file is damaged or quantized in a format this engine cannot read; use the "
+                "bf16/fp16/fp32 safetensors file.")
         if name in found and tuple(found[name][2].shape) != tuple(param.shape):
             key, path, info = found[name]
             raise ModelFileError(

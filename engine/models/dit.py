@@ -166,8 +166,18 @@ def check_edit_evidence(tensors: common.TensorMap, path: Path, variant) -> None:
 def check_dit_headers(path: str, variant) -> None:
     """The DiT's kind and edit evidence from its headers (milliseconds), so a wrong file or a missing edit mode
     fails before the text encoder has run or a training dataset is opened."""
-    files, _ = dit_files(path)
+    files, folder_config = dit_files(path)
     tensors = read_headers(files)
     check_is_qwen_dit(tensors, files[0])
     fp8_files.check_dit(files, tensors, variant.name)
+    common.check_float_tensors(tensors, "Qwen-Image DiT", skip=lambda k: strip_prefix(k) is None)
+    common.resolve_config(files, PUBLISHED_DIT_CONFIG, folder_config)     # its 'config' within sane bounds
     check_edit_evidence(tensors, Path(path), variant)
+
+
+def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Module key (diffusers names) → shape of every tensor of the DiT, from its headers: what a LoRA is checked
+    against before anything loads."""
+    files, _ = dit_files(path)
+    return {name: tuple(info.shape) for key, (_, info) in read_headers(files).items()
+            if (name := strip_prefix(key)) is not None}

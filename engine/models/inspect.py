@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.spec import naming
+from engine.spec import model_bounds
 from engine.spec.errors import EngineError, OptionError
 from engine.spec.safetensors_header import DTYPE_SHORT, FP8_DTYPES, TensorInfo, expand_shards, read_header
 from engine.spec.variants import VARIANTS
@@ -183,7 +184,7 @@ def inspect_path(path: str | Path) -> dict:
         problems += _fp8_problems(tensors)
     variant, notes = _variant(ident, tensors, metadata, path)
     result["variant"] = variant
-    problems += notes + _size_problems(ident, tensors, metadata)
+    problems += notes + _size_problems(ident, tensors, metadata) + _config_problems(metadata)
     if ident.component == "unknown":
         problems.append(f"unrecognised: {ident.description}")
     result["problems"] = problems
@@ -191,6 +192,20 @@ def inspect_path(path: str | Path) -> dict:
         result["can_caption"] = lm_head_state(tensors, _config(metadata) or _folder_config(path)) != "missing"
     result["description"] = ident.description  # for the table; not part of the JSON contract
     return result
+
+
+def _config_problems(metadata: dict) -> list[str]:
+    """The 'config' metadata against engine/spec/model_bounds.py (what the loaders refuse before building)."""
+    text = metadata.get("config")
+    if text is None:
+        return []
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError):
+        return ["metadata 'config' is not valid JSON"]
+    if not isinstance(config, dict):
+        return ["metadata 'config' is not a JSON object"]
+    return [f"metadata 'config': {p}" for p in model_bounds.config_problems(config)]
 
 
 def _files(path: Path) -> list[Path]:

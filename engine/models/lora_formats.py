@@ -91,11 +91,12 @@ def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = Non
     grouped, styles, unknown = _group(tensors)
     if unknown:
         raise foreign_error(path, unknown, len(tensors))
+    _check_values(path, tensors)
     peft_alpha = _peft_alphas(metadata)
     out = LoraFile(path, "")
     kinds = set()
     for module, parts in grouped.items():
-        factor = _factor(path, module, parts, peft_alpha)
+        factor = _checked_factor(path, module, parts, peft_alpha)
         out.factors[module] = factor
         kinds.add(factor.kind)
     out.format = format_of(kinds, styles)
@@ -127,6 +128,36 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict | None:
     cfg = {k.removeprefix("transformer."): v for k, v in cfg.items()}
     return {"alpha": cfg.get("lora_alpha"), "r": cfg.get("r"), "alpha_pattern": cfg.get("alpha_pattern") or {},
             "rank_pattern": cfg.get("rank_pattern") or {}}
+
+
+def _check_values(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Factors are floating-point numbers without NaN/inf: an integer tensor or a NaN would silently turn the
+    merged DiT weights into garbage (or NaN images)."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise ModelFileError(f"LoRA file {path}: tensor {key!r} is stored as {str(t.dtype).removeprefix('torch.')}"
+                                 ", not as floating-point numbers.", "The file is damaged or not a LoRA; re-export "
+                                 "it in fp16/bf16/fp32.")
+        if not bool(torch.isfinite(t).all()):
+            raise ModelFileError(f"LoRA file {path}: tensor {key!r} contains NaN or infinite values.",
+                                 "The LoRA's training diverged or the file is damaged; use an earlier checkpoint.")
+
+
+def _checked_factor(path: Path, module: str, parts: dict[str, torch.Tensor], peft: dict | None) -> LoraFactor:
+    """The factor of one module, with its shapes proven to combine: the delta is built on the meta device (shapes
+    only, no memory), so a damaged file is one error naming the module, not a crash inside a merge."""
+    try:
+        factor = _factor(path, module, parts, peft)
+        delta = factor.delta("meta")
+    except (IndexError, RuntimeError, ValueError, ZeroDivisionError) as e:
+        shapes = {k: list(v.shape) for k, v in parts.items()}
+        raise ModelFileError(f"LoRA file {path}: the factors of {module} {shapes} do not form a weight delta "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).",
+                             "The file is damaged; re-export it.") from None
+    if delta.ndim != 2:
+        raise ModelFileError(f"LoRA file {path}: the factors of {module} give a {delta.ndim}-D delta, not a Linear "
+                             "weight.", "Qwen-Image has Linear layers only; use a Linear LoRA.")
+    return factor
 
 
 def _factor(path: Path, module: str, parts: dict[str, torch.Tensor], peft: dict | None) -> LoraFactor:
@@ -187,6 +218,20 @@ def _require(path, module, parts, names, what) -> None:
 
 # ---------------------------------------------------------------------------------------------- applying
 
+def check_fits(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every module of `lora` names a weight of the DiT whose `shapes` (from its headers) match the delta: a LoRA
+    for another model size is refused before any model loads."""
+    for module, factor in lora.factors.items():
+        shape = shapes.get(module + ".weight")
+        delta = tuple(factor.delta("meta").shape)
+        if shape is None:
+            raise ModelFileError(f"LoRA file {lora.path}: module {module} is not a layer of this DiT.",
+                                 "The LoRA was made for a different model (or number of blocks).")
+        if delta != shape:
+            raise ModelFileError(f"LoRA file {lora.path}: {module} gives a {delta} delta but the DiT weight is "
+                                 f"{shape}.", "The LoRA was made for a model of another size.")
+
+
 def _checked(model: torch.nn.Module, loras: Iterable[tuple[LoraFile, float]]) -> list[tuple[str, LoraFactor, float]]:
     modules = dict(model.named_modules())
     work = []
@@ -197,9 +242,10 @@ def _checked(model: torch.nn.Module, loras: Iterable[tuple[LoraFile, float]]) ->
                 raise ModelFileError(f"LoRA file {lora.path}: module {path} is not a Linear layer of this DiT.",
                                      "The LoRA was made for a different model (or number of blocks).")
             expected = tuple(layer.weight.shape)
-            if tuple(factor.out_in()) != expected:
+            if tuple(factor.delta("meta").shape) != expected:
                 raise ModelFileError(
-                    f"LoRA file {lora.path}: {path} gives a {tuple(factor.out_in())} delta but the DiT weight is "
+                    f"LoRA file {lora.path}: {path} gives a {tuple(factor.delta('meta').shape)} delta but the DiT "
+                    "weight is "
                     f"{expected}.", "The LoRA was made for a model of another size.")
             work.append((path, factor, mult))
     return work
@@ -241,8 +287,9 @@ class LoraMerger:
             return tensor
         merged = tensor.float()
         for lora, factor, mult in entries:
-            if tuple(factor.out_in()) != tuple(tensor.shape):
-                raise ModelFileError(f"LoRA file {lora.path}: {key} gives a {tuple(factor.out_in())} delta but the "
+            if tuple(factor.delta("meta").shape) != tuple(tensor.shape):
+                raise ModelFileError(f"LoRA file {lora.path}: {key} gives a {tuple(factor.delta('meta').shape)} "
+                                     "delta but the "
                                      f"DiT weight is {tuple(tensor.shape)}.", "The LoRA was made for another model.")
             merged = merged + mult * factor.delta(tensor.device)
         self.used.add(key)

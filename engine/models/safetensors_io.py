@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 import safetensors.torch
 
+from engine.spec.diskio import fsync_dir, reporting
 from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import DTYPE_INFO, Header, expand_shards, read_header
 
@@ -179,27 +180,22 @@ def _numel(shape) -> int:
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """A temp path beside `path` to write to; when the block ends normally the file is fsynced and renamed over
-    `path` (readers see the old file or the whole new one, never a partial one); otherwise it is removed."""
+    `path` (readers see the old file or the whole new one, never a partial one); otherwise it is removed.
+    The temp name carries our pid, so a later run can tell a killed save's leftover from a live one
+    (engine/train/checkpoints.py `remove_dead_temps`). A disk error (full, read-only, no permission) is one
+    DiskError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with reporting(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with reporting(path):
+            yield tmp
+        with reporting(path):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening a folder; the data itself is already synced
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

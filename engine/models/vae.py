@@ -195,4 +195,4 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     z = z.to(device=vae.device, dtype=vae.dtype)
     mean, std = _latent_stats(vae, z)
     image = vae.decode(z * std + mean).sample[:, :, 0]
-    return (image.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
+    return (image.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)    # clamp keeps NaN: callers check (infer/outputs.py)

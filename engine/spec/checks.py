@@ -12,15 +12,16 @@ size (the blend needs the reference on the output's token grid).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from engine.spec import imageio
 from engine.spec.config import check_value, option_fields
 from engine.spec.controls import control_sizes
 from engine.spec.errors import ModelFileError, OptionError
 from engine.spec.jobs import JOB_FIELDS, Job
 from engine.spec.options import GenerateImageConfig
+from engine.spec.safetensors_header import FLOAT_DTYPES, read_header
 from engine.spec.variants import Variant
 
 
@@ -35,6 +36,7 @@ def check_run_files(cfg) -> None:
     if cfg.latent_path:
         for p in cfg.latent_path:
             _require_file(p, "--latent_path", "a latent file written with --output_type latent")
+            check_latent_file(p)
         return
     _require_file(cfg.dit, "--dit", "the Qwen-Image DiT (.safetensors file, shard or transformer/ folder)")
     _require_file(cfg.text_encoder, "--text_encoder", "Qwen2.5-VL (qwen_2.5_vl_7b.safetensors or a folder)")
@@ -107,14 +109,43 @@ def _require_file(path: str | None, option: str, what: str) -> None:
         raise ModelFileError(f"{option} {path}: no such file or folder", f"check the path of {what}")
 
 
+MAX_LATENT_SIDE = 1024        # latent units (8 px each): an 8192-px image side
+
+
+def check_latent_file(path: str) -> None:
+    """A --latent_path file (ours or musubi's) from its header: a safetensors file with a floating-point `latent`
+    of shape (1, 16, 1, h, w) or (1, 16, h, w) and a plausible size; readable `parameters` metadata if present."""
+    fix = "Pass a latent file written by generate_image --output_type latent (or latent_images)."
+    header = read_header(path)                    # not safetensors / truncated: its own clear error
+    info = header.tensors.get("latent")
+    if info is None:
+        raise ModelFileError(f"--latent_path {path}: has no 'latent' tensor (it holds "
+                             f"{', '.join(list(header.tensors)[:3]) or 'no tensors'}).", fix)
+    shape = info.shape if len(info.shape) != 4 else (1, *info.shape)      # musubi's (16, 1, h, w)
+    if info.dtype not in FLOAT_DTYPES or len(shape) != 5 or shape[:3] != (1, 16, 1) \
+            or not all(1 <= s <= MAX_LATENT_SIDE for s in shape[-2:]):
+        raise ModelFileError(f"--latent_path {path}: 'latent' is {info.dtype} {list(info.shape)}; a Qwen-Image "
+                             f"latent is floating-point (1, 16, 1, h, w) with h, w in 1..{MAX_LATENT_SIDE}.", fix)
+    text = header.metadata.get("parameters")
+    if text is not None:
+        try:
+            if not isinstance(json.loads(text), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as e:
+            raise ModelFileError(f"--latent_path {path}: its 'parameters' metadata is not a JSON object ({e}).",
+                                 "Re-save the latent, or pass --no_metadata to decode it without its "
+                                 "parameters.") from None
+
+
 def _image_size(path: str, what: str) -> tuple[int, int]:
+    """Decoded once (control images and masks are small), so a truncated file is refused now, not after the
+    models have loaded."""
     if not Path(path).is_file():
         raise OptionError(f"{what} {path}: no such file", "check the path")
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise OptionError(f"{what} {path}: not a readable image ({e})", "use a PNG, JPEG or WebP file") from None
+        return imageio.decoded_size(path)
+    except imageio.ImageError as e:
+        raise OptionError(f"{what} {e.message}", e.hint) from None
 
 
 # ------------------------------------------------------------------ rules shared by the estimator and the stages

@@ -15,7 +15,6 @@ import ast
 import dataclasses
 import difflib
 import os
-import tempfile
 import tomllib
 import types
 import typing
@@ -25,6 +24,7 @@ from typing import Any
 
 import tomli_w
 
+from engine.spec.diskio import atomic_write_text  # noqa: F401  (re-exported: callers import it from here)
 from engine.spec.options import (  # noqa: F401  (re-exported: engine.spec.config is the one import point)
     MODEL_VERSIONS, EDIT_VERSIONS, DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, ConfigError, opt, CommonOptions,
     ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions, DatasetOption, CachingOptions, Fp8VlOption,
@@ -308,21 +308,6 @@ def toml_text(cfg, only_changed: bool = False) -> str:
         if f.name in values:
             grouped.setdefault(f.metadata["group"].lower().replace(" ", "_"), {})[f.name] = values[f.name]
     return tomli_w.dumps(grouped)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,3 +38,8 @@ class ConfigError(OptionError, ValueError):
 
 class CacheError(EngineError):
     kind = "cache"
+
+
+class NumericError(EngineError):
+    """NaN or infinite numbers where a result was expected (a diverged training step, a NaN decode)."""
+    kind = "numeric"

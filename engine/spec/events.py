@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TextIO
 
@@ -191,7 +193,7 @@ class EventWriter:
         if type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type!r}")
         event = {"type": type, "time": round(time.time(), 3), **fields}
-        line = json.dumps(event, default=_jsonable, ensure_ascii=False)
+        line = json.dumps(finite(event), default=_jsonable, ensure_ascii=False, allow_nan=False)
         with self._lock:
             if self._file:
                 self._file.write(line + "\n")
@@ -251,7 +253,12 @@ class EventLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.writer.log(record.levelname.lower(), record.getMessage())
+            message = record.getMessage()
+            if record.exc_info:          # log.exception(...): the traceback is what the user sends with a bug
+                message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            elif record.exc_text:
+                message += "\n" + record.exc_text
+            self.writer.log(record.levelname.lower(), message)
         except Exception:  # logging must never take the engine down
             self.handleError(record)
 
@@ -297,9 +304,26 @@ def _short(v: Any) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
+def finite(v: Any) -> Any:
+    """`v` with every NaN / infinity (also inside lists and dicts, and numpy/torch scalars) as None: JSON has no
+    NaN, and a bare `NaN` in a line makes strict parsers (jq, browsers' JSON.parse) reject the whole event."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    if hasattr(v, "item"):             # numpy / torch scalars
+        try:
+            return finite(v.item())
+        except (TypeError, ValueError, RuntimeError):
+            return v
+    return v
+
+
 def _jsonable(v: Any):
     if hasattr(v, "item"):
-        return v.item()
+        return finite(v.item())
     return str(v)
 
 

@@ -411,16 +411,27 @@ class CacheTextEncoderConfig(CommonOptions, ModelVersionOptions, TextEncoderOpti
 
 
 @dataclass
-class TrainNetworkConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions,
-                         DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, NetworkOptions,
-                         EmaOptions, ValidationOptions):
+class RunSafetyOptions:
+    """How a training run treats earlier work and invalid numbers (engine/spec/run_outputs.py, engine/train/loop.py)."""
+    overwrite: bool = opt(False, "Replace the outputs of an earlier run with the same --output_name in --output_dir "
+                                 "(without it such a run is refused, so nothing is lost by accident).",
+                          group="Saving")
+    skip_nan_steps: bool = opt(False, "Skip an optimizer step whose loss is NaN/inf (counted and reported) instead "
+                                      "of stopping the run with an error.", group="Optimizer", advanced=True)
+
+
+@dataclass
+class TrainNetworkConfig(RunSafetyOptions, CommonOptions, ModelVersionOptions, DitOption, VaeOption,
+                         TextEncoderOptions, DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption,
+                         NetworkOptions, EmaOptions, ValidationOptions):
+    # RunSafetyOptions first: its fields come last
     pass
 
 
 @dataclass
-class TrainConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions, DatasetOption,
-                  TrainAttentionOptions, TrainingOptions, Fp8VlOption, FinetuneOptions, EmaOptions,
-                  ValidationOptions):
+class TrainConfig(RunSafetyOptions, CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions,
+                  DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, FinetuneOptions,
+                  EmaOptions, ValidationOptions):
     pass
 
 

@@ -40,6 +40,7 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_HEADER_NESTING = 64                # tensor table → entry → shape list, plus nested metadata at most
 SHARD_RE = re.compile(r"^(.*?)(\d+)-of-(\d+)\.safetensors$")
 
 NOT_SAFETENSORS_HINT = ("Download the .safetensors file (see the download table in the README or the Models tab); "
@@ -133,9 +134,13 @@ def read_header(path: str | os.PathLike) -> Header:
         raw = f.read(n)
     if not raw.lstrip().startswith(b"{"):
         raise _not_safetensors(path, head + raw[:56], "the header is not a JSON object")
+    if _nesting(raw) > MAX_HEADER_NESTING:   # json.loads would recurse until Python's stack limit
+        raise ModelFileError(f"{path}: the safetensors header nests deeper than {MAX_HEADER_NESTING} levels; a "
+                             "real header is a flat table of tensors.", "The file is damaged or crafted; download "
+                             "it again from the model's page.")
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelFileError(f"{path}: the safetensors header JSON is broken ({e}).",
                              "The file is damaged; download it again.") from None
     if not isinstance(doc, dict):
@@ -158,9 +163,23 @@ def _parse_header(path: Path, doc: dict, data_start: int, size: int) -> Header:
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, size)
 
 
+def _nesting(raw: bytes) -> int:
+    """The deepest bracket nesting of a JSON text (brackets inside strings counted too: an upper bound)."""
+    depth = deepest = 0
+    for byte in raw.translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 def _parse_entry(path: Path, name: str, entry) -> TensorInfo:
     try:
-        dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if not all(type(x) is int and x >= 0 for x in (*shape, start, end)) or not isinstance(dtype, str):
+            raise ValueError("dtype must be a name; shape and data_offsets non-negative integers")
     except (TypeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: header entry for tensor {name!r} is malformed ({e!r}).",
                              "Download the file again.") from None

@@ -17,10 +17,12 @@ API:
 - `check_same_world(path, num_processes)`                                        refuse another process count
 - `prune(cfg, kind, current)`                                                      save_last_n_* policy
 - `remove_dead_temps(output_dir, output_name)`                                     temp files of killed saves
+- `remove_state_leftovers(output_dir, output_name)`                                `.tmp`/`.old` state folders
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -71,16 +73,29 @@ def prune(cfg, kind: str, current: int) -> list[Path]:
 
 
 def remove_dead_temps(output_dir: str | Path, output_name: str) -> list[Path]:
-    """Temp files of model saves whose process was killed mid-write (kill -9, power loss): hidden
-    `.<output_name>….safetensors.tmp-<pid>` files whose pid is gone. Users never load them, but a full-finetune
-    temp is 40 GB. (State temp folders have fixed names; the next save of that state clears its own.)"""
-    pattern = re.compile(r"\." + re.escape(output_name) + r".*\.safetensors\.tmp-(\d+)")
+    """Temp files of saves whose process was killed mid-write (kill -9, power loss): hidden
+    `.<output_name>….tmp-<pid>[-<random>]` files (model files, the run TOML) whose pid is gone. Users never load
+    them, but a full-finetune temp is 40 GB. (State temp folders: remove_state_leftovers.)"""
+    pattern = re.compile(r"\." + re.escape(output_name) + r".*\.tmp-(\d+)(?:-\w+)?")
     removed = []
-    for path in Path(output_dir).glob(f".{output_name}*.tmp-*"):
+    for path in Path(output_dir).glob(f".{glob.escape(output_name)}*.tmp-*"):
         m = pattern.fullmatch(path.name)
         if m and path.is_file() and not _pid_alive(int(m.group(1))):
             path.unlink()
             removed.append(path)
+    return removed
+
+
+def remove_state_leftovers(output_dir: str | Path, output_name: str) -> list[Path]:
+    """Hidden `.<name>…-state.tmp` / `.<name>…-state.old` folders of a state save that was interrupted (kill -9,
+    power loss, disk full). A `.tmp` never became a state and an `.old` was already replaced, so neither holds
+    anything --resume would use; left in place they would make the next save of that state fail."""
+    removed = []
+    for suffix in (".tmp", ".old"):
+        for path in Path(output_dir).glob(f".{glob.escape(output_name)}*{naming.STATE_SUFFIX}{suffix}"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -148,6 +163,8 @@ def save_state(accelerator, path: Path, progress: dict,
         (tmp / STATE_JSON).write_text(json.dumps(progress, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
+        if old.exists():                        # left by an interrupted save: os.replace cannot rename over it
+            shutil.rmtree(old)
         if path.exists():                       # replace an older state of the same name: keep it until the end
             os.replace(path, old)
         os.replace(tmp, path)

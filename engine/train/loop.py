@@ -36,7 +36,8 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from engine.models.dit import check_dit_headers
 from engine.models.runtime import resolve_device
-from engine.spec.errors import OptionError
+from engine.spec.errors import NumericError, OptionError
+from engine.spec.run_outputs import existing_outputs
 from engine.spec.variants import get_variant
 from engine.train import ema as E
 from engine.train import samples
@@ -52,6 +53,7 @@ from engine.train.trainee import dit_dtype, full_trainee, lora_trainee
 from engine.train.validate import check_batches, check_config, open_dataset
 
 log = logging.getLogger(__name__)
+MAX_NAN_RUN = 10           # --skip_nan_steps: this many failed steps in a row stop the run (the model is broken)
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Run:
         self.schedule = make_schedule(cfg, data.num_batches, self.world)
         self.outputs: list[str] = []
         self.losses: list[float] = []
+        self.nan_steps, self.nan_run = 0, 0        # skipped steps (--skip_nan_steps): all, and in a row
         self.items = ItemCache(data)
         self.validation = None
 
@@ -135,8 +138,12 @@ class Run:
         cfg = self.cfg
         if self.main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            for path in ckpt.remove_dead_temps(cfg.output_dir, cfg.output_name):
-                log.info("removed %s, left by a save that was killed", path.name)
+            for path in ckpt.remove_dead_temps(cfg.output_dir, cfg.output_name) + \
+                    ckpt.remove_state_leftovers(cfg.output_dir, cfg.output_name):
+                log.info("removed %s, left by a save that was interrupted", path.name)
+            if cfg.overwrite and not cfg.resume:
+                for path in existing_outputs(cfg.output_dir, cfg.output_name):
+                    log.warning("--overwrite: %s of an earlier run with this name will be replaced", path.name)
             self.outputs.append(str(write_run_config(cfg, "train" if self.full else "train_network")))
             emit_estimate(cfg, self.data, self.events, self.full)
         self.sampler = TimestepSampler.from_config(cfg)
@@ -231,10 +238,14 @@ class Run:
             pending += 1
             if pending < cfg.gradient_accumulation_steps and i + 1 < sch.micro_per_epoch:
                 continue
-            self._optimizer_step()
+            loss = self._mean_loss(loss_sum / pending)   # the same on every process, so all take the same branch
+            if math.isfinite(loss) and self._optimizer_step():
+                self.nan_run = 0
+            else:
+                self._skip_nan_step(loss)
             self.step += 1
             self.micro_next = (epoch, i + 1)
-            self._after_step(self._mean_loss(loss_sum / pending))
+            self._after_step(loss)
             pending, loss_sum = 0, 0.0
             if self.step >= sch.total_steps:
                 if i + 1 == sch.micro_per_epoch:       # the budget ends with the epoch: its end still counts
@@ -254,10 +265,11 @@ class Run:
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
+        """Apply the accumulated gradients; False (nothing applied) when their norm is NaN/inf."""
         if self.fused:                       # already stepped parameter by parameter during backward
             self.scheduler.step()
-            return
+            return True
         if self.world > 1:
             for p in self.params:
                 if p.grad is not None:
@@ -265,7 +277,9 @@ class Run:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            if not self.scaler and not bool(torch.isfinite(norm)):   # fp16's scaler skips such steps itself
+                return False
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -273,6 +287,32 @@ class Run:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _skip_nan_step(self, loss: float) -> None:
+        """A step whose loss (or gradient) is NaN/inf: its update would make every weight NaN, and every later
+        save a broken file. Without --skip_nan_steps the run stops here with one clear error, before any save;
+        with it the step is dropped (no weight changes), counted and reported. Fused backward has already
+        applied its update during backward, so it always stops; so does a run whose steps keep failing."""
+        cfg = self.cfg
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        self.nan_steps += 1
+        self.nan_run += 1
+        if not cfg.skip_nan_steps or self.fused or self.nan_run > MAX_NAN_RUN:
+            why = ("--fused_backward_pass has already applied it" if cfg.skip_nan_steps and self.fused else
+                   f"{self.nan_run} steps in a row failed" if cfg.skip_nan_steps else "")
+            raise NumericError(
+                f"training step {self.step + 1}: the {what} is "
+                f"{'NaN' if what != 'loss' or math.isnan(loss) else 'infinite'}"
+                f"{f' ({why})' if why else ''}; the run was stopped before saving anything from this step on "
+                f"(saves of earlier steps are kept).",
+                "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, check the dataset's caches "
+                "(cache again with --skip_existing off) and the DiT/--network_weights files; or add "
+                "--skip_nan_steps to drop such steps and go on.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()                                 # the schedule follows the step count, as usual
+        log.warning("step %d: %s is NaN/inf; step skipped (--skip_nan_steps), %d so far", self.step + 1, what,
+                    self.nan_steps)
 
     def _mean_loss(self, loss: torch.Tensor) -> float:
         if self.world > 1:
@@ -284,16 +324,21 @@ class Run:
         cfg, sch = self.cfg, self.schedule
         if self.ema:
             self.ema.update(self.step)
-        self.losses.append(loss)
-        recent = self.losses[-sch.steps_per_epoch:]
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        recent = self.losses[-sch.steps_per_epoch:] or [float("nan")]
         done = self.step - self.start_step
         elapsed = time.time() - self.started
         lrs = {f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups,
                                                                               self._current_lrs()))}
+        if not math.isfinite(loss):                       # a skipped step (--skip_nan_steps): no point on the curve
+            loss = float("nan")
         if self.main:
             self.events.progress(self.step, sch.total_steps, unit="step",
                                  eta_s=round(elapsed / done * (sch.total_steps - self.step), 1), epoch=self.epoch + 1)
             extra = {"lrs": lrs} if len(lrs) > 1 else {}              # LoRA+: lr/unet and lr/unet plus
+            if self.nan_steps:
+                extra["skipped_nan_steps"] = self.nan_steps
             self.events.metric(self.step, loss=round(loss, 6), lr=next(iter(lrs.values())),
                                avg_loss=round(sum(recent) / len(recent), 6), it_s=round(done / elapsed, 4),
                                epoch=self.epoch + 1, **extra)
@@ -367,6 +412,7 @@ class Run:
               with_state: bool | None = None) -> None:
         cfg = self.cfg
         self.acc.wait_for_everyone()
+        self._check_finite_weights(model_file)
         if self.main:
             self.events.phase("saving", step=self.step)
             for path in self.t.save(model_file, self._stats()) + E.save_beside(self.ema, self.t.save, model_file,
@@ -391,6 +437,15 @@ class Run:
             self.events.phase("training", total=self.schedule.total_steps)
         self.acc.wait_for_everyone()
 
+    def _check_finite_weights(self, model_file: Path) -> None:
+        """Never write a file of NaN weights (it would load, and make black images): the last guard, for a NaN
+        that no loss showed (e.g. an overflow inside the optimizer)."""
+        bad = next((p for p in self.params if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            raise NumericError(f"step {self.step}: the trained weights contain NaN/inf, so {model_file.name} was not "
+                               "saved (earlier saves are kept).", "Lower --learning_rate or use --mixed_precision "
+                               "bf16, then resume from the last good state or start again.")
+
     def _save_interrupted(self) -> None:
         """Stopped (SIGINT from the Jobs tab or Ctrl-C): keep what was trained, at the last finished step."""
         if self.step == 0 or not hasattr(self, "micro_next"):
@@ -408,3 +463,6 @@ class Run:
                 self.acc.end_training()
             if self.losses:
                 log.info("loss: first %.5f, last %.5f (%d steps)", self.losses[0], self.losses[-1], self.step)
+            if self.nan_steps:
+                log.warning("%d of %d steps were skipped because their loss or gradient was NaN/inf "
+                            "(--skip_nan_steps)", self.nan_steps, self.step)

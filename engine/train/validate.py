@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.data.cached import CachedDataset
 from engine.spec.checks import check_fp8_scaled
 from engine.spec.errors import OptionError
+from engine.spec.run_outputs import check_name_free
 from engine.train.checkpoints import read_progress
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def _check_saving(cfg) -> None:
                           "Put the folder into --output_dir and give only the name, e.g. my_lora.")
     if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise OptionError(f"--output_dir {cfg.output_dir} is a file.", "Give a folder.")
+    check_name_free(cfg)
 
 
 def _check_samples(cfg) -> None:

@@ -12,8 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from engine.spec import imageio
 from engine.spec.dataset.buckets import BucketSelector, control_size
 from engine.spec.dataset.schema import DatasetConfig, DatasetSpec, load_dataset_config
 from engine.spec.dataset.masks import attach_masks, check_mask
@@ -113,6 +112,8 @@ def _plan_dataset(spec: DatasetSpec, edit: bool | None, version: str | None, pro
 
 def _missing_caption(item: Item, spec: DatasetSpec, plan: DatasetPlan, problems: list[Problem]) -> None:
     expected = item.image_path.with_name(item.stem + spec.caption_extension)
+    if not spec.image_jsonl_file and expected.is_file():
+        return           # there but unreadable: its reader (sources._read_caption) reported it, once
     where = str(item.image_path) if spec.image_jsonl_file else str(expected)
     if spec.allow_missing_captions:
         plan.skipped.append(item)
@@ -150,16 +151,12 @@ def _plan_item(item: Item, spec: DatasetSpec, selector: BucketSelector, edit: bo
 
 
 def image_size(path: Path, problems: list[Problem]) -> tuple[int, int] | None:
-    """Fully decode the image once, so a truncated or corrupt file is caught now, not mid-caching."""
+    """Fully decode the image once, so a truncated, corrupt or oversized file is one problem of that file now,
+    not a failure mid-caching (engine/spec/imageio.py)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.size
-    except FileNotFoundError:
-        problems.append(Problem(str(path), "image file not found", "Fix the path, or remove the entry."))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        problems.append(Problem(str(path), f"cannot be read as an image ({type(e).__name__}: {e})",
-                                "Re-export the image (PNG or JPEG) or remove it from the dataset."))
+        return imageio.decoded_size(path)
+    except imageio.ImageError as e:
+        problems.append(Problem(str(path), e.message.removeprefix(f"{path}: ").rstrip("."), e.hint))
     return None
 
 

@@ -126,7 +126,7 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")      # a BOM (Windows editors) is not part of the TOML
     except FileNotFoundError:
         raise DatasetError(f"{path}: dataset config not found.", "Check the path given to --dataset_config.") \
             from None
@@ -223,9 +223,20 @@ def _check_type(key: str, value: Any, types: tuple, where: _KeyLocator) -> Any:
     if key == "caption_dropout_rate" and not 0 <= value <= 1:
         raise DatasetError(f"{where(key)}: 'caption_dropout_rate' is a probability from 0 to 1, got {value}.",
                            "Write e.g. caption_dropout_rate = 0.1 (one step in ten trains without the caption).")
+    if key == "caption_extension":
+        _check_caption_extension(value, where)
     if key in ("batch_size", "num_repeats") and value < 1:
         raise DatasetError(f"{where(key)}: '{key}' must be at least 1, got {value}.", f"Write {key} = 1.")
     return value
+
+
+def _check_caption_extension(value: str, where: _KeyLocator) -> None:
+    """The caption of `a.png` is `a` + caption_extension beside it. A separator or `..` would make it a path
+    that reaches into other folders (`/../../etc/passwd`), so only a plain file-name ending is accepted."""
+    if not value or any(c in value for c in "/\\\0:") or ".." in value or len(value) > 64:
+        raise DatasetError(f"{where('caption_extension')}: caption_extension {value!r} must be a plain file-name "
+                           "ending (no folder separators, '..' or ':'), like \".txt\".",
+                           "Write caption_extension = \".txt\" and keep each caption beside its image.")
 
 
 def _size(key: str, value: Any, where: _KeyLocator) -> tuple[int, int]:

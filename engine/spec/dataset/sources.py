@@ -85,11 +85,18 @@ def _directory_items(spec: DatasetSpec, problems: list[Problem]) -> list[Item]:
 
 
 def _read_caption(path: Path, problems: list[Problem]) -> str | None:
+    """The caption text; a UTF-8 BOM (Notepad writes one) is dropped, not trained on. Unreadable: one problem
+    (the plan then skips the item silently instead of also calling the caption missing)."""
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        problems.append(Problem(str(path), f"caption file cannot be read ({e})", "Save it as UTF-8 text."))
-        return None
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        problems.append(Problem(str(path), f"caption file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                f"position {e.start})", "Save it as UTF-8 text (in most editors: Save as → "
+                                "Encoding: UTF-8)."))
+    except OSError as e:
+        problems.append(Problem(str(path), f"caption file cannot be read ({e.strerror or e})",
+                                "Check the file's permissions."))
+    return None
 
 
 def _attach_controls(items: list[Item], control_dir: Path, problems: list[Problem]) -> None:
@@ -145,8 +152,18 @@ def _jsonl_items(path: Path, problems: list[Problem]) -> list[Item]:
     if not path.is_file():
         problems.append(Problem(str(path), "image_jsonl_file does not exist", "Fix image_jsonl_file."))
         return []
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        problems.append(Problem(str(path), f"image_jsonl_file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                f"position {e.start})", "Save it as UTF-8 text."))
+        return []
+    except OSError as e:
+        problems.append(Problem(str(path), f"image_jsonl_file cannot be read ({e.strerror or e})",
+                                "Check the file's permissions."))
+        return []
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         item = _jsonl_item(f"{path}:{n}", line, problems)
