@@ -120,10 +120,10 @@ def test_state_save_over_a_leftover_old_folder(demo_manifest, data, tmp_path, mo
     out = tmp_path / "run"
     original = ckpt.save_state
 
-    def with_leftover(accelerator, path, progress):
+    def with_leftover(accelerator, path, progress, *extra):
         (Path(path).with_name(f".{Path(path).name}.old") / "junk").mkdir(parents=True, exist_ok=True)
         Path(path).mkdir(exist_ok=True)
-        return original(accelerator, path, progress)
+        return original(accelerator, path, progress, *extra)
 
     monkeypatch.setattr(ckpt, "save_state", with_leftover)
     ok(*lora_run(demo_manifest, data, out, "--save_state"))
