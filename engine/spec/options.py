@@ -246,6 +246,15 @@ class FinetuneOptions:
 
 
 @dataclass
+class BaseModelPrecisionOption:
+    base_model_precision: str = opt(
+        "no_change", "Store the frozen DiT's block weights with bitsandbytes while loading, for LoRA training "
+                     "(QLoRA style): nf4-bnb (4-bit NormalFloat, ~11 GB for the 20B DiT) or int8-bnb (8-bit, "
+                     "~20 GB). SimpleTuner's option name. Not with --fp8_base or --blocks_to_swap; the LoRA file is "
+                     "the same as without it.", group="Memory", choices=("no_change", "nf4-bnb", "int8-bnb"))
+
+
+@dataclass
 class GenerationOptions:
     prompt: Optional[str] = opt(None, "Prompt.", group="Prompt")
     negative_prompt: Optional[str] = opt(None, "Negative prompt (true CFG).", group="Prompt")
@@ -336,7 +345,8 @@ class CacheTextEncoderConfig(CommonOptions, ModelVersionOptions, TextEncoderOpti
 
 @dataclass
 class TrainNetworkConfig(CommonOptions, ModelVersionOptions, DitOption, VaeOption, TextEncoderOptions,
-                         DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, NetworkOptions):
+                         DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption, NetworkOptions,
+                         BaseModelPrecisionOption):
     pass
 
 

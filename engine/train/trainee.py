@@ -2,7 +2,8 @@
 DiT (train). The loop only sees a `Trainee`: the DiT to call, the module whose weights train (saved in states),
 its optimizer parameter groups, and how to write the model file.
 
-The DiT is set up in engine/models/dit_setup.py's order: fp8 quantisation while loading → (LoRA only) the
+The DiT is set up in engine/models/dit_setup.py's order: fp8 (or, LoRA only, bitsandbytes nf4/int8) quantisation
+while loading → (LoRA only) the
 network wraps the block Linears, their own forward, fp8 or not, staying underneath → block swap places the model
 (the LoRA weights stay on the device) → gradient checkpointing (+ activation CPU offload) → attention kernel.
 
@@ -52,7 +53,8 @@ def dit_dtype(cfg, device: torch.device, full: bool) -> torch.dtype:
 
 def load_training_dit(cfg, variant: Variant, device: torch.device, dtype: torch.dtype, fp8: bool) -> nn.Module:
     return dit_setup.load(cfg.dit, variant, device, dtype, fp8=fp8, fp8_scaled=cfg.fp8_scaled,
-                          swap=cfg.blocks_to_swap > 0)
+                          swap=cfg.blocks_to_swap > 0,
+                          base_precision=getattr(cfg, "base_model_precision", "no_change"))   # LoRA only
 
 
 def finish_dit(dit: nn.Module, cfg, device: torch.device, full: bool):

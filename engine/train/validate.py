@@ -8,7 +8,9 @@ import importlib.util
 from pathlib import Path
 
 from engine.data.cached import CachedDataset
-from engine.spec.checks import check_fp8_scaled
+from engine.models import bnb_quant
+from engine.models.runtime import compute_dtype, resolve_device
+from engine.spec.checks import check_base_precision, check_fp8_scaled
 from engine.spec.errors import OptionError
 from engine.train.checkpoints import read_progress
 
@@ -54,6 +56,7 @@ def _check_memory(cfg, full: bool) -> None:
                           "Add --gradient_checkpointing.")
     check_fp8_scaled(cfg)
     if not full:
+        _check_base_precision(cfg)
         return
     if cfg.fp8_base or cfg.fp8_scaled:
         raise OptionError("--fp8_base/--fp8_scaled: fp8 weights cannot be finetuned (musubi turns them off).",
@@ -74,6 +77,17 @@ def _check_memory(cfg, full: bool) -> None:
         if cfg.mixed_precision == "fp16":
             raise OptionError("--fused_backward_pass cannot use fp16's loss scaling (each weight is stepped before "
                               "an overflow could be detected).", "Use --mixed_precision bf16.")
+
+
+def _check_base_precision(cfg) -> None:
+    """nf4/int8 storage of the frozen DiT (engine/models/bnb_quant.py): the option rules of spec/checks.py, then
+    kernels that run on this machine, all before the DiT loads."""
+    mode = cfg.base_model_precision
+    if mode not in bnb_quant.MODES:
+        return
+    check_base_precision(cfg)
+    device = resolve_device(cfg.device)
+    bnb_quant.check_runs(mode, device, compute_dtype(device))
 
 
 def _check_saving(cfg) -> None:
