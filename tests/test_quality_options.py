@@ -11,7 +11,8 @@ from app.forms import gui_fields, values_to_config
 from engine.spec import config as C
 
 CASES = [("base_model_precision", "nf4-bnb", ["--base_model_precision", "nf4-bnb"]),
-         ("base_model_precision", "int8-bnb", ["--base_model_precision", "int8-bnb"])]
+         ("base_model_precision", "int8-bnb", ["--base_model_precision", "int8-bnb"]),
+         ("network_module", "lycoris.kohya", ["--network_module", "lycoris.kohya"])]
 
 
 @pytest.mark.parametrize("name, value, argv", CASES)

@@ -216,8 +216,12 @@ class TrainingOptions:
 
 @dataclass
 class NetworkOptions:
-    network_module: str = opt("networks.lora_qwen_image", "LoRA module (musubi's name is accepted).",
-                              group="Network", choices=("networks.lora_qwen_image", "networks.lora"))
+    network_module: str = opt("networks.lora_qwen_image", "LoRA module (musubi's name is accepted). "
+                                                          "lycoris.kohya: LoKr/LoHa/... from the lycoris-lora "
+                                                          "package, chosen with --network_args algo=lokr (or loha) "
+                                                          "factor=8.",
+                              group="Network", choices=("networks.lora_qwen_image", "networks.lora",
+                                                        "lycoris.kohya"))
     network_dim: Optional[int] = opt(None, f"LoRA rank (default {DEFAULT_NETWORK_DIM}).", group="Network")
     network_alpha: float = opt(DEFAULT_NETWORK_ALPHA, "LoRA alpha; scale = alpha / rank.", group="Network")
     network_args: list[str] = opt([], "key=value: include_patterns, exclude_patterns, rank_dropout, "

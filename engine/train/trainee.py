@@ -27,6 +27,7 @@ from engine.models import dit_setup
 from engine.models.runtime import compute_dtype
 from engine.spec.variants import Variant
 from engine.train.checkpoints import save_dit_file
+from engine.train import lycoris_net
 from engine.train.lora import SAVE_DTYPES, create_network, parse_network_args
 from engine.train.lora_metadata import lora_metadata, modelspec
 
@@ -68,15 +69,24 @@ def lora_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
     dtype = dit_dtype(cfg, device, full=False)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=cfg.fp8_base)
     dit.eval().requires_grad_(False)
-    net = create_network(dit, cfg.network_rank(), cfg.network_alpha, dropout=cfg.network_dropout,
-                         **parse_network_args(cfg.network_args))
+    if cfg.network_module == lycoris_net.MODULE:       # LoKr, LoHa ... (engine/train/lycoris_net.py)
+        net = lycoris_net.create_lycoris(dit, cfg.network_rank(), cfg.network_alpha, cfg.network_dropout,
+                                         parse_network_args(cfg.network_args))
+        net.apply_to()                                  # LyCORIS registers its modules here: load after it
+        if cfg.network_weights:
+            net.load_weights(cfg.network_weights)
+    else:
+        net = create_network(dit, cfg.network_rank(), cfg.network_alpha, dropout=cfg.network_dropout,
+                             **parse_network_args(cfg.network_args))
+        if cfg.network_weights:
+            net.load_weights(cfg.network_weights)
+        net.apply_to()
     if cfg.network_weights:
-        net.load_weights(cfg.network_weights)
-        log.info("LoRA weights loaded from %s", cfg.network_weights)
-    net.apply_to()
+        log.info("network weights loaded from %s", cfg.network_weights)
     net.to(device).train()
     swap = finish_dit(dit, cfg, device, full=False)
-    log.info("LoRA: %d modules, rank %d, alpha %g", len(net.loras), net.loras[0].lora_dim, cfg.network_alpha)
+    log.info("%s: %d modules, rank %d, alpha %g", cfg.network_module, len(net.loras), net.loras[0].lora_dim,
+             cfg.network_alpha)
     started = time.time()
 
     def save(path: Path, stats: dict) -> list[Path]:

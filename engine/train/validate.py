@@ -34,6 +34,9 @@ def check_config(cfg, full: bool) -> None:
                           "pip install wandb, or use --log_with tensorboard.")
     if not full and cfg.network_weights:
         _require(cfg.network_weights, "--network_weights", "a LoRA file to continue from")
+    if not full and cfg.network_module == "lycoris.kohya" and cfg.save_format == "diffusers":
+        raise OptionError("--save_format diffusers with --network_module lycoris.kohya: diffusers has no layout for "
+                          "LoKr/LoHa.", "Use --save_format kohya (ComfyUI loads LyCORIS files in that layout).")
 
 
 def _check_attention(cfg) -> None:
