@@ -91,7 +91,7 @@ def test_refused_before_loading_when_kernels_fail(demo_manifest, t2i, tmp_path, 
     def broken(*a, **k):
         raise NotImplementedError("no kernel for this device")
 
-    monkeypatch.setattr(bnb_quant.bnbF, "quantize_4bit", broken)
+    monkeypatch.setattr(bnb_quant.bitsandbytes().functional, "quantize_4bit", broken)
     events = train("train_network", tmp_path, "--dit", demo_manifest["dit"]["original"], "--dataset_config", t2i,
                    "--output_dir", tmp_path, "--max_train_steps", 1, "--base_model_precision", "nf4-bnb",
                    expect_rc=2)
@@ -102,7 +102,10 @@ def test_refused_before_loading_when_kernels_fail(demo_manifest, t2i, tmp_path, 
 
 
 def test_refused_without_bitsandbytes(demo_manifest, t2i, tmp_path, monkeypatch):
-    monkeypatch.setattr(bnb_quant, "bnb", None)
+    def missing():
+        raise ImportError("No module named 'bitsandbytes'")
+
+    monkeypatch.setattr(bnb_quant, "bitsandbytes", missing)
     events = train("train_network", tmp_path, "--dit", demo_manifest["dit"]["original"], "--dataset_config", t2i,
                    "--output_dir", tmp_path, "--max_train_steps", 1, "--base_model_precision", "int8-bnb",
                    expect_rc=2)

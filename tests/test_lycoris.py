@@ -83,3 +83,29 @@ def test_continue_from_a_lycoris_file(run, demo_manifest, t2i, tmp_path):
                    "--network_dim", 4, "--network_alpha", 4, "--network_weights", path, "--network_args", *ARGS[algo])
     assert any(e["type"] == "done" for e in events)
     assert re.search(r"network weights loaded", json.dumps(events))
+
+
+@pytest.mark.parametrize("precision", ["nf4-bnb", "fp8"])
+def test_lycoris_on_a_quantized_base_uses_bypass_and_trains(demo_manifest, t2i, precision):
+    """On nf4 (bitsandbytes) or fp8 weights LyCORIS cannot rebuild W + ΔW: it must add its delta to the base
+    forward (bypass), and gradients must reach its weights."""
+    from engine.data.cached import CachedDataset
+    from engine.models import dit_setup
+    from engine.spec.variants import get_variant
+    from engine.train.step import flow_loss, predict, prepare_inputs
+    from engine.train.timesteps import TimestepSampler
+
+    dit = dit_setup.load(demo_manifest["dit"]["original"], get_variant("original"), torch.device("cpu"),
+                         torch.float32, fp8=precision == "fp8", fp8_scaled=precision == "fp8",
+                         base_precision=precision if precision != "fp8" else "no_change").requires_grad_(False)
+    net = create_lycoris(dit, 4, 4.0, None, {"algo": "lokr", "factor": 4})
+    net.apply_to()
+    assert all(m.bypass_mode for m in net.loras)
+    data = CachedDataset.open(t2i, "original")
+    inputs = prepare_inputs(data.load_batch(data.items[:1]), TimestepSampler("uniform"),
+                            torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
+    flow_loss(predict(dit, inputs), inputs).backward()
+    # the last block's text-stream output is unused by the DiT, so its adapters get no gradient: check block 0
+    none = [n for n, p in net.named_parameters() if "blocks_0_" in n and p.requires_grad and p.grad is None]
+    assert not none and any("blocks_0_" in n for n, _ in net.named_parameters()), none[:4]
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters() if p.requires_grad)

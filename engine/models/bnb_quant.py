@@ -1,7 +1,7 @@
 """A frozen DiT stored in 4 or 8 bits with bitsandbytes, for LoRA training (QLoRA style): `--base_model_precision`.
 
 - `nf4-bnb`: 4-bit NormalFloat, blocks of 64 with double-quantised absmax (QLoRA's recipe), computed in the
-  DiT's compute dtype (`bnb.nn.Linear4bit`). About 0.56 bytes per weight.
+  DiT's compute dtype (`bnb.nn.Linear4bit`). About 0.52 bytes per weight.
 - `int8-bnb`: per-output-row absmax int8 (`bnb.nn.Linear8bitLt`, outlier threshold 0: no fp16 copy kept).
   1 byte per weight plus one scale per row.
 - Targets: the same block Linear weights as fp8 (engine/models/fp8.py `is_target`: the 14 Linears of every
@@ -11,6 +11,8 @@
   so neither the bf16 model nor a second copy of it is ever held. `finish(model)` then swaps each target
   `nn.Linear` for the bitsandbytes layer holding the quantised weight (both are `nn.Linear`s, so the LoRA
   network wraps them like any other, and the saved LoRA is the same file as one trained on a bf16 base).
+- bitsandbytes is imported when first needed (importlib, as engine/train/optim.py does for its 8-bit optimisers),
+  so a missing or broken install is one clear error for this option, not a failure of every engine command.
 - `check_runs(mode, device)` quantises and runs one small layer (forward and backward) on the device before
   any model loads: bitsandbytes missing, built without kernels for this device, or failing there is one clear
   error instead of a crash minutes into loading.
@@ -18,21 +20,15 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from engine.models.fp8 import is_target
 from engine.spec.errors import OptionError
-
-try:                                           # a listed dependency, but optional for everything else
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
-except Exception as e:                         # noqa: BLE001  (a broken install raises more than ImportError)
-    bnb, bnbF, _IMPORT_ERROR = None, None, e
-else:
-    _IMPORT_ERROR = None
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +39,17 @@ FIX = "Use --base_model_precision no_change (or --fp8_base --fp8_scaled) on this
       "bitsandbytes build for it (pip install -U bitsandbytes)."
 
 
+def bitsandbytes() -> ModuleType:
+    """The bitsandbytes package (its `functional` and `nn` submodules loaded), imported on first use."""
+    bnb = importlib.import_module("bitsandbytes")
+    importlib.import_module("bitsandbytes.functional")
+    importlib.import_module("bitsandbytes.nn")
+    return bnb
+
+
 def quantize(mode: str, weight: torch.Tensor):
     """(packed data, state) of one weight on its own device: nf4 → (uint8, QuantState); int8 → (int8, row scales)."""
+    bnbF = bitsandbytes().functional
     if mode == NF4:
         return bnbF.quantize_4bit(weight.contiguous(), blocksize=NF4_BLOCK, compress_statistics=True,
                                   quant_type="nf4")
@@ -54,6 +59,7 @@ def quantize(mode: str, weight: torch.Tensor):
 
 def make_layer(mode: str, linear: nn.Linear, packed: torch.Tensor, state, dtype: torch.dtype) -> nn.Linear:
     """The bitsandbytes layer for `linear` (its bias kept) holding an already quantised weight."""
+    bnb = bitsandbytes()
     has_bias = linear.bias is not None
     if mode == NF4:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype,
@@ -105,8 +111,10 @@ class BnbHook:
 
 def check_runs(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, before loading, a machine where bitsandbytes cannot quantise and run a layer (both directions)."""
-    if bnb is None:
-        raise OptionError(f"--base_model_precision {mode}: bitsandbytes cannot be imported ({_IMPORT_ERROR}).", FIX)
+    try:
+        bnb = bitsandbytes()
+    except Exception as e:                     # noqa: BLE001  (a broken install raises more than ImportError)
+        raise OptionError(f"--base_model_precision {mode}: bitsandbytes cannot be imported ({e}).", FIX) from None
     try:
         linear = nn.Linear(128, 64, device=device, dtype=dtype)
         packed, state = quantize(mode, linear.weight.data)

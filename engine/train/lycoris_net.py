@@ -12,8 +12,9 @@ LoRANetwork offers the trainer (apply_to, prepare_optimizer_params, save_weights
   for LoHa. ComfyUI's LoRA loader reads these (it maps the `lora_unet_` names of Qwen-Image and recognises the
   LoKr/LoHa tensors), as do musubi-tuner's loaders. diffusers has no LoKr/LoHa layout: --save_format diffusers is
   refused with LyCORIS.
-- fp8 / nf4 / int8 bases: LyCORIS switches to its bypass mode (base forward + the adapter's delta) on its own when
-  the wrapped Linear's weight is quantised (fp8 dtype, or a bitsandbytes layer).
+- fp8 / nf4 / int8 bases: the adapter cannot rebuild W + ΔW from a quantised W, so it must run in LyCORIS's bypass
+  mode (the base layer's own forward + the adapter's delta). LyCORIS detects fp8 weights itself but not every
+  bitsandbytes layer (Linear4bit), so bypass_mode=True is set whenever a block Linear is quantised.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class LycorisNetwork(nn.Module):
         args = {"preset": str(PRESET), **network_args}       # values as parse_network_args read them
         if dropout:
             args.setdefault("dropout", dropout)
+        if _quantized(dit):
+            if str(args.get("bypass_mode", True)).lower() in ("false", "0", "no"):
+                raise OptionError("--network_args bypass_mode=False: the DiT's block weights are quantised (fp8, "
+                                  "nf4 or int8), so LyCORIS cannot rebuild them.", "Drop bypass_mode from "
+                                  "--network_args.")
+            args["bypass_mode"] = True
         self.algo = args.get("algo", "lora")
         self.dit = [dit]          # a list: not a submodule (its weights are not ours to save)
         self.net = lycoris_kohya.create_network(1.0, dim, alpha, None, None, dit, warn_on_unmatched=False, **args)
@@ -86,6 +93,16 @@ class LycorisNetwork(nn.Module):
                                  f"{extra[:3]}, missing: {missing[:3]}, other shapes: {sorted(wrong)[:3]}).",
                                  "Use the --network_dim and --network_args the file was trained with.")
         self.net.load_state_dict(state, strict=True)
+
+
+def _quantized(dit: nn.Module) -> bool:
+    """Whether a block Linear holds quantised weights (fp8, or a bitsandbytes layer)."""
+    for name, module in dit.named_modules():
+        if name.startswith("transformer_blocks.") and isinstance(module, nn.Linear):
+            w = module.weight
+            if type(module) is not nn.Linear or not w.is_floating_point() or w.element_size() == 1:
+                return True
+    return False
 
 
 def create_lycoris(dit: nn.Module, dim: int, alpha: float, dropout: float | None, network_args: dict):
