@@ -94,7 +94,7 @@ def test_every_training_preset_passes_its_commands_checks(tmp_path):
     paths = dict(dit=str(tmp_path / "dit.safetensors"), dataset_config=str(tmp_path / "dataset.toml"),
                  output_dir=str(tmp_path / "out"))
     presets = list_presets("train_network") + list_presets("train")
-    assert len(presets) == 12
+    assert len(presets) == 14          # + the nf4 and int8 base LoRA presets
     for preset in presets:
         cls = C.TrainConfig if preset.kind == "train" else C.TrainNetworkConfig
         check_config(apply_preset(preset, cls(**paths)), full=preset.kind == "train")

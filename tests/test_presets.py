@@ -17,7 +17,7 @@ IDS = [p.path.stem for p in PRESETS]
 
 def test_the_preset_set_covers_every_budget():
     budgets = {kind: sorted(p.vram_budget_gib for p in PRESETS if p.kind == kind) for kind in KIND_CONFIG}
-    assert budgets["train_network"] == [12, 16, 24, 32, 48, 80]
+    assert budgets["train_network"] == [12, 16, 24, 24, 32, 32, 48, 80]     # + nf4 (24) and int8 (32) bases
     assert budgets["train"] == [12, 16, 24, 32, 48, 80]
     assert {8, 12, 16, 24} <= set(budgets["generate_image"])
 
@@ -63,7 +63,8 @@ def test_dropping_any_memory_saver_of_a_preset_never_lowers_the_estimate():
     # A preset's memory savers must all be seen by the estimator: dropping any one never lowers the estimate.
     # (fp8_scaled is a quality option: its scales cost a little memory; mixed_precision is a prerequisite.)
     savers = {"fp8_base", "fp8", "blocks_to_swap", "gradient_checkpointing", "gradient_checkpointing_cpu_offload",
-              "full_bf16", "fused_backward_pass", "fp8_vl", "text_encoder_cpu", "vae_enable_tiling", "optimizer_type"}
+              "full_bf16", "fused_backward_pass", "fp8_vl", "text_encoder_cpu", "vae_enable_tiling", "optimizer_type",
+              "base_model_precision"}
     for preset in PRESETS:
         full = estimate_preset(preset)["vram_gib"]
         for name in savers & set(preset.fields):

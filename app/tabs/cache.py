@@ -25,7 +25,7 @@ from engine.spec.errors import EngineError
 SHARED = ["model_version", "device", "batch_size", "num_workers", "skip_existing", "keep_cache"]
 LATENT_ONLY = ["vae"]
 TEXT_ONLY = ["text_encoder", "tokenizer", "fp8_vl"]
-STATUS_HEADERS = ["dataset", "image", "cache", "state", "why"]
+STATUS_HEADERS = ["dataset", "image", "cache", "state", "why", "made by"]
 STATE_NAMES = {"ok": "fresh", "stale": "stale", "missing": "missing"}
 MAX_ROWS = 500
 POLL_S = 1.0
@@ -44,7 +44,7 @@ def build(ctx) -> None:
         summary = gr.Markdown(elem_id="cache-summary")
         with gr.Accordion("Cache entries (not fresh first)", open=False):
             table = gr.Dataframe(headers=STATUS_HEADERS, value=[], interactive=False, wrap=True, max_height=400,
-                                 column_widths=["14%", "16%", "10%", "10%", "50%"], elem_id="cache-table")
+                                 column_widths=["13%", "15%", "9%", "9%", "42%", "12%"], elem_id="cache-table")
         shared = build_form(CacheLatentsConfig, include=SHARED, values=_defaults(ctx, CacheLatentsConfig),
                             elem_prefix="cache")
         with gr.Row():
@@ -210,6 +210,11 @@ def summary_text(rep: dict, config, labels: dict[str, str]) -> str:
         lines.append(f"- {labels[str(spec.cache_directory)]} ({spec.image_directory or spec.image_jsonl_file} → "
                      f"`{spec.cache_directory}`): latents {counts_text(per['latents'])}; "
                      f"text {counts_text(per['text'])}")
+    foreign = [e for e in rep["entries"] if e.get("origin", "qis") != "qis"]
+    if foreign:
+        tools = ", ".join(sorted({e["origin"] for e in foreign}))
+        lines.append(f"\n{len(foreign)} cache file(s) came from another tool ({tools}): checked by their shapes, "
+                     "keys and file times, and used as they are (the table's *made by* column lists them).")
     if rep["dataset_errors"]:
         lines.append(f"\n**{len(rep['dataset_errors'])} dataset problem(s)** (items with problems are not listed; "
                      "the Dataset tab's Check shows them):")
@@ -238,4 +243,11 @@ def table_rows(rep: dict, labels: dict[str, str]) -> list[list]:
     order = {"stale": 0, "missing": 1, "ok": 2}
     entries = sorted(rep["entries"], key=lambda e: order[e["state"]])[:MAX_ROWS]
     return [[labels.get(str(Path(e["path"]).parent), ""), e["stem"], e["kind"], STATE_NAMES[e["state"]],
-             e["reason"] or Path(e["path"]).name] for e in entries]
+             e["reason"] or Path(e["path"]).name, _made_by(e)] for e in entries]
+
+
+def _made_by(entry: dict) -> str:
+    """Who wrote the file: this app, another tool (musubi-tuner), or nobody yet."""
+    if entry["state"] == "missing":
+        return ""
+    return "this app" if entry.get("origin", "qis") == "qis" else entry["origin"]

@@ -23,6 +23,7 @@ from engine.models.text_encoder import load_text_encoder
 from engine.models.textenc import encode_prompts
 from engine.models.tokenizer import VisionProcessor, load_tokenizer, resolve_tokenizer_folder
 from engine.spec import controls
+from engine.spec.dataset import foreign_cache
 from engine.spec.dataset import cache_files as CF
 from engine.spec.dataset import dropout
 from engine.spec.dataset.plan import PlannedItem
@@ -42,10 +43,12 @@ def run(cfg, events) -> list[str]:
     processor = VisionProcessor(tokenizer) if variant.is_edit else None
     te = load_text_encoder(cfg.text_encoder, device=device, fp8_vl=cfg.fp8_vl)
     dtype = _stored_dtype(te)
+    te_width = foreign_cache.text_encoder_width(cfg.text_encoder)     # checks a musubi-tuner cache's width
     items = plan.items() + dropout.empty_caption_items(plan, variant.is_edit)     # caption_dropout_rate > 0
 
     def status(item):
-        expected = CF.Expected("text", variant.name, text_settings(item, variant, cfg.fp8_vl, dtype), encoder)
+        expected = CF.Expected("text", variant.name, text_settings(item, variant, cfg.fp8_vl, dtype), encoder,
+                               te_width)
         return CF.entry_status(item, CF.text_cache_path(item, variant.cache_arch), expected, variant.is_edit)
 
     remove_leftover_temps(plan, variant.cache_arch)

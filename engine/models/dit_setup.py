@@ -1,8 +1,8 @@
 """A DiT ready to run, set up in the one order that works, for inference and both kinds of training.
 
 1. `load`: read the file once. A LoRA to merge (generate_image --lora_weight) and fp8 quantisation
-   (--fp8 / --fp8_base, --fp8_scaled) are applied tensor by tensor while reading, so the full-precision DiT is
-   never held; with block swap the model is built in host RAM and placed by the swapper in step 3.
+   (--fp8 / --fp8_base, --fp8_scaled) or bitsandbytes nf4/int8 storage (train_network --base_model_precision,
+   engine/models/bnb_quant.py) are applied tensor by tensor while reading, so the full-precision DiT is never held; with block swap the model is built in host RAM and placed by the swapper in step 3.
 2. The caller's own step: train_network wraps the block Linears in the LoRA network here (their forward, fp8 or
    not, stays underneath); inference and the full finetune have nothing to add.
 3. `finish`: block swap places the model (the LoRA weights stay on the device), then gradient checkpointing
@@ -21,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from engine.models import bnb_quant
 from engine.models.block_swap import BlockSwap, enable_block_swap
 from engine.models.checkpointing import enable_gradient_checkpointing
 from engine.models.dit import load_dit
@@ -59,9 +60,12 @@ def lora_merger(paths: list[str], multipliers: list[float]) -> LoraMerger | None
 
 
 def load(path: str, variant: Variant, device: torch.device, dtype: torch.dtype, *, fp8: bool = False,
-         fp8_scaled: bool = False, swap: bool = False, merger: LoraMerger | None = None) -> nn.Module:
-    """Step 1: the DiT read once, with the LoRA merged and fp8 applied while reading."""
+         fp8_scaled: bool = False, swap: bool = False, merger: LoraMerger | None = None,
+         base_precision: str = "no_change") -> nn.Module:
+    """Step 1: the DiT read once, with the LoRA merged and fp8 or nf4/int8 applied while reading."""
     fp8_hook = Fp8Hook(scaled=fp8_scaled) if fp8 else None
+    if base_precision in bnb_quant.MODES:
+        fp8_hook = bnb_quant.BnbHook(base_precision, dtype)     # the same place in the order as fp8
     hooks = [h for h in (merger.transform if merger else None, fp8_hook.transform if fp8_hook else None) if h]
     transform = (lambda key, t: _chain(hooks, key, t)) if hooks else None
     dit = load_dit(path, model_version=variant.name, device="cpu" if swap else device, dtype=dtype,

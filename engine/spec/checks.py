@@ -164,3 +164,22 @@ def check_fp8_scaled(cfg) -> None:
     if cfg.fp8_scaled and not cfg.fp8_base:
         raise OptionError("--fp8_scaled was given without --fp8_base.",
                           "Add --fp8_base (fp8_scaled only changes how the fp8 weights are scaled).")
+
+
+BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
+
+
+def check_base_precision(cfg) -> None:
+    """train_network's --base_model_precision (engine/models/bnb_quant.py): one quantisation of the DiT at a time,
+    and not under block swap (it streams plain weight storage; a quantised weight's scales live beside it).
+    Checked by the trainer before loading and by the estimator."""
+    mode = getattr(cfg, "base_model_precision", "no_change")
+    if mode not in BNB_PRECISIONS:
+        return
+    if cfg.fp8_base or cfg.fp8_scaled:
+        raise OptionError(f"--base_model_precision {mode} and --fp8_base/--fp8_scaled both quantise the DiT.",
+                          "Choose one: drop --fp8_base/--fp8_scaled, or use --base_model_precision no_change.")
+    if cfg.blocks_to_swap:
+        raise OptionError(f"--base_model_precision {mode} cannot be combined with --blocks_to_swap (block swap "
+                          "streams plain weights).", "Use --blocks_to_swap 0 (nf4 needs ~11 GB for the DiT), or "
+                          "--fp8_base --fp8_scaled with block swap.")

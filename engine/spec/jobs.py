@@ -7,15 +7,23 @@ Prompt-line syntax (musubi's `parse_prompt_line`): the prompt, then options spli
 --w WIDTH --h HEIGHT --d SEED --s STEPS --g/--l GUIDANCE --fs FLOW_SHIFT --n NEGATIVE --ci CONTROL (repeatable)
 --m MASK --rcm_th T --rcm_rel_th 1|true|yes --rcm_ks K --rcm_ds R. Options a line leaves out come from the
 command line. Lines that are empty or start with '#' are skipped.
+
+Two grammars, as musubi has two parsers. GENERATE (generate_image --from_file): `--g` and `--l` both set the CFG
+scale. SAMPLE (training's --sample_prompts, musubi's sampling-prompt grammar, shared with its video models):
+`--l` is the CFG scale, `--g` is an embedded guidance scale that Qwen-Image does not have, and `--f` is a frame
+count; both are read and ignored, so `--g 1.0` does not turn CFG off and `--f 1` does not refuse the file.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from engine.spec.errors import OptionError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,22 +79,25 @@ def job_from_config(cfg) -> Job:
     return Job(**values)
 
 
-def jobs_from_config(cfg) -> list[Job]:
-    """The jobs of a run: one from the options, or one per prompt line of --from_file."""
+GENERATE, SAMPLE = "generate", "sample"
+
+
+def jobs_from_config(cfg, grammar: str = GENERATE) -> list[Job]:
+    """The jobs of a run: one from the options, or one per prompt line of --from_file (read in `grammar`)."""
     if not cfg.from_file:
         return [job_from_config(cfg)]
     path = Path(cfg.from_file)
     if not path.is_file():
-        raise OptionError(f"--from_file {path}: no such file", "give a text file with one prompt per line")
+        raise OptionError(f"{_FILE_OPTION[grammar]} {path}: no such file", "give a text file with one prompt per line")
     base = job_from_config(cfg)
     jobs = []
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         text = text.strip()
         if not text or text.startswith("#"):
             continue
-        jobs.append(parse_prompt_line(text, base, number, seeded=cfg.seed is not None))
+        jobs.append(parse_prompt_line(text, base, number, seeded=cfg.seed is not None, grammar=grammar))
     if not jobs:
-        raise OptionError(f"--from_file {path}: no prompt lines", "write one prompt per line ('#' starts a comment)")
+        raise OptionError(f"{_FILE_OPTION[grammar]} {path}: no prompt lines", "write one prompt per line ('#' starts a comment)")
     return jobs
 
 
@@ -95,11 +106,18 @@ _FLOAT = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shift", "rcm
 _INT = {"w": "width", "h": "height", "d": "seed", "s": "infer_steps", "rcm_ks": "rcm_kernel_size",
         "rcm_ds": "rcm_dilate_size"}
 _STR = {"n": "negative_prompt", "m": "mask_path"}
+# musubi's sampling grammar: options of other architectures that a Qwen sample line may carry, read and ignored
+_SAMPLE_IGNORED = {"g": "embedded guidance (Qwen-Image has no guidance embedding; --l is the CFG scale)",
+                   "f": "frame count (images have one frame)"}
+
+_FILE_OPTION = {GENERATE: "--from_file", SAMPLE: "--sample_prompts"}
+_KNOWN = {GENERATE: "use --w --h --d --s --g/--l --fs --n --ci --m --rcm_th --rcm_rel_th --rcm_ks --rcm_ds",
+          SAMPLE: "use --w --h --d --s --l (CFG scale) --fs --n --ci (--g and --f are accepted and ignored)"}
 
 
-def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True) -> Job:
+def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True, grammar: str = GENERATE) -> Job:
     """A job from one prompt line; unset options come from `base`. Without --d and without a command-line seed
-    each line gets its own random seed."""
+    each line gets its own random seed. `grammar` SAMPLE reads musubi's sample-prompt options (module doc)."""
     text = " " + text if text.startswith("--") else text   # a line may hold options only (no prompt)
     parts = text.split(" --")
     values: dict = {"prompt": parts[0].strip(), "line": number or None}
@@ -110,7 +128,10 @@ def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True
         key, _, arg = part.strip().partition(" ")
         arg = arg.strip()
         try:
-            if key in _FLOAT:
+            if grammar == SAMPLE and key in _SAMPLE_IGNORED:
+                float(arg)                                  # still a number, as musubi parses it
+                log.info("sample prompt line %d: --%s %s ignored: %s", number, key, arg, _SAMPLE_IGNORED[key])
+            elif key in _FLOAT:
                 values[_FLOAT[key]] = float(arg)
             elif key in _INT:
                 values[_INT[key]] = int(arg)
@@ -121,11 +142,10 @@ def parse_prompt_line(text: str, base: Job, number: int = 0, seeded: bool = True
             elif key == "rcm_rel_th":
                 values["rcm_relative_threshold"] = arg.lower() in ("1", "true", "yes")
             else:
-                raise OptionError(f"--from_file line {number}: unknown option --{key}",
-                                  "use --w --h --d --s --g/--l --fs --n --ci --m --rcm_th --rcm_rel_th --rcm_ks "
-                                  "--rcm_ds")
+                raise OptionError(f"{_FILE_OPTION[grammar]} line {number}: unknown option --{key}",
+                                  _KNOWN[grammar])
         except ValueError:
-            raise OptionError(f"--from_file line {number}: --{key} needs a number, got {arg!r}",
+            raise OptionError(f"{_FILE_OPTION[grammar]} line {number}: --{key} needs a number, got {arg!r}",
                               f"write e.g. --{key} 4") from None
     if controls:
         values["control_image_path"] = controls

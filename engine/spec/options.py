@@ -216,8 +216,12 @@ class TrainingOptions:
 
 @dataclass
 class NetworkOptions:
-    network_module: str = opt("networks.lora_qwen_image", "LoRA module (musubi's name is accepted).",
-                              group="Network", choices=("networks.lora_qwen_image", "networks.lora"))
+    network_module: str = opt("networks.lora_qwen_image", "LoRA module (musubi's name is accepted). "
+                                                          "lycoris.kohya: LoKr/LoHa/... from the lycoris-lora "
+                                                          "package, chosen with --network_args algo=lokr (or loha) "
+                                                          "factor=8.",
+                              group="Network", choices=("networks.lora_qwen_image", "networks.lora",
+                                                        "lycoris.kohya"))
     network_dim: Optional[int] = opt(None, f"LoRA rank (default {DEFAULT_NETWORK_DIM}).", group="Network")
     network_alpha: float = opt(DEFAULT_NETWORK_ALPHA, "LoRA alpha; scale = alpha / rank.", group="Network")
     network_args: list[str] = opt([], "key=value: include_patterns, exclude_patterns, rank_dropout, "
@@ -283,6 +287,15 @@ class ValidationOptions:
                                          "(and control images, for edit models) and show it beside them and its "
                                          "target (<output_dir>/validation/). Needs --vae and --text_encoder.",
                                   group="Validation")
+
+
+@dataclass
+class BaseModelPrecisionOption:
+    base_model_precision: str = opt(
+        "no_change", "Store the frozen DiT's block weights with bitsandbytes while loading, for LoRA training "
+                     "(QLoRA style): nf4-bnb (4-bit NormalFloat, ~11 GB for the 20B DiT) or int8-bnb (8-bit, "
+                     "~20 GB). SimpleTuner's option name. Not with --fp8_base or --blocks_to_swap; the LoRA file is "
+                     "the same as without it.", group="Memory", choices=("no_change", "nf4-bnb", "int8-bnb"))
 
 
 @dataclass
@@ -423,7 +436,7 @@ class RunSafetyOptions:
 @dataclass
 class TrainNetworkConfig(RunSafetyOptions, CommonOptions, ModelVersionOptions, DitOption, VaeOption,
                          TextEncoderOptions, DatasetOption, TrainAttentionOptions, TrainingOptions, Fp8VlOption,
-                         NetworkOptions, EmaOptions, ValidationOptions):
+                         NetworkOptions, EmaOptions, ValidationOptions, BaseModelPrecisionOption):
     # RunSafetyOptions first: its fields come last
     pass
 

@@ -1,7 +1,12 @@
 """Sample images during training (musubi-tuner's --sample_prompts), through the inference code (engine/infer).
 
 `--sample_prompts FILE`: one prompt per line with musubi-tuner's per-line options (`--w --h --d --s --l --fs --n
---ci`, parsed by engine.spec.jobs.parse_prompt_line); `#` lines are comments. The prompts (and control images of
+--ci`, parsed by engine.spec.jobs.parse_prompt_line in musubi's sample grammar: `--l` is the CFG scale, `--g`
+(embedded guidance) and `--f` (frames) are accepted and ignored); `#` lines are comments.
+Control images of edit models are fed at the official sizes (engine/spec/controls.py: ~1 MP for the VAE; the
+vision encoder sees the same image for Edit and a 384²-area one for Edit-2509/2511), the sizes the text-encoder
+cache gave the vision encoder in training, so a sample shows the model conditioned as it was trained (a control
+at its native size could also overflow the vision encoder's token budget). The prompts (and control images of
 edit models) are encoded once before the DiT loads, then the text encoder is freed, as musubi does. Each sample
 runs the same denoising loop as `generate_image` on the model being trained (LoRA applied), so a sample shows
 what Generate would give for that checkpoint.
@@ -37,8 +42,8 @@ from engine.infer.sampling import Conditioning, DenoiseRequest, denoise
 from engine.models.latents import initial_noise, unpack
 from engine.models.vae import decode_latents
 from engine.spec import naming
-from engine.spec.jobs import jobs_from_config
-from engine.spec.options import GenerateImageConfig
+from engine.spec.jobs import SAMPLE, jobs_from_config
+from engine.spec.options import EDIT_VERSIONS, GenerateImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +58,15 @@ def generation_config(cfg, variant_name: str):
         infer_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_CFG, seed=cfg.seed if cfg.seed is not None else DEFAULT_SEED,
         save_path=str(Path(cfg.output_dir) / "sample"),
         # --fp8_vl asks to keep the text encoder's VRAM low: sample prompts are then encoded on the CPU (once)
-        text_encoder_cpu=getattr(cfg, "fp8_vl", False))
+        text_encoder_cpu=getattr(cfg, "fp8_vl", False),
+        # controls as training conditioned the model (module doc); meaningless without an edit model
+        resize_control_to_official_size=variant_name in EDIT_VERSIONS)
 
 
 def check_prompts(cfg, variant) -> list:
     """Parse and validate the prompt file (control images exist, sizes ...) before any model loads."""
     gcfg = generation_config(cfg, variant.name)
-    jobs = jobs_from_config(gcfg)
+    jobs = jobs_from_config(gcfg, grammar=SAMPLE)
     check_run(gcfg, jobs, variant)
     return jobs
 

@@ -2,7 +2,8 @@
 DiT (train). The loop only sees a `Trainee`: the DiT to call, the module whose weights train (saved in states),
 its optimizer parameter groups, and how to write the model file.
 
-The DiT is set up in engine/models/dit_setup.py's order: fp8 quantisation while loading → (LoRA only) the
+The DiT is set up in engine/models/dit_setup.py's order: fp8 (or, LoRA only, bitsandbytes nf4/int8) quantisation
+while loading → (LoRA only) the
 network wraps the block Linears, their own forward, fp8 or not, staying underneath → block swap places the model
 (the LoRA weights stay on the device) → gradient checkpointing (+ activation CPU offload) → attention kernel.
 
@@ -26,6 +27,7 @@ from engine.models import dit_setup
 from engine.models.runtime import compute_dtype
 from engine.spec.variants import Variant
 from engine.train.checkpoints import save_dit_file
+from engine.train import lycoris_net
 from engine.train.lora import SAVE_DTYPES, create_network, parse_network_args
 from engine.train.lora_metadata import lora_metadata, modelspec
 
@@ -52,7 +54,8 @@ def dit_dtype(cfg, device: torch.device, full: bool) -> torch.dtype:
 
 def load_training_dit(cfg, variant: Variant, device: torch.device, dtype: torch.dtype, fp8: bool) -> nn.Module:
     return dit_setup.load(cfg.dit, variant, device, dtype, fp8=fp8, fp8_scaled=cfg.fp8_scaled,
-                          swap=cfg.blocks_to_swap > 0)
+                          swap=cfg.blocks_to_swap > 0,
+                          base_precision=getattr(cfg, "base_model_precision", "no_change"))   # LoRA only
 
 
 def finish_dit(dit: nn.Module, cfg, device: torch.device, full: bool):
@@ -66,15 +69,24 @@ def lora_trainee(cfg, variant: Variant, device: torch.device) -> Trainee:
     dtype = dit_dtype(cfg, device, full=False)
     dit = load_training_dit(cfg, variant, device, dtype, fp8=cfg.fp8_base)
     dit.eval().requires_grad_(False)
-    net = create_network(dit, cfg.network_rank(), cfg.network_alpha, dropout=cfg.network_dropout,
-                         **parse_network_args(cfg.network_args))
+    if cfg.network_module == lycoris_net.MODULE:       # LoKr, LoHa ... (engine/train/lycoris_net.py)
+        net = lycoris_net.create_lycoris(dit, cfg.network_rank(), cfg.network_alpha, cfg.network_dropout,
+                                         parse_network_args(cfg.network_args))
+        net.apply_to()                                  # LyCORIS registers its modules here: load after it
+        if cfg.network_weights:
+            net.load_weights(cfg.network_weights)
+    else:
+        net = create_network(dit, cfg.network_rank(), cfg.network_alpha, dropout=cfg.network_dropout,
+                             **parse_network_args(cfg.network_args))
+        if cfg.network_weights:
+            net.load_weights(cfg.network_weights)
+        net.apply_to()
     if cfg.network_weights:
-        net.load_weights(cfg.network_weights)
-        log.info("LoRA weights loaded from %s", cfg.network_weights)
-    net.apply_to()
+        log.info("network weights loaded from %s", cfg.network_weights)
     net.to(device).train()
     swap = finish_dit(dit, cfg, device, full=False)
-    log.info("LoRA: %d modules, rank %d, alpha %g", len(net.loras), net.loras[0].lora_dim, cfg.network_alpha)
+    log.info("%s: %d modules, rank %d, alpha %g", cfg.network_module, len(net.loras), net.loras[0].lora_dim,
+             cfg.network_alpha)
     started = time.time()
 
     def save(path: Path, stats: dict) -> list[Path]:

@@ -9,7 +9,9 @@ import logging
 from pathlib import Path
 
 from engine.data.cached import CachedDataset
-from engine.spec.checks import check_fp8_scaled
+from engine.models import bnb_quant
+from engine.models.runtime import compute_dtype, resolve_device
+from engine.spec.checks import check_base_precision, check_fp8_scaled
 from engine.spec.errors import OptionError
 from engine.spec.run_outputs import check_name_free
 from engine.train.checkpoints import read_progress
@@ -36,6 +38,9 @@ def check_config(cfg, full: bool) -> None:
                           "pip install wandb, or use --log_with tensorboard.")
     if not full and cfg.network_weights:
         _require(cfg.network_weights, "--network_weights", "a LoRA file to continue from")
+    if not full and cfg.network_module == "lycoris.kohya" and cfg.save_format == "diffusers":
+        raise OptionError("--save_format diffusers with --network_module lycoris.kohya: diffusers has no layout for "
+                          "LoKr/LoHa.", "Use --save_format kohya (ComfyUI loads LyCORIS files in that layout).")
     _check_quality(cfg)
 
 
@@ -78,6 +83,7 @@ def _check_memory(cfg, full: bool) -> None:
                           "Add --gradient_checkpointing.")
     check_fp8_scaled(cfg)
     if not full:
+        _check_base_precision(cfg)
         return
     if cfg.fp8_base or cfg.fp8_scaled:
         raise OptionError("--fp8_base/--fp8_scaled: fp8 weights cannot be finetuned (musubi turns them off).",
@@ -98,6 +104,17 @@ def _check_memory(cfg, full: bool) -> None:
         if cfg.mixed_precision == "fp16":
             raise OptionError("--fused_backward_pass cannot use fp16's loss scaling (each weight is stepped before "
                               "an overflow could be detected).", "Use --mixed_precision bf16.")
+
+
+def _check_base_precision(cfg) -> None:
+    """nf4/int8 storage of the frozen DiT (engine/models/bnb_quant.py): the option rules of spec/checks.py, then
+    kernels that run on this machine, all before the DiT loads."""
+    mode = cfg.base_model_precision
+    if mode not in bnb_quant.MODES:
+        return
+    check_base_precision(cfg)
+    device = resolve_device(cfg.device)
+    bnb_quant.check_runs(mode, device, compute_dtype(device))
 
 
 def _check_saving(cfg) -> None:

@@ -18,6 +18,9 @@ hashes decide (a `touch` does not make a cache stale); size and mtime let a fing
 in the cache file instead of re-reading the image. Latents do not depend on the edit version, text embeddings
 do (switching edit <-> edit-2509 <-> edit-2511 makes text caches stale).
 
+A file made by musubi-tuner (its metadata and none of ours) is checked by engine/spec/dataset/foreign_cache.py
+instead: shapes, keys and file times; its status says `origin` "musubi-tuner".
+
 Importable without torch.
 """
 
@@ -32,6 +35,7 @@ from typing import Any, Iterable
 
 from engine.spec import naming
 from engine.spec.dataset.dropout import empty_caption_items
+from engine.spec.dataset import foreign_cache
 from engine.spec.dataset.plan import Plan, PlannedItem, build_plan
 from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import expand_shards, read_header
@@ -190,11 +194,12 @@ class EntryStatus:
     kind: str          # latents | text
     path: Path
     state: str         # ok | missing | stale
-    reason: str        # empty when ok
+    reason: str        # empty when ok (a note for an accepted file of another tool)
+    origin: str = foreign_cache.ORIGIN_OURS    # who wrote the file: qis | musubi-tuner
 
     def as_dict(self) -> dict:
         return {"stem": self.stem, "kind": self.kind, "path": str(self.path), "state": self.state,
-                "reason": self.reason}
+                "reason": self.reason, "origin": self.origin}
 
 
 @dataclass
@@ -204,6 +209,7 @@ class Expected:
     version: str | None         # checked for text caches only
     settings: dict | None
     encoder: dict | None
+    text_width: int | None = None   # the text encoder's hidden size, to check another tool's text cache
 
 
 def entry_status(item: PlannedItem, path: Path, expected: Expected, edit: bool) -> EntryStatus:
@@ -213,6 +219,11 @@ def entry_status(item: PlannedItem, path: Path, expected: Expected, edit: bool) 
         state, reason = "missing", "no cache file"
     elif meta is None:
         state, reason = "stale", "the file is not a readable safetensors file"
+    elif foreign_cache.is_foreign(meta):
+        reason = foreign_cache.stale_reason(item, path, expected.kind, edit, expected.text_width)
+        state = "stale" if reason else "ok"
+        return EntryStatus(item.stem, expected.kind, path, state, reason or foreign_cache.note(expected.kind, edit),
+                           foreign_cache.ORIGIN_MUSUBI)
     else:
         reason = _stale_reason(item, meta, expected, edit)
         state = "stale" if reason else "ok"
@@ -221,7 +232,7 @@ def entry_status(item: PlannedItem, path: Path, expected: Expected, edit: bool) 
 
 def _stale_reason(item: PlannedItem, meta: dict, exp: Expected, edit: bool) -> str:
     if meta.get("qis_kind") != exp.kind:
-        return "made by another tool or an older version (no fingerprint in its metadata)"
+        return "made by another tool or an older version (neither our fingerprints nor musubi-tuner's metadata)"
     if exp.kind == "text" and exp.version and meta.get("qis_model_version") != exp.version:
         return f"made for --model_version {meta.get('qis_model_version')}, now {exp.version}"
     recorded = _loads(meta, "qis_source") or {}
@@ -288,6 +299,7 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
     out = []
     vae_id = encoder_identity([vae]) if vae else None
     te_id = encoder_identity([text_encoder, tokenizer]) if text_encoder else None
+    te_width = foreign_cache.text_encoder_width(text_encoder)
     for item in plan.items():
         if "latents" in kinds:
             # The dataset-derived settings are always compared; the dtype only when the caller knows it.
@@ -298,11 +310,11 @@ def cache_status(plan: Plan, model_version: str, kinds: tuple[str, ...] = ("late
                                     Expected("latents", None, settings, vae_id), variant.is_edit))
         if "text" in kinds:
             out.append(entry_status(item, text_cache_path(item, variant.cache_arch),
-                                    Expected("text", model_version, text_expected, te_id), variant.is_edit))
+                                    Expected("text", model_version, text_expected, te_id, te_width), variant.is_edit))
     if "text" in kinds:         # the empty-caption embeddings of datasets with caption_dropout_rate > 0
         for item in empty_caption_items(plan, variant.is_edit):
             out.append(entry_status(item, text_cache_path(item, variant.cache_arch),
-                                    Expected("text", model_version, text_expected, te_id), variant.is_edit))
+                                    Expected("text", model_version, text_expected, te_id, te_width), variant.is_edit))
     return out
 
 

@@ -56,6 +56,12 @@ CONSTANTS: dict[str, Constant] = {
     "fp8_scale_block": Constant(
         64, "inputs / scale", "derived",
         "--fp8_scaled: one bf16 scale per 64 input features of each block Linear (musubi block-wise scaling)"),
+    "nf4_block": Constant(
+        64, "weights / absmax", "derived",
+        "--base_model_precision nf4-bnb: one absmax per 64 weights (QLoRA's block size), stored as uint8"),
+    "nf4_double_quant_block": Constant(
+        256, "absmax / fp32 scale", "derived",
+        "nf4 double quantisation: the uint8 absmax values share one fp32 scale per 256 (bitsandbytes default)"),
     "bnb_block": Constant(
         256, "elements / absmax", "derived",
         "bitsandbytes 8-bit optimiser states: one fp32 absmax per 256 elements; tensors < 4096 stay fp32"),

@@ -45,9 +45,11 @@ def workload_from_config(opts: EstimateVramConfig) -> M.Workload:
         fp8 = opts.fp8_base
         if command == "train_network":
             checks.check_fp8_scaled(opts)
+            checks.check_base_precision(opts)
     checks.check_blocks_to_swap(opts.blocks_to_swap, M.LAYERS)
     return M.Workload(opts=opts, command=command, width=w, height=h, batch=opts.batch_size, controls=controls,
-                      vl_tokens_per_control=_vl_tokens(version) if controls else 0, fp8=fp8)
+                      vl_tokens_per_control=_vl_tokens(version) if controls else 0, fp8=fp8,
+                      base_precision=opts.base_model_precision if command == "train_network" else "no_change")
 
 
 def _caption_workload(opts: EstimateVramConfig) -> M.Workload:

@@ -27,6 +27,7 @@ class Workload:
     controls: int                 # control images per sample (edit models)
     vl_tokens_per_control: int    # vision tokens each control adds to the text sequence
     fp8: bool                     # the DiT's block weights in fp8: --fp8_base (training), --fp8 (generation)
+    base_precision: str = "no_change"   # train_network's --base_model_precision: nf4-bnb | int8-bnb
 
     @property
     def training(self) -> bool:
@@ -72,10 +73,22 @@ def uses_fp8(w: Workload) -> bool:
     return w.fp8 and not w.full  # the finetuner refuses fp8 (musubi forces it off)
 
 
+def bnb_weight_bytes(mode: str) -> float:
+    """Bytes of the block Linear weights stored by bitsandbytes (engine/models/bnb_quant.py). nf4: half a byte
+    per weight, one uint8 absmax per 64 weights, one fp32 absmax per 256 of those (double quantisation). int8: one
+    byte per weight and one fp32 scale per output row."""
+    if mode == "nf4-bnb":
+        blocks = BLOCK_WEIGHTS / K("nf4_block")
+        return BLOCK_WEIGHTS / 2 + blocks + blocks / K("nf4_double_quant_block") * FP32
+    return BLOCK_WEIGHTS + BLOCK_BIASES * FP32
+
+
 def block_bytes(w: Workload) -> tuple[int, int]:
     """(bytes of one block, of which the part block swap moves: the Linear weights; biases, norms and fp8
     scales stay on the GPU, in musubi and in engine/models/block_swap.py alike)."""
     pb = dit_param_bytes(w)
+    if w.base_precision != "no_change" and not w.full:     # block swap is refused with it: nothing moves
+        return int(bnb_weight_bytes(w.base_precision)) + (BLOCK_BIASES + BLOCK_NORMS) * BF16, 0
     if uses_fp8(w) and w.opts.fp8_scaled:
         scales = BLOCK_WEIGHTS // int(K("fp8_scale_block")) * BF16
         return BLOCK_WEIGHTS * FP8 + scales + (BLOCK_BIASES + BLOCK_NORMS) * BF16, BLOCK_WEIGHTS * FP8
@@ -209,7 +222,11 @@ def training_activation_bytes(w: Workload) -> tuple[int, int]:
 
 
 def fp8_dequant_bytes(w: Workload) -> int:
-    """bf16 copies of fp8 weights: kept for backward (grad wrt input needs W) plus one in-flight copy."""
+    """bf16 copies of fp8 weights: kept for backward (grad wrt input needs W) plus one in-flight copy.
+    bitsandbytes nf4/int8 layers keep only the quantised weight for backward and dequantise per call, so they
+    cost the in-flight copy alone."""
+    if w.base_precision != "no_change" and not w.full:
+        return 2 * LARGEST_LINEAR * BF16
     if not uses_fp8(w):
         return 0
     in_flight = 2 * LARGEST_LINEAR * BF16  # .to(bf16) then × scale
