@@ -150,14 +150,17 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 # ---------------------------------------------------------------------------------------------- states
 
-def save_state(accelerator, path: Path, progress: dict) -> Path:
-    """All processes call this (accelerate saves each process's RNG state); the main process renames."""
+def save_state(accelerator, path: Path, progress: dict, extra=None) -> Path:
+    """All processes call this (accelerate saves each process's RNG state); the main process renames.
+    `extra(folder)`: more that every process writes into the state before it is renamed (FSDP shards)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_JSON).write_text(json.dumps(progress, indent=1), encoding="utf-8")

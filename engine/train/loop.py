@@ -38,7 +38,7 @@ from engine.models.dit import check_dit_headers
 from engine.models.runtime import resolve_device
 from engine.spec.errors import OptionError
 from engine.spec.variants import get_variant
-from engine.train import samples
+from engine.train import fsdp, samples
 from engine.train import checkpoints as ckpt
 from engine.train.items import ItemCache
 from engine.train.optim import create_optimizer, create_scheduler, enable_fused_backward
@@ -78,6 +78,8 @@ def run_training(cfg, events, full: bool) -> list[str]:
     cfg = replace(cfg, output_name=cfg.output_name or ("qwen_image_finetune" if full else "qwen_image_lora"),
                   seed=cfg.seed if cfg.seed is not None else 42)
     check_config(cfg, full)
+    if fsdp.enabled():
+        fsdp.check(cfg, full)
     check_dit_headers(cfg.dit, variant)
     if cfg.sample_prompts:
         samples.check_prompts(cfg, variant)
@@ -119,6 +121,7 @@ class Run:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.fsdp = full and fsdp.enabled()       # weights, gradients, states sharded (engine/train/fsdp.py)
         self.schedule = make_schedule(cfg, data.num_batches, self.world)
         self.outputs: list[str] = []
         self.losses: list[float] = []
@@ -141,7 +144,10 @@ class Run:
                                                      cfg.output_name) if self.main else None
         self.events.phase("loading", model="dit")
         torch.manual_seed(cfg.seed)                       # LoRA init: the same on every process
-        self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
+        if self.fsdp:
+            self.t = fsdp.trainee(cfg, self.variant, self.device, self.world)
+        else:
+            self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
         self.params = [p for g in self.t.param_groups for p in g["params"]]
         self._broadcast_weights()
         self.optimizer, self.optimizer_text = create_optimizer(self.t.param_groups, cfg.optimizer_type,
@@ -161,12 +167,15 @@ class Run:
                     p.register_post_accumulate_grad_hook(self._reduce_grad)
             enable_fused_backward(self.optimizer, cfg.max_grad_norm)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-        self.acc.register_for_checkpointing(self.t.module, self.optimizer, self.scheduler)
+        if self.fsdp:        # model and optimizer shards go through torch.distributed.checkpoint instead
+            self.acc.register_for_checkpointing(self.scheduler)
+        else:
+            self.acc.register_for_checkpointing(self.t.module, self.optimizer, self.scheduler)
         if cfg.log_with and self.main:
             self.acc.init_trackers(f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
     def _broadcast_weights(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:          # FSDP shards of one file read by every process
             for p in self.params:
                 dist.broadcast(p.data, src=0)
 
@@ -182,6 +191,8 @@ class Run:
         self.step, start_epoch, start_micro = 0, 0, 0
         if cfg.resume:
             progress = ckpt.load_state(self.acc, cfg.resume)
+            if self.fsdp:
+                fsdp.load_shards(cfg.resume, self.t.module, self.optimizer)
             self.step, start_epoch, start_micro = progress["step"], progress["epoch"], progress["micro"]
             self.losses = progress.get("losses", [])
             if progress.get("batches_per_epoch", self.data.num_batches) != self.data.num_batches:
@@ -245,7 +256,7 @@ class Run:
         if self.fused:                       # already stepped parameter by parameter during backward
             self.scheduler.step()
             return
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:          # FSDP reduce-scatters (averages) in the backward
             for p in self.params:
                 if p.grad is not None:
                     self._reduce_grad(p)
@@ -335,6 +346,7 @@ class Run:
         self.acc.wait_for_everyone()
         if self.main:
             self.events.phase("saving", step=self.step)
+        if self.main or self.t.collective_save:
             for path in self.t.save(model_file, self._stats()):
                 self.outputs.append(str(path))
                 self.events.checkpoint(str(path), self.step, epoch=self.epoch + 1, kind="model")
@@ -345,7 +357,8 @@ class Run:
             progress = {"step": self.step, "epoch": epoch, "micro": micro, "seed": cfg.seed,
                         "batches_per_epoch": self.data.num_batches,
                         "total_steps": self.schedule.total_steps, "world": self.world, "losses": self.losses}
-            ckpt.save_state(self.acc, state_dir, progress)
+            ckpt.save_state(self.acc, state_dir, progress,
+                            fsdp.save_shards(self.t.module, self.optimizer) if self.fsdp else None)
             if self.main:
                 self.events.checkpoint(str(state_dir), self.step, epoch=self.epoch + 1, kind="state")
         if self.main and kind:
