@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app import train_runs as R
 from engine.__main__ import main
+from engine.spec import config as C
 from engine.spec.launch import fsdp_config_text, write_fsdp_config
 
 from _train_harness import PYTHON, _free_port, cached_dataset, metrics, read_events, run_engine, train_argv
@@ -84,6 +86,22 @@ def test_fsdp_refusals_come_before_loading(demo_manifest, dataset, tmp_path, mon
         error = next(e for e in events if e["type"] == "error")
         assert needle in error["message"], error
         assert not any(e["type"] == "phase" and e.get("model") == "dit" for e in events)
+
+
+def test_train_tab_writes_the_fsdp_config_and_launches_with_it(tmp_path):
+    cfg = C.TrainConfig(dit="d.safetensors", dataset_config="x.toml", output_dir=str(tmp_path / "out"),
+                        output_name="ft", mixed_precision="bf16")
+    argv = R.launch_argv("train", cfg, 8, fsdp=True)
+    config = tmp_path / "out" / "ft_accelerate_fsdp.yaml"
+    assert argv[argv.index("--config_file") + 1] == str(config) and "--multi_gpu" not in argv
+    assert argv[argv.index("-m") + 1:argv.index("-m") + 3] == ["engine", "train"]
+    R.write_fsdp("train", cfg, 8)
+    text = config.read_text()
+    assert "num_processes: 8" in text and "  fsdp_version: 2" in text and "mixed_precision: 'bf16'" in text
+    with pytest.raises(C.ConfigError, match="LoRA runs data-parallel"):
+        R.launch_argv("train_network", cfg, 8, fsdp=True)
+    with pytest.raises(C.ConfigError, match="2 or more"):
+        R.launch_argv("train", cfg, 1, fsdp=True)
 
 
 def test_fsdp_config_file():
