@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import torch
@@ -57,7 +58,7 @@ from engine.infer import sampling  # noqa: E402
 from engine.models import dit_setup  # noqa: E402
 from engine.models import textenc  # noqa: E402
 from engine.models.vae import decode_latents, encode_pixels  # noqa: E402
-from engine.infer.generate import load_transformer  # noqa: E402
+from engine.infer.generate import batch_cfg_ok, load_transformer  # noqa: E402
 from engine.spec import presets as presets_mod  # noqa: E402
 from engine.spec.config import GenerateImageConfig, TrainNetworkConfig  # noqa: E402
 from engine.spec.variants import get_variant  # noqa: E402
@@ -76,6 +77,7 @@ GENERATE_STEPS = 3
 GUIDANCE = 4.0
 DRY_SIZE = 64
 PROMPT_TOKENS = int(K("prompt_tokens"))
+NEGATIVE_TOKENS = 8
 
 # Dense bf16 tensor-core peak (TFLOPS, no sparsity) by a substring of torch.cuda.get_device_name, first match wins.
 PEAK_BF16_TFLOPS = (
@@ -233,10 +235,12 @@ def generate_row(preset, ctx: Ctx) -> dict:
     text_dim = dit.config.joint_attention_dim
     gen = torch.Generator().manual_seed(0)
     cond = sampling.Conditioning(torch.randn(1, PROMPT_TOKENS, text_dim, generator=gen).to(ctx.device, dtype))
-    uncond = sampling.Conditioning(torch.randn(1, PROMPT_TOKENS, text_dim, generator=gen).to(ctx.device, dtype))
+    # a short negative prompt (the default " "), so CFG runs as generate_image decides for unequal lengths
+    uncond = sampling.Conditioning(torch.randn(1, NEGATIVE_TOKENS, text_dim, generator=gen).to(ctx.device, dtype))
     noise = torch.randn(1, (h // 16) * (w // 16), 64, generator=gen).to(ctx.device, dtype)
+    batch = batch_cfg_ok(dit, SimpleNamespace(positive=cond.embeds[0], negative=uncond.embeds[0]))
     req = sampling.DenoiseRequest(noise=noise, height=h, width=w, steps=GENERATE_STEPS, guidance_scale=GUIDANCE,
-                                  positive=cond, negative=uncond, batch_cfg=True)   # equal lengths: one batch of 2
+                                  positive=cond, negative=uncond, batch_cfg=batch)
     stamps = []
 
     def on_step(done: int, total: int) -> None:
