@@ -91,6 +91,13 @@ def fit_message(est: dict, gpu_gib: float | None, ram_gib: float | None) -> str:
         lines.append(f"Fits this GPU ({gpu_gib:g} GiB).")
     if ram_gib is not None and est["ram_gib"] > ram_gib:
         lines.append(f"⚠️ Needs more RAM than this machine has ({ram_gib:g} GiB): swap fewer blocks or add RAM.")
+    for name, row in est.get("commands", {}).items():       # caching jobs run first, each on its own
+        fp8 = " with --fp8_vl" if row.get("fp8_vl") else ""
+        line = f"Before it, `{name}`{fp8}: {row['vram_gib']:.1f} GiB VRAM, {row['ram_gib']:.1f} GiB RAM."
+        if gpu_gib is not None and row["vram_gib"] > gpu_gib:
+            hint = " Turn on fp8_vl." if row.get("fp8_vl") is False else ""
+            line = f"⚠️ Will not fit this GPU: `{name}`{fp8} needs {row['vram_gib']:.1f} GiB VRAM.{hint}"
+        lines.append(line)
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in est["parts"].items() if v)
     lines.append(f"Parts (GiB): {parts}.")
     lines += [f"_Note: {n}_" for n in est.get("notes", [])]

@@ -14,7 +14,7 @@ from app.context import accelerate_argv
 from app.forms import gui_fields
 from app.jobs import command_line, engine_argv
 from app.views import error_markdown
-from engine.spec import naming, run_outputs
+from engine.spec import launch, naming, run_outputs
 from engine.spec import config as C
 from engine.spec.options import FinetuneOptions, NetworkOptions
 
@@ -69,16 +69,46 @@ def accelerate_options(cfg, num_processes: int) -> list[str] | None:
     return (["--multi_gpu"] if num_processes > 1 else []) + opts
 
 
-def launch_argv(kind: str, cfg, num_processes: int) -> list[str]:
+def launch_argv(kind: str, cfg, num_processes: int, fsdp: bool = False) -> list[str]:
     """The exact argument list the job manager will run for this config (ctx.submit_config builds the same)."""
     C.check_no_plumbing(cfg, "this run")
     args = C.to_argv(cfg)
-    opts = accelerate_options(cfg, num_processes)
+    opts = fsdp_options(kind, cfg, num_processes) if fsdp else accelerate_options(cfg, num_processes)
     return engine_argv(kind, args) if opts is None else accelerate_argv(kind, args, opts)
 
 
-def launch_text(kind: str, cfg, num_processes: int) -> str:
-    return command_line(launch_argv(kind, cfg, num_processes))
+def launch_text(kind: str, cfg, num_processes: int, fsdp: bool = False) -> str:
+    return command_line(launch_argv(kind, cfg, num_processes, fsdp))
+
+
+# ------------------------------------------------------------------ several GPUs, sharded (FSDP)
+
+def fsdp_config_path(cfg) -> Path:
+    """The accelerate config of a sharded run, next to its outputs (docs/multi-gpu.md)."""
+    return Path(cfg.output_dir) / f"{cfg.output_name}_{launch.FSDP_CONFIG_NAME}"
+
+
+def fsdp_options(kind: str, cfg, num_processes) -> list[str]:
+    """`accelerate launch --config_file <the run's FSDP config>`: "Several GPUs (FSDP)" (written by write_fsdp)."""
+    num_processes = 1 if num_processes in (None, "") else int(num_processes)
+    if kind != "train":
+        raise C.ConfigError("Several GPUs (FSDP) shards a full finetune. A LoRA runs data-parallel: untick FSDP and "
+                            "set Processes (GPUs).")
+    if num_processes < 2:
+        raise C.ConfigError(f"Several GPUs (FSDP) with Processes (GPUs) = {num_processes}: set it to the number of "
+                            "GPUs (2 or more).")
+    if not cfg.output_dir or not cfg.output_name:
+        raise C.ConfigError("Several GPUs (FSDP): fill in output_dir and output_name first (the accelerate config "
+                            "is written next to the outputs).")
+    return ["--config_file", str(fsdp_config_path(cfg))]
+
+
+def write_fsdp(kind: str, cfg, num_processes) -> Path:
+    """Write the run's FSDP accelerate config (one machine, every process a GPU) before the job starts."""
+    fsdp_options(kind, cfg, num_processes)
+    fsdp_config_path(cfg).parent.mkdir(parents=True, exist_ok=True)
+    return launch.write_fsdp_config(fsdp_config_path(cfg), num_processes=int(num_processes),
+                                    mixed_precision=cfg.mixed_precision)
 
 
 def run_toml_path(cfg) -> Path | None:

@@ -26,6 +26,8 @@ def test_the_preset_set_covers_every_budget():
 def test_preset_fits_its_budget_and_states_the_estimated_ram(preset):
     e = estimate_preset(preset)
     assert e["vram_gib"] <= preset.vram_budget_gib, (preset.name, e["vram_gib"], e["peak_phase"])
+    for name, row in e["commands"].items():              # the caching jobs the run needs fit the card too
+        assert row["vram_gib"] <= preset.vram_budget_gib, (preset.name, name, row["vram_gib"])
     assert preset.ram_gib == ram_header_value(e), (
         f"{preset.path.name}: ram_gib says {preset.ram_gib}, the estimator says {e['ram_gib']}; update the header")
     assert (e["inputs"]["width"], e["inputs"]["height"]) == preset.resolution
@@ -159,7 +161,7 @@ def test_component_applies_a_preset_to_the_form_by_name():
     assert missing == ["fp8_vl"]
     text = presets_ui.fit_message(presets_ui.estimate_for("train_network", dataclasses.replace(applied, fp8_vl=False),
                                                           (1024, 1024)), 16.0, 32.0)
-    assert "Will not fit" in text and "caching text" in text
+    assert "Will not fit" in text and "`cache_text_encoder_outputs` needs" in text and "fp8_vl" in text
 
 
 def test_presets_ui_imports_no_torch():

@@ -22,7 +22,7 @@ from app.forms import values_to_config
 from engine.spec import config as C
 from engine.spec.presets import PRESET_DIR, estimate_preset, load_preset
 
-NAMES = ["kind", "procs", *R.form_names()]          # the argument order of train_preview / train_start / ...
+NAMES = ["kind", "procs", *R.form_names(), "fsdp"]  # the argument order of train_preview / train_start / ...
 
 
 def client_for(studio):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 
 from engine.spec import config as C
 from engine.spec.errors import OptionError
-from engine.spec.vram import estimate_config
+from engine.spec.vram import estimate, estimate_config, estimate_options
+from engine.spec.vram import memory as M
 from engine.spec.vram import params as P
+from engine.spec.vram.estimate import workload_from_config
 from engine.spec.vram.constants import CONSTANTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,16 +73,40 @@ SEED_RUN = dict(mixed_precision="bf16", gradient_checkpointing=True, xformers=Tr
                 optimizer_type="adamw8bit", resolution=[1024, 1024], batch_size=1, caches_ready=True)
 
 
-@pytest.mark.parametrize("options, seed_gb", [
+SEED_TABLE = [
     ({}, 42),
     ({"fp8_base": True, "fp8_scaled": True}, 30),
     ({"fp8_base": True, "fp8_scaled": True, "blocks_to_swap": 16}, 24),
     ({"fp8_base": True, "fp8_scaled": True, "blocks_to_swap": 45}, 12),
-])
-def test_seed_table_within_ten_percent(options, seed_gb):
+]
+
+
+def seed_table_estimate(options: dict) -> float:
+    """The estimate of a seed row under the fp8 layout musubi-tuner had when the table was measured (modulation
+    layers bf16, per-tensor scales: docs/vram-constants.md); our engine's layout is smaller."""
+    cfg = estimate_options(C.EstimateVramConfig(), "train_network", **SEED_RUN, **options)
+    return estimate(replace(workload_from_config(cfg), fp8_layout=M.SEED_TABLE_FP8))["vram_gib"]
+
+
+def test_seed_table_rows_within_six_percent_mean_unbiased_and_never_half_a_gib_high():
     # The seed's run: its example command (rank 16, AdamW8bit) with the table's conditions. GB read as GiB.
-    vram = est(**SEED_RUN, **options)["vram_gib"]
-    assert abs(vram - seed_gb) / seed_gb <= 0.10, (options, vram, seed_gb)
+    rows = [(seed_table_estimate(options), seed) for options, seed in SEED_TABLE]
+    errors = [(vram - seed) / seed for vram, seed in rows]
+    assert all(abs(e) <= 0.06 for e in errors), rows
+    assert abs(sum(errors) / len(errors)) <= 0.03, rows
+    assert all(vram - seed < 0.5 for vram, seed in rows), rows
+
+
+def test_the_seed_layout_differs_from_the_engines_only_in_fp8_rows():
+    assert seed_table_estimate({}) == est(**SEED_RUN)["vram_gib"]
+    fp8 = estimate_options(C.EstimateVramConfig(), "train_network", **SEED_RUN, **SEED_TABLE[1][0])
+    ours = workload_from_config(fp8)
+    seed = replace(ours, fp8_layout=M.SEED_TABLE_FP8)
+    # ours: modulation in 1 byte + a bf16 scale per 64 inputs, the rest's scales per 64 inputs too;
+    # the table's: modulation in bf16, one scale per tensor (12 quantised Linears per block)
+    mod, rest = M.MODULATION_WEIGHTS, M.BLOCK_WEIGHTS - M.MODULATION_WEIGHTS
+    expected = 60 * (mod * (2 - 1 - 2 / 64) - rest * 2 / 64 + 12 * 2)
+    assert M.dit_bytes(seed) - M.dit_bytes(ours) == pytest.approx(expected, abs=64)
 
 
 # ------------------------------------------------------------------ monotonic properties
@@ -213,7 +240,10 @@ def test_peak_is_the_maximum_phase_and_parts_add_up():
     e = est(**dict(SEED_RUN, fp8_base=True, fp8_scaled=True, blocks_to_swap=16, caches_ready=False))
     assert e["vram_gib"] == max(p["vram_gib"] for p in e["phases"].values())
     assert e["ram_gib"] == max(p["ram_gib"] for p in e["phases"].values())
-    assert set(e["phases"]) == {"caching_latents", "caching_text", "load", "training_step", "saving"}
+    # the headline is the training run; each caching command is its own row
+    assert set(e["phases"]) == {"load", "training_step", "saving"}
+    assert set(e["commands"]) == {"cache_latents", "cache_text_encoder_outputs"}
+    assert e["commands"]["cache_text_encoder_outputs"]["fp8_vl"] is False
     assert set(e["parts"]) == {"weights", "lora_and_optimizer", "gradients", "activations", "block_swap_buffers",
                                "workspace"}
     assert abs(sum(e["parts"].values()) - e["vram_gib"]) < 0.01
@@ -240,8 +270,9 @@ def test_edit_controls_add_image_and_vision_tokens():
 
 def test_caching_phase_needs_fp8_vl_below_16_gib():
     run = dict(SEED_RUN, fp8_base=True, fp8_scaled=True, blocks_to_swap=45, caches_ready=False)
-    assert est(**run)["phases"]["caching_text"]["vram_gib"] > 15
-    assert est(**dict(run, fp8_vl=True))["phases"]["caching_text"]["vram_gib"] < 10
+    assert est(**run)["commands"]["cache_text_encoder_outputs"]["vram_gib"] > 15
+    with_fp8 = est(**dict(run, fp8_vl=True))["commands"]["cache_text_encoder_outputs"]
+    assert with_fp8["vram_gib"] < 10 and with_fp8["fp8_vl"] is True
 
 
 def test_block_swap_moves_weights_to_ram():
@@ -311,3 +342,26 @@ def test_commands_own_configs_estimate_directly():
     gen = estimate_config(C.GenerateImageConfig(image_size=[768, 1024], fp8=True, fp8_scaled=True))
     assert gen["command"] == "generate_image" and gen["inputs"]["image_tokens"] == 48 * 64
     assert gen == est(for_command="generate_image", image_size=[768, 1024], fp8_base=True, fp8_scaled=True)
+
+
+# ------------------------------------------------------------------ moments of a step, FSDP
+
+def test_a_step_peak_is_the_largest_moment_not_the_sum_of_all():
+    # LoRA with checkpointing: at the start of the backward all block inputs are kept and no gradient exists yet;
+    # at its end every gradient exists and the inputs are gone. The peak holds the larger, not both.
+    step = est(**SEED_RUN)["phases"]["training_step"]
+    assert step["moment"] == "backward" and step["parts"]["gradients"] == 0
+    accumulating = est(**SEED_RUN, gradient_accumulation_steps=2)["phases"]["training_step"]
+    assert accumulating["parts"]["gradients"] > 0.5          # earlier micro-batches' gradients are held
+
+
+def test_fsdp_shards_a_full_finetune_per_gpu():
+    run = dict(SEED_RUN, for_command="train", optimizer_type="AdamW", full_bf16=True)
+    one, eight = est(**run), est(**run, num_gpus=8)
+    assert one["vram_gib"] > 150 and eight["vram_gib"] < one["vram_gib"] / 5
+    w1, w8 = (e["phases"]["training_step"]["parts"]["weights"] for e in (one, eight))
+    assert w8 == pytest.approx(w1 / 8, rel=1e-3)
+    with pytest.raises(OptionError, match="num_gpus"):
+        est(**SEED_RUN, num_gpus=2)                          # LoRA is data-parallel, not sharded
+    with pytest.raises(OptionError, match="blocks_to_swap"):
+        est(**run, num_gpus=2, blocks_to_swap=10)

@@ -64,6 +64,9 @@ def layout(ctx) -> SimpleNamespace:
         ui.kind = gr.Radio(R.KIND_CHOICES, value="train_network", label="What to train", elem_id="train-kind")
         ui.procs = gr.Number(1, precision=0, minimum=1, label="Processes (GPUs)", elem_id="train-procs",
                              info="More than 1, or mixed precision, launches with `accelerate launch`.")
+        ui.fsdp = gr.Checkbox(False, label="Several GPUs (FSDP)", elem_id="train-fsdp",
+                              info="Full finetune only: shards the DiT over the GPUs; writes the accelerate config "
+                                   "next to the outputs (docs/multi-gpu.md).")
     ui.components, ui.sections = form_sections(initial_config(ctx))
     ui.names = R.form_names()          # the order the events take the widgets in (and the API documents)
     ui.forms = {kind: Form(cls, {n: ui.components[n] for n in R.kind_names(kind, ui.names)})
@@ -147,7 +150,10 @@ def live_section(ui) -> None:
 
 def wire(ctx, tab, ui) -> None:
     comps = [ui.components[n] for n in ui.names]
-    form_in = [ui.kind, ui.procs, *comps]
+    form_in = [ui.kind, ui.procs, *comps, ui.fsdp]       # fsdp last: the order of the widgets' values is kept
+
+    def fsdp_of(values) -> bool:
+        return bool(values[len(ui.names)]) if len(values) > len(ui.names) else False
 
     def config(kind, values):
         return ui.forms[kind].to_config(*[values[ui.names.index(n)] for n in ui.forms[kind].names])
@@ -155,14 +161,14 @@ def wire(ctx, tab, ui) -> None:
     def preview(kind, procs, *values):
         try:
             cfg = config(kind, values)
-            return R.launch_text(kind, cfg, procs), C.toml_text(cfg)
+            return R.launch_text(kind, cfg, procs, fsdp_of(values)), C.toml_text(cfg)
         except C.ConfigError as e:
             return f"(cannot build the command: {e})", ""
 
     def start(kind, procs, *values):
         try:
             cfg = config(kind, values)
-            R.launch_argv(kind, cfg, procs)               # validates the launcher options too
+            R.launch_argv(kind, cfg, procs, fsdp_of(values))      # validates the launcher options too
         except C.ConfigError as e:
             return {ui.message: "⚠️ " + error_markdown(e)}
         problems = R.preflight(cfg)
@@ -176,9 +182,11 @@ def wire(ctx, tab, ui) -> None:
                                    if can_overwrite else "") + ".",
                     ui.use_free: gr.update(value=f"Use {free}", visible=True),
                     ui.overwrite_go: gr.update(visible=can_overwrite), ui.free_name: free}
+        if fsdp_of(values):
+            R.write_fsdp(kind, cfg, procs)
+        accelerate = R.fsdp_options(kind, cfg, procs) if fsdp_of(values) else R.accelerate_options(cfg, procs)
         try:
-            job = ctx.submit_config(kind, cfg, title=f"{kind} {cfg.output_name}",
-                                    accelerate=R.accelerate_options(cfg, procs))
+            job = ctx.submit_config(kind, cfg, title=f"{kind} {cfg.output_name}", accelerate=accelerate)
         except OSError as e:                        # the job list could not be saved: nothing was queued
             return {ui.message: f"⚠️ Not started: {e}", **hide}
         return {ui.run: gr.update(value=job.id), ui.command: job.cmdline, **hide,

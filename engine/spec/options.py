@@ -473,6 +473,8 @@ class EstimateOptions:
                                                   "otherwise).", group="Estimate", min=0)
     caches_ready: bool = opt(False, "The latent and text-encoder caches already exist: leave the caching phase "
                                     "out of the training peak.", group="Estimate")
+    num_gpus: int = opt(1, "GPUs a full finetune (`train`) is sharded over with FSDP (docs/multi-gpu.md): the "
+                           "estimate is per GPU.", group="Estimate", min=1, max=1024)
 
 
 @dataclass

@@ -146,19 +146,22 @@ def write_streaming(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 # ---------------------------------------------------------------------------------------------- states
 
-def save_state(accelerator, path: Path, progress: dict,
-               extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """All processes call this (accelerate saves each process's RNG state); the main process renames. `extra`:
-    more safetensors files (name -> tensors) the main process writes into the state, e.g. the EMA."""
+def save_state(accelerator, path: Path, progress: dict, files: dict[str, dict[str, torch.Tensor]] | None = None,
+               shards=None) -> Path:
+    """All processes call this (accelerate saves each process's RNG state); the main process renames. `files`:
+    more safetensors files (name -> tensors) the main process writes into the state (the EMA); `shards(folder)`:
+    what every process writes into it before the rename (FSDP's sharded model and optimizer)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if shards is not None:
+        shards(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name, tensors in (extra or {}).items():
+        for name, tensors in (files or {}).items():
             save_file(tensors, tmp / name)
         (tmp / STATE_JSON).write_text(json.dumps(progress, indent=1), encoding="utf-8")
         _fsync_tree(tmp)

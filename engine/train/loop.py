@@ -40,7 +40,7 @@ from engine.spec.errors import NumericError, OptionError
 from engine.spec.run_outputs import existing_outputs
 from engine.spec.variants import get_variant
 from engine.train import ema as E
-from engine.train import samples
+from engine.train import fsdp, samples
 from engine.train import checkpoints as ckpt
 from engine.train import validation as V
 from engine.train import validation_images as VI
@@ -83,6 +83,8 @@ def run_training(cfg, events, full: bool) -> list[str]:
     cfg = replace(cfg, output_name=cfg.output_name or ("qwen_image_finetune" if full else "qwen_image_lora"),
                   seed=cfg.seed if cfg.seed is not None else 42)
     check_config(cfg, full)
+    if fsdp.enabled():
+        fsdp.check(cfg, full)
     check_dit_headers(cfg.dit, variant)
     if cfg.sample_prompts:
         samples.check_prompts(cfg, variant)
@@ -126,6 +128,7 @@ class Run:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.fsdp = full and fsdp.enabled()       # weights, gradients, states sharded (engine/train/fsdp.py)
         self.schedule = make_schedule(cfg, data.num_batches, self.world)
         self.outputs: list[str] = []
         self.losses: list[float] = []
@@ -156,7 +159,10 @@ class Run:
             cfg, self.device, self.full)) if self.main else None
         self.events.phase("loading", model="dit")
         torch.manual_seed(cfg.seed)                       # LoRA init: the same on every process
-        self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
+        if self.fsdp:
+            self.t = fsdp.trainee(cfg, self.variant, self.device, self.world)
+        else:
+            self.t = (full_trainee if self.full else lora_trainee)(cfg, self.variant, self.device)
         self.params = [p for g in self.t.param_groups for p in g["params"]]
         self._broadcast_weights()
         self.ema = E.Ema.create(E.trained_tensors(self.t.module, self.params), cfg, self.device) if self.main else None
@@ -177,12 +183,15 @@ class Run:
                     p.register_post_accumulate_grad_hook(self._reduce_grad)
             enable_fused_backward(self.optimizer, cfg.max_grad_norm)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-        self.acc.register_for_checkpointing(self.t.module, self.optimizer, self.scheduler)
+        if self.fsdp:        # model and optimizer shards go through torch.distributed.checkpoint instead
+            self.acc.register_for_checkpointing(self.scheduler)
+        else:
+            self.acc.register_for_checkpointing(self.t.module, self.optimizer, self.scheduler)
         if cfg.log_with and self.main:
             self.acc.init_trackers(f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
     def _broadcast_weights(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:          # FSDP shards of one file read by every process
             for p in self.params:
                 dist.broadcast(p.data, src=0)
 
@@ -198,6 +207,8 @@ class Run:
         self.step, start_epoch, start_micro = 0, 0, 0
         if cfg.resume:
             progress = ckpt.load_state(self.acc, cfg.resume)
+            if self.fsdp:
+                fsdp.load_shards(cfg.resume, self.t.module, self.optimizer)
             self.step, start_epoch, start_micro = progress["step"], progress["epoch"], progress["micro"]
             self.losses = progress.get("losses", [])
             E.resume(self.ema, cfg.resume)
@@ -270,7 +281,7 @@ class Run:
         if self.fused:                       # already stepped parameter by parameter during backward
             self.scheduler.step()
             return True
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:          # FSDP reduce-scatters (averages) in the backward
             for p in self.params:
                 if p.grad is not None:
                     self._reduce_grad(p)
@@ -415,8 +426,10 @@ class Run:
         self._check_finite_weights(model_file)
         if self.main:
             self.events.phase("saving", step=self.step)
-            for path in self.t.save(model_file, self._stats()) + E.save_beside(self.ema, self.t.save, model_file,
-                                                                                self._stats()):
+        if self.main or self.t.collective_save:
+            saved = self.t.save(model_file, self._stats())
+            saved += E.save_beside(self.ema, self.t.save, model_file, self._stats())     # [] without --use_ema
+            for path in saved:
                 self.outputs.append(str(path))
                 self.events.checkpoint(str(path), self.step, epoch=self.epoch + 1, kind="model")
         if (cfg.save_state if with_state is None else with_state) and state_dir is not None:
@@ -426,7 +439,9 @@ class Run:
             progress = {"step": self.step, "epoch": epoch, "micro": micro, "seed": cfg.seed,
                         "batches_per_epoch": self.data.num_batches,
                         "total_steps": self.schedule.total_steps, "world": self.world, "losses": self.losses}
-            ckpt.save_state(self.acc, state_dir, progress, {E.STATE_FILE: self.ema.state_dict()} if self.ema else None)
+            files = {E.STATE_FILE: self.ema.state_dict()} if self.ema else None
+            shards = fsdp.save_shards(self.t.module, self.optimizer) if self.fsdp else None
+            ckpt.save_state(self.acc, state_dir, progress, files, shards)
             if self.main:
                 self.events.checkpoint(str(state_dir), self.step, epoch=self.epoch + 1, kind="state")
         if self.main and kind:

@@ -43,6 +43,7 @@ class Trainee:
     save: Callable[[Path, dict], list[Path]]      # (path, stats) -> files written
     eval_modules: tuple = field(default_factory=tuple)   # also switched to eval while sampling
     block_swap: object = None
+    collective_save: bool = False       # every process takes part in `save` (FSDP gathers); the main one writes
 
 
 def dit_dtype(cfg, device: torch.device, full: bool) -> torch.dtype:

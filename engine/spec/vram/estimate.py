@@ -47,8 +47,15 @@ def workload_from_config(opts: EstimateVramConfig) -> M.Workload:
             checks.check_fp8_scaled(opts)
             checks.check_base_precision(opts)
     checks.check_blocks_to_swap(opts.blocks_to_swap, M.LAYERS)
+    gpus = opts.num_gpus
+    if gpus > 1 and command != "train":
+        raise OptionError(f"--num_gpus {gpus}: sharding over GPUs (FSDP) is for `train` (full finetune); "
+                          f"{command} holds a whole model per GPU.", "Drop --num_gpus, or estimate --for train.")
+    if gpus > 1 and opts.blocks_to_swap:
+        raise OptionError(f"--num_gpus {gpus} with --blocks_to_swap {opts.blocks_to_swap}: FSDP shards the "
+                          "weights instead of swapping them.", "Set --blocks_to_swap 0 with FSDP.")
     return M.Workload(opts=opts, command=command, width=w, height=h, batch=opts.batch_size, controls=controls,
-                      vl_tokens_per_control=_vl_tokens(version) if controls else 0, fp8=fp8,
+                      vl_tokens_per_control=_vl_tokens(version) if controls else 0, fp8=fp8, num_gpus=gpus,
                       base_precision=opts.base_model_precision if command == "train_network" else "no_change")
 
 
@@ -106,7 +113,7 @@ def load_phase(w: M.Workload) -> dict:
     # With block swap the DiT is loaded to the CPU first and the resident blocks moved over afterwards.
     staging = M.dit_bytes(w) if w.opts.blocks_to_swap else M.LARGEST_LINEAR * M.BF16
     workspace = _runtime(w) + (2 * M.LARGEST_LINEAR * M.FP32 if M.uses_fp8(w) and w.opts.fp8_scaled else 0)
-    return _phase(_process_ram() + staging, weights=M.dit_resident_bytes(w), workspace=workspace)
+    return _phase(_process_ram() + staging, weights=_sharded(w, M.dit_resident_bytes(w)), workspace=workspace)
 
 
 def caching_phases(w: M.Workload) -> dict:
@@ -117,23 +124,64 @@ def caching_phases(w: M.Workload) -> dict:
     return {"caching_latents": vae, "caching_text": te}
 
 
+def _sharded(w: M.Workload, nbytes: float) -> float:
+    """FSDP (a full finetune over N GPUs) keeps 1/N of the weights, gradients and optimizer states per GPU."""
+    return nbytes / w.num_gpus if w.full and w.num_gpus > 1 else nbytes
+
+
+def step_moments(w: M.Workload) -> dict:
+    """What a training step holds beyond the weights and trained parameters, at each moment that can be its peak.
+    The moments do not coincide, so the step's peak is their maximum, not their sum:
+    - forward_end: every block's kept activations, and autocast's bf16 copies of all fp32 trainables;
+    - backward: block i's backward holds the kept activations of blocks 0..i and the gradients of blocks > i, so
+      the larger of the two at one end (both when gradient accumulation keeps earlier gradients), plus one block's
+      recompute/backward and autocast copies;
+    - optimizer: every gradient and the optimizer's temporaries, the activations gone.
+    Full finetune on N GPUs (FSDP): gradients are reduce-scattered block by block, so one block's unsharded
+    gradients and two blocks' gathered weights (the running one and the prefetched one) come on top."""
+    kept, block, _ = M.training_activation_bytes(w)
+    grads = _sharded(w, M.gradient_bytes(w))
+    fused = w.full and w.opts.fused_backward_pass
+    held = grads if w.opts.gradient_accumulation_steps > 1 and not fused else 0   # from earlier micro-batches
+    autocast_all = M.autocast_cache_bytes(w)
+    autocast_block = autocast_all / M.LAYERS
+    gathered = 0
+    if w.full and w.num_gpus > 1:
+        full_block = M.block_bytes(w)[0]
+        gathered = 2 * full_block + full_block // M.dit_param_bytes(w) * M.dit_param_bytes(w)
+    in_flight = M.fp8_dequant_bytes(w)
+    kept_in_backward = kept if held or kept >= grads else 0
+    return {
+        "forward_end": {"activations": kept + in_flight, "lora_and_optimizer": autocast_all, "gradients": held,
+                        "workspace": gathered},
+        "backward": {"activations": kept_in_backward + block + in_flight, "lora_and_optimizer": autocast_block,
+                     "gradients": grads if held or not kept_in_backward else 0, "workspace": gathered},
+        "optimizer": {"gradients": grads, "workspace": M.optimizer_step_bytes(w)},
+    }
+
+
 def training_phase(w: M.Workload) -> dict:
-    act_gpu, act_ram = M.training_activation_bytes(w)
+    _, _, act_ram = M.training_activation_bytes(w)
     # Full finetune with block swap (needs the fused backward): each weight is stepped while its block is on the
     # GPU, so every optimizer state (created next to its weight) and the in-flight block's gradients are on the GPU.
-    states = M.optimizer_state_bytes(w)
+    states = _sharded(w, M.optimizer_state_bytes(w))
     trained = 0 if w.full else M.trainable_params(w) * M.trainable_param_bytes(w)
     ema_gpu, ema_ram = M.ema_bytes(w)
     ram = _process_ram() + M.swapped_bytes(w) + M.swap_staging_bytes(w) + act_ram + ema_ram
-    return _phase(ram, weights=M.dit_resident_bytes(w),
-                  lora_and_optimizer=trained + states + M.autocast_cache_bytes(w) + ema_gpu,
-                  gradients=M.gradient_bytes(w), activations=act_gpu,
-                  workspace=_runtime(w, step=True) + M.fp8_dequant_bytes(w) + M.optimizer_step_bytes(w))
+    moments = step_moments(w)
+    moment = max(moments, key=lambda m: sum(moments[m].values()))
+    parts = moments[moment]
+    return dict(_phase(ram, weights=_sharded(w, M.dit_resident_bytes(w)),
+                       lora_and_optimizer=trained + states + parts.get("lora_and_optimizer", 0) + ema_gpu,
+                       gradients=parts.get("gradients", 0), activations=parts.get("activations", 0),
+                       workspace=_runtime(w, step=True) + parts.get("workspace", 0)), moment=moment)
 
 
 def saving_phase(w: M.Workload) -> dict:
     train = training_phase(w)
-    parts = dict(train["parts"], activations=0, workspace=_runtime(w))
+    trained = 0 if w.full else M.trainable_params(w) * M.trainable_param_bytes(w)
+    parts = dict(weights=train["parts"]["weights"], workspace=_runtime(w),
+                 lora_and_optimizer=trained + _sharded(w, M.optimizer_state_bytes(w)))
     if w.full:  # the DiT is gathered in RAM in bf16 unless --mem_eff_save streams it tensor by tensor
         saved = M.LARGEST_LINEAR * M.BF16 if w.opts.mem_eff_save else M.dit_bytes(w) // M.dit_param_bytes(w) * 2
         states = M.optimizer_state_bytes(w) if w.opts.save_state else 0
@@ -180,29 +228,50 @@ def caption_phases(w: M.Workload) -> dict:
                                  workspace=_runtime(w))}
 
 
+CACHING_COMMANDS = {"caching_latents": "cache_latents", "caching_text": "cache_text_encoder_outputs"}
+
+
 def phases_for(w: M.Workload) -> dict:
+    """The phases of the run itself (the caching commands are separate runs: `commands_for`)."""
     if w.command == "caption_images":
         return caption_phases(w)
     if not w.training:
         return generation_phases(w)
-    phases = {} if w.opts.caches_ready else caching_phases(w)
-    phases.update(load=load_phase(w), training_step=training_phase(w), saving=saving_phase(w))
-    return phases
+    return {"load": load_phase(w), "training_step": training_phase(w), "saving": saving_phase(w)}
+
+
+def commands_for(w: M.Workload) -> dict:
+    """The caching commands a training run needs first (none with --caches_ready), by command name."""
+    if not w.training or w.opts.caches_ready:
+        return {}
+    return {CACHING_COMMANDS[name]: phase for name, phase in caching_phases(w).items()}
+
+
+def _gib(b: float) -> float:
+    return round(b / GIB, 3)
+
+
+def _phase_json(p: dict) -> dict:
+    out = {"vram_gib": _gib(p["vram"]), "ram_gib": _gib(p["ram"]), "parts": {k: _gib(v) for k, v in p["parts"].items()}}
+    return dict(out, moment=p["moment"]) if "moment" in p else out
 
 
 def estimate(w: M.Workload) -> dict:
-    """The JSON-ready estimate: peak VRAM/RAM (GiB), the peak phase, every phase with its parts."""
+    """The JSON-ready estimate: peak VRAM/RAM (GiB) of the run itself, its peak phase, every phase with its
+    parts, and (training) each caching command as its own row under `commands`."""
     phases = phases_for(w)
     peak = max(phases, key=lambda n: phases[n]["vram"])
-    gib = lambda b: round(b / GIB, 3)  # noqa: E731
+    commands = commands_for(w)
     return {
         "command": w.command,
-        "vram_gib": gib(phases[peak]["vram"]),
-        "ram_gib": gib(max(p["ram"] for p in phases.values())),
+        "vram_gib": _gib(phases[peak]["vram"]),
+        "ram_gib": _gib(max(p["ram"] for p in phases.values())),
         "peak_phase": peak,
-        "parts": {k: gib(v) for k, v in phases[peak]["parts"].items()},
-        "phases": {n: {"vram_gib": gib(p["vram"]), "ram_gib": gib(p["ram"]),
-                       "parts": {k: gib(v) for k, v in p["parts"].items()}} for n, p in phases.items()},
+        "parts": {k: _gib(v) for k, v in phases[peak]["parts"].items()},
+        "phases": {n: _phase_json(p) for n, p in phases.items()},
+        "commands": {n: dict(_phase_json(p), fp8_vl=bool(w.opts.fp8_vl) if n == "cache_text_encoder_outputs"
+                             else None) for n, p in commands.items()},
+        "num_gpus": w.num_gpus,
         "inputs": _inputs(w),
         "notes": _notes(w),
     }
@@ -226,7 +295,11 @@ def _notes(w: M.Workload) -> list[str]:
     if w.full and w.fp8:
         notes.append("fp8 is ignored for full finetuning (the finetuner trains bf16/fp32 weights).")
     if w.training and not w.opts.caches_ready:
-        notes.append("includes the caching commands (VAE and text encoder); add --caches_ready to leave them out.")
+        notes.append("the caching commands (VAE, text encoder) run first as their own jobs: see `commands`; "
+                     "--caches_ready leaves them out.")
+    if w.full and w.num_gpus > 1:
+        notes.append(f"per GPU with FSDP over {w.num_gpus} GPUs: weights, gradients and optimizer states are "
+                     "sharded; two blocks are gathered at a time.")
     if w.training and M.uses_fp8(w) and not w.opts.gradient_checkpointing:
         notes.append("fp8 without --gradient_checkpointing keeps a bf16 copy of every block's weights for backward.")
     ema_gpu, ema_ram = M.ema_bytes(w)

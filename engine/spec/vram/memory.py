@@ -6,13 +6,29 @@ engine/spec/vram/constants.py, parameter counts from engine/spec/vram/params.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.spec.vram import params as P
 from engine.spec.vram.constants import value as K
 
 BF16, FP32, FP8 = 2, 4, 1
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """Which block Linears fp8 stores in 1 byte and how they are scaled. The engine's layout is
+    engine/models/fp8.py's (every block Linear, modulation included; one bf16 scale per 64 inputs with
+    --fp8_scaled). The seed's VRAM table was measured with an older musubi-tuner layout (SEED_TABLE_FP8), so the
+    estimate is compared with it under that layout, not under ours (docs/vram-constants.md)."""
+    modulation_fp8: bool = True           # img_mod / txt_mod quantised too
+    scale_block: int | None = 64          # inputs per scale with --fp8_scaled; None: one scale per tensor
+
+
+ENGINE_FP8 = Fp8Layout()
+# musubi-tuner when its Qwen-Image VRAM table was written: modulation layers excluded from fp8 ("_mod" in its
+# exclude keys), one per-tensor scale (block-wise scaling came later).
+SEED_TABLE_FP8 = Fp8Layout(modulation_fp8=False, scale_block=None)
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,8 @@ class Workload:
     vl_tokens_per_control: int    # vision tokens each control adds to the text sequence
     fp8: bool                     # the DiT's block weights in fp8: --fp8_base (training), --fp8 (generation)
     base_precision: str = "no_change"   # train_network's --base_model_precision: nf4-bnb | int8-bnb
+    fp8_layout: Fp8Layout = field(default=ENGINE_FP8)
+    num_gpus: int = 1             # processes a full finetune is sharded over (FSDP); 1 = one whole copy
 
     @property
     def training(self) -> bool:
@@ -58,6 +76,7 @@ BLOCK_WEIGHTS = sum(l.n_in * l.n_out for l in BLOCK_LINEARS)
 BLOCK_BIASES = sum(l.n_out for l in BLOCK_LINEARS)
 BLOCK_NORMS = P.dit_block_norm_params()
 LARGEST_LINEAR = max(l.n_in * l.n_out for l in BLOCK_LINEARS)
+MODULATION_WEIGHTS = sum(l.n_in * l.n_out for l in BLOCK_LINEARS if "_mod" in l.name)
 
 
 # ------------------------------------------------------------------ DiT weights
@@ -83,23 +102,33 @@ def bnb_weight_bytes(mode: str) -> float:
     return BLOCK_WEIGHTS + BLOCK_BIASES * FP32
 
 
+def fp8_linears(w: Workload) -> list:
+    """The block Linears stored in fp8 under the run's layout (none without fp8)."""
+    if not uses_fp8(w):
+        return []
+    return [l for l in BLOCK_LINEARS if w.fp8_layout.modulation_fp8 or "_mod" not in l.name]
+
+
 def block_bytes(w: Workload) -> tuple[int, int]:
     """(bytes of one block, of which the part block swap moves: the Linear weights; biases, norms and fp8
     scales stay on the GPU, in musubi and in engine/models/block_swap.py alike)."""
     pb = dit_param_bytes(w)
     if w.base_precision != "no_change" and not w.full:     # block swap is refused with it: nothing moves
         return int(bnb_weight_bytes(w.base_precision)) + (BLOCK_BIASES + BLOCK_NORMS) * BF16, 0
-    if uses_fp8(w) and w.opts.fp8_scaled:
-        scales = BLOCK_WEIGHTS // int(K("fp8_scale_block")) * BF16
-        return BLOCK_WEIGHTS * FP8 + scales + (BLOCK_BIASES + BLOCK_NORMS) * BF16, BLOCK_WEIGHTS * FP8
-    if uses_fp8(w):  # plain --fp8_base casts the whole model
-        return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * FP8, BLOCK_WEIGHTS * FP8
-    return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * pb, BLOCK_WEIGHTS * pb
+    if not uses_fp8(w):
+        return (BLOCK_WEIGHTS + BLOCK_BIASES + BLOCK_NORMS) * pb, BLOCK_WEIGHTS * pb
+    quant = sum(l.n_in * l.n_out for l in fp8_linears(w))
+    moved = quant * FP8 + (BLOCK_WEIGHTS - quant) * pb      # plain --fp8_base: the same targets, no scales
+    scales = 0
+    if w.opts.fp8_scaled:
+        block = w.fp8_layout.scale_block
+        scales = (quant // block if block else len(fp8_linears(w))) * BF16
+    return moved + scales + (BLOCK_BIASES + BLOCK_NORMS) * pb, moved
 
 
 def outer_bytes(w: Workload) -> int:
-    per = FP8 if uses_fp8(w) and not w.opts.fp8_scaled else dit_param_bytes(w)
-    return P.dit_outer_params() * per
+    """The layers outside the blocks: never quantised (engine/models/fp8.py), in the DiT's dtype."""
+    return P.dit_outer_params() * dit_param_bytes(w)
 
 
 def dit_bytes(w: Workload) -> int:
@@ -188,7 +217,8 @@ def gradient_bytes(w: Workload) -> int:
 
 
 def autocast_cache_bytes(w: Workload) -> int:
-    """torch.autocast keeps a bf16 copy of each fp32 trainable leaf for the whole forward/backward."""
+    """torch.autocast keeps a bf16 copy of each fp32 trainable leaf until the forward leaves autocast; the
+    backward (outside autocast) holds only the copies of the block it recomputes."""
     if w.opts.mixed_precision in ("bf16", "fp16") and trainable_param_bytes(w) == FP32:
         return trainable_params(w) * BF16
     return 0
@@ -207,33 +237,36 @@ def width_unit(w: Workload) -> int:
     return w.dit_tokens * DIM * act_bytes(w)
 
 
-def training_activation_bytes(w: Workload) -> tuple[int, int]:
-    """(GPU bytes, RAM bytes) of the activations at the peak of a training step (end of forward + backward)."""
+def training_activation_bytes(w: Workload) -> tuple[int, int, int]:
+    """(kept, block, RAM) bytes of a training step's activations. `kept`: what the forward leaves on the GPU for
+    the backward (all blocks' saved tensors, or only their inputs with checkpointing); it is freed block by block
+    as the backward goes down. `block`: the extra live memory while one block runs its backward (with
+    checkpointing its recompute too). `RAM`: block inputs parked in host memory by checkpointing's CPU offload."""
     unit = width_unit(w)
     lora_saved = 0 if w.full else len(BLOCK_LINEARS) * w.opts.network_rank() * w.dit_tokens * act_bytes(w)
     if not w.opts.gradient_checkpointing:
-        saved = LAYERS * (K("act_saved_units") * unit + lora_saved)
-        return int(saved + K("act_backward_units") * unit), 0
+        # every block keeps its tensors, fp8's dequantised bf16 weights included (the input gradient needs W)
+        kept = LAYERS * (K("act_saved_units") * unit + lora_saved + fp8_block_copy_bytes(w))
+        return int(kept), int(K("act_backward_units") * unit), 0
     kept = LAYERS * K("ckpt_saved_units") * unit
-    step = K("ckpt_backward_units") * unit + lora_saved
+    block = K("ckpt_backward_units") * unit + lora_saved + fp8_block_copy_bytes(w)   # the recompute saves them again
     if w.opts.gradient_checkpointing_cpu_offload:  # block inputs wait in RAM; one block's worth is on the GPU at a time
-        return int(step + 2 * K("ckpt_saved_units") * unit), int(kept)
-    return int(kept + step), 0
+        return int(2 * K("ckpt_saved_units") * unit), int(block), int(kept)
+    return int(kept), int(block), 0
+
+
+def fp8_block_copy_bytes(w: Workload) -> int:
+    """The bf16 copies one block's fp8 Linears make per call, kept by autograd for the backward."""
+    return sum(l.n_in * l.n_out for l in fp8_linears(w)) * BF16
 
 
 def fp8_dequant_bytes(w: Workload) -> int:
-    """bf16 copies of fp8 weights: kept for backward (grad wrt input needs W) plus one in-flight copy.
-    bitsandbytes nf4/int8 layers keep only the quantised weight for backward and dequantise per call, so they
-    cost the in-flight copy alone."""
+    """One Linear's dequantisation in flight: `.to(bf16)`, then × scale (both bf16, the largest fp8 Linear).
+    bitsandbytes nf4/int8 layers likewise keep only the quantised weight for backward and dequantise per call."""
     if w.base_precision != "no_change" and not w.full:
         return 2 * LARGEST_LINEAR * BF16
-    if not uses_fp8(w):
-        return 0
-    in_flight = 2 * LARGEST_LINEAR * BF16  # .to(bf16) then × scale
-    if not w.training:
-        return in_flight
-    blocks_in_backward = 1 if w.opts.gradient_checkpointing else LAYERS
-    return blocks_in_backward * BLOCK_WEIGHTS * BF16 + in_flight
+    linears = fp8_linears(w)
+    return 2 * max(l.n_in * l.n_out for l in linears) * BF16 if linears else 0
 
 
 def optimizer_step_bytes(w: Workload) -> int:
