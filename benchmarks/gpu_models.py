@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models import common
+from engine.models import bnb_quant, common
 from engine.models import text_encoder as te
 from engine.models.dit import PUBLISHED_DIT_CONFIG, dit_class
 from engine.models.fp8 import Fp8Hook
@@ -67,10 +67,14 @@ def fill_random(model: nn.Module, dtype: torch.dtype, device: torch.device, calc
 
 def random_dit_loader(reduced: bool, calc_device: torch.device):
     """A stand-in for dit_setup.load: the DiT of the published config (or the reduced one) with random weights,
-    fp8-quantised per tensor while being filled (Fp8Hook, as the file loader does), on the CPU with block swap."""
+    fp8-quantised (Fp8Hook) or nf4/int8-quantised (bnb_quant.BnbHook) per tensor while being filled, as the file
+    loader does, on the CPU with block swap."""
 
-    def load(path, variant, device, dtype, *, fp8=False, fp8_scaled=False, swap=False, merger=None):
+    def load(path, variant, device, dtype, *, fp8=False, fp8_scaled=False, swap=False, merger=None,
+             base_precision="no_change"):
         hook = Fp8Hook(scaled=fp8_scaled) if fp8 else None
+        if base_precision in bnb_quant.MODES:
+            hook = bnb_quant.BnbHook(base_precision, dtype)
         dit = common.build_empty(dit_class(), dit_config(reduced, variant.zero_cond_t))
         target = torch.device("cpu") if swap else torch.device(device)
         fill_random(dit, dtype, target, calc_device, hook.transform if hook else None)

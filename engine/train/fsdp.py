@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import time
 from pathlib import Path
 
@@ -45,9 +44,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from engine.models import dit_setup
-from engine.models.safetensors_io import atomic_output
+from engine.models.safetensors_io import dtype_name, write_streamed
 from engine.spec.errors import OptionError
-from engine.train.checkpoints import _DTYPE_NAMES, COMFY_PREFIX, MARKER_2511
+from engine.train.checkpoints import COMFY_PREFIX, MARKER_2511
 from engine.train.lora import SAVE_DTYPES
 from engine.train.lora_metadata import modelspec
 from engine.train.trainee import Trainee, dit_dtype
@@ -143,29 +142,14 @@ def save_gathered(dit, path: Path, dtype: torch.dtype, metadata: dict[str, str],
     state = dict(dit.state_dict())
     entries = sorted([(COMFY_PREFIX + k, v) for k, v in state.items()] +
                      ([(COMFY_PREFIX + MARKER_2511, torch.zeros(0, dtype=dtype))] if marker_2511 else []))
-    main = dist.get_rank() == 0
     out_dtype = lambda t: dtype if t.is_floating_point() else t.dtype            # noqa: E731
-    header, offset = {}, 0
-    for name, t in entries:
-        size = t.numel() * torch.empty(0, dtype=out_dtype(t)).element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[out_dtype(t)], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {k: str(v) for k, v in meta.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    if not main:
-        for _, t in entries:
-            _full(t)                                   # take part in each gather, in the same order
+    header = [(name, dtype_name(out_dtype(t)), tuple(t.shape)) for name, t in entries]     # global shapes
+    gathered = ((name, _full(t).detach().to(out_dtype(t))) for name, t in entries)
+    if dist.get_rank() != 0:
+        for _ in gathered:                             # take part in each gather, in the same order
+            pass
         return None
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, t in entries:
-            host = _full(t).detach().to("cpu", out_dtype(t)).contiguous()
-            if host.numel():
-                f.write(host.view(-1).view(torch.uint8).numpy().tobytes())
-            del host
-    return Path(path)
+    return write_streamed(path, header, gathered, meta)
 
 
 # ---------------------------------------------------------------------------------------------- states
