@@ -1,6 +1,8 @@
 """Builds the Gradio app from the tab modules (app/tabs/__init__.py: TABS) and launches it.
 
 Start-up imports no torch/diffusers/transformers: tabs talk to the engine through subprocesses.
+Polling timers run only for the tab on screen and only while that tab has something running (ctx.register_timer),
+so an idle page costs no CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import gradio as gr
 from app.tabs import TABS
 
 TITLE = "Qwen-Image Studio"
-CSS = "#jobs-log textarea, #jobs-command input { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }"
+CSS = ("#jobs-log textarea, #jobs-command input { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }\n"
+       ".qis-applied { outline: 3px solid #3b82f6; border-radius: 8px; }\n"
+       ".qis-fits { border-left: 4px solid #10b981; padding-left: 6px; }")
+TAB_LABELS = {"Models": "models", "Dataset": "dataset", "Cache": "cache", "Train": "train",
+              "Generate / Edit": "generate", "Jobs": "jobs"}
 
 
 def offline_theme() -> gr.themes.Base:
@@ -24,16 +30,52 @@ def offline_theme() -> gr.themes.Base:
 def build_app(ctx) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}" + ("  \n*demo models loaded*" if ctx.demo is not None else ""))
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
+            ctx.tabs = tabs
             for name in TABS:
                 importlib.import_module(f"app.tabs.{name}").build(ctx)
+        wire_timers(ctx, tabs)
+        wire_gotos(ctx)
     return demo
+
+
+def timer_states(ctx, shown: str | None) -> list:
+    """Each polling timer on only when its tab is the one shown and has something running."""
+    return [gr.Timer(active=tab_id == shown and bool(busy())) for tab_id, _, busy in ctx.timers]
+
+
+def wire_timers(ctx, tabs) -> None:
+    if not ctx.timers:
+        return
+
+    def shown_tab(evt: gr.SelectData):
+        data = getattr(evt, "_data", {}) or {}
+        return timer_states(ctx, data.get("id") or TAB_LABELS.get(str(evt.value)))
+
+    tabs.select(shown_tab, None, [t for _, t, _ in ctx.timers], show_progress="hidden", api_visibility="private")
+
+
+def wire_gotos(ctx) -> None:
+    """A button that leads to another tab runs that tab's openers next, then starts its timer if it is busy."""
+    timers = [t for _, t, _ in ctx.timers]
+    for dependency, tab_id in ctx.gotos:
+        chain = dependency
+        for fn, inputs, outputs in ctx.openers.get(tab_id, []):
+            chain = chain.then(fn, inputs, outputs, show_progress="hidden", api_visibility="private")
+        if timers:
+            chain.then(lambda t=tab_id: timer_states(ctx, t), None, timers, show_progress="hidden",
+                       api_visibility="private")
 
 
 def launch(ctx, host: str = "127.0.0.1", port: int | None = None, inbrowser: bool = True,
            auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False):
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
-    return demo.launch(server_name=host, server_port=port, inbrowser=inbrowser, auth=auth,
-                       theme=offline_theme(), css=CSS, footer_links=[], allowed_paths=[str(ctx.data_dir)],
-                       prevent_thread_lock=prevent_thread_lock, show_error=True)
+    # quiet: gradio's own banner ends with a "set share=True" hint; this app never shares a public link
+    result = demo.launch(server_name=host, server_port=port, inbrowser=inbrowser, auth=auth,
+                         theme=offline_theme(), css=CSS, footer_links=[], allowed_paths=[str(ctx.data_dir)],
+                         prevent_thread_lock=True, show_error=True, quiet=True)
+    print(f"[studio] {TITLE} is running at {demo.local_url}  (Ctrl+C stops it; running jobs continue)", flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return result
