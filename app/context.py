@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class AppContext:
     openers: dict = field(default_factory=dict)    # tab id -> [(fn, inputs, outputs)] run when the tab is opened
     gotos: list = field(default_factory=list)      # (event dependency, tab id): buttons that open another tab
     tabs: Any = None                               # the app's gr.Tabs (a button's handler may select a tab)
+    started: float = field(default_factory=time.time)   # when this Studio started (Generate's history)
 
     # ---- models ----------------------------------------------------------------------------------
     def model_path(self, key: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from app.context import accelerate_argv
 from app.forms import gui_fields
 from app.jobs import command_line, engine_argv
-from app.views import error_markdown
+from app.views import error_markdown, shown_error
 from engine.spec import naming
 from engine.spec import config as C
 from engine.spec.options import FinetuneOptions, NetworkOptions
@@ -169,7 +169,9 @@ def status_markdown(view: dict | None) -> str:
     if metric.get("it_s") is not None:
         parts.append(f"{metric['it_s']:.2f} it/s")
     text = " · ".join(parts)
-    err = view.get("error")
-    if err and view["status"] != "running":
+    err = shown_error(view)
+    if err:
         text += "\n\n" + error_markdown(err)
+    elif view["status"] == "stopped":
+        text += "\n\nStopped as asked."
     return text

@@ -110,7 +110,11 @@ def lora_journey(page, url: str, folder: Path) -> dict:
             fill(page, count, "train-dataset_config", saved)
         click(page, count, "#train-start", "Start training")
     else:
-        choose(page, count, "dataset-model_version", "original")
+        try:               # the model version follows the folder's layout (no control folder: text-to-image)
+            expect(box(page, "dataset-model_version")).to_have_value("original", timeout=15_000)
+        except AssertionError:
+            choose(page, count, "dataset-model_version", "original")
+        expect(box(page, "dataset-controls")).to_have_value("", timeout=15_000)
         click(page, count, "#dataset-import", "Import")
         expect(page.locator("#dataset-summary")).to_contain_text("Ready", timeout=120_000)
         click(page, count, "#dataset-train-on-it", "Train on it")   # saves the config and opens the Train tab
@@ -150,13 +154,15 @@ def edit_journey(page, url: str, image: Path) -> dict:
     return {"actions": len(count.steps), "steps": count.steps, "seconds": round(time.monotonic() - t0, 1)}
 
 
-def button_bottom(page, url: str, tab_name: str, selector: str) -> float:
+def button_bottom(page, url: str, tab_name: str, selector: str, shot: str | None = None) -> float:
     """Where the button's lower edge is, in page pixels from the top, right after opening the tab."""
     page.goto(url)
     page.wait_for_selector("#models-inspect", state="attached")
     page.get_by_role("tab", name=tab_name).click()
     page.locator(selector).first.wait_for(state="visible")
     page.wait_for_timeout(1000)
+    if shot:
+        page.screenshot(path=shot)           # the first screen, as a person sees it
     return page.evaluate("(s) => { const r = document.querySelector(s).getBoundingClientRect();"
                          " return r.bottom + window.scrollY; }", selector)
 
@@ -238,6 +244,7 @@ def main() -> int:
     ap.add_argument("--demo_dir", default=str(Path(tempfile.gettempdir()) / "qis_measure_demo"))
     ap.add_argument("--cpu_seconds", type=float, default=30.0)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--screenshots", default=None, help="save the first screen of Train and Generate here")
     ap.add_argument("--skip", nargs="*", default=[], choices=["lora", "edit", "heights", "cpu"])
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
@@ -263,8 +270,13 @@ def main() -> int:
             if "cpu" not in args.skip:
                 figures["idle_cpu"] = idle_cpu(psutil.Process(proc.pid), url, page, args.cpu_seconds)
             if "heights" not in args.skip:
-                figures["train_start_bottom_px"] = button_bottom(page, url, "Train", "#train-start")
-                figures["generate_button_bottom_px"] = button_bottom(page, url, "Generate / Edit", "#generate-run")
+                shots = Path(args.screenshots) if args.screenshots else None
+                if shots:
+                    shots.mkdir(parents=True, exist_ok=True)
+                figures["train_start_bottom_px"] = button_bottom(page, url, "Train", "#train-start",
+                                                                 shots and str(shots / "train.png"))
+                figures["generate_button_bottom_px"] = button_bottom(page, url, "Generate / Edit", "#generate-run",
+                                                                     shots and str(shots / "generate.png"))
             if "edit" not in args.skip:
                 figures["edit_journey"] = edit_journey(page, url, image)
             if "lora" not in args.skip:
