@@ -269,18 +269,23 @@ def main() -> int:
             figures["ui"] = "after" if is_after(page) else "before"
             if "cpu" not in args.skip:
                 figures["idle_cpu"] = idle_cpu(psutil.Process(proc.pid), url, page, args.cpu_seconds)
+            shots = Path(args.screenshots) if args.screenshots else None
+            if shots:
+                shots.mkdir(parents=True, exist_ok=True)
             if "heights" not in args.skip:
-                shots = Path(args.screenshots) if args.screenshots else None
-                if shots:
-                    shots.mkdir(parents=True, exist_ok=True)
                 figures["train_start_bottom_px"] = button_bottom(page, url, "Train", "#train-start",
                                                                  shots and str(shots / "train.png"))
                 figures["generate_button_bottom_px"] = button_bottom(page, url, "Generate / Edit", "#generate-run",
                                                                      shots and str(shots / "generate.png"))
-            if "edit" not in args.skip:
-                figures["edit_journey"] = edit_journey(page, url, image)
-            if "lora" not in args.skip:
-                figures["lora_journey"] = lora_journey(page, url, folder)
+            for name, journey, arg in (("edit", edit_journey, image), ("lora", lora_journey, folder)):
+                if name in args.skip:
+                    continue
+                try:
+                    figures[f"{name}_journey"] = journey(page, url, arg)
+                except Exception:
+                    if shots:
+                        page.screenshot(path=str(shots / f"{name}-failed.png"), full_page=True)
+                    raise
             browser.close()
     finally:
         stop_server(proc, data_dir)

@@ -105,8 +105,8 @@ def build(ctx) -> None:
             with gr.Column(scale=2):
                 out = result_widgets()
                 out["tab"] = tab
+        w["conflicts"] = conflicts
         _wire(ctx, form, w, out, controls_box, random_btn, reuse_btn)
-        _wire_conflicts(form, w, conflicts)
         wire_handoffs(ctx, tab, parts)
         ctx.register_timer("generate", out["timer"], lambda: bool(busy_jobs(ctx)))
 
@@ -125,25 +125,6 @@ def _widgets(cfg, names, columns: int = 3) -> dict:
 def busy_jobs(ctx, views: list[dict] | None = None) -> list[str]:
     views = ctx.jobs.list() if views is None else views
     return [v["id"] for v in views if v["command"] == "generate_image" and v["status"] not in FINAL]
-
-
-def _wire_conflicts(form: Form, w: dict, box) -> None:
-    """Conflicts the engine would refuse (or ignore) are named under the fields as they are set."""
-    c = form.components
-
-    def conflicts(editor, threshold, debug_save, version):
-        try:
-            mask = M.painted_mask(editor.get("background"), editor.get("layers")) if editor and editor.get(
-                "background") else None
-        except M.MaskError:
-            mask = None
-        found = W.generate_conflicts(mask is not None, threshold, debug_save,
-                                     get_variant(version or "original").is_edit)
-        return "\n".join(f"⚠️ {t}" for t in found)
-
-    inputs = [w["editor"], c["rcm_threshold"], c["rcm_debug_save"], c["model_version"]]
-    gr.on([w["editor"].input, *[x.change for x in inputs]], conflicts, inputs, box, trigger_mode="always_last",
-          show_progress="hidden", api_name="generate_conflicts")
 
 
 def wire_handoffs(ctx, tab, parts: dict) -> None:
@@ -174,7 +155,7 @@ def control_widgets(ctx) -> dict:
         brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
                        default_size=6 if example else "auto"), eraser=gr.Eraser(),
         layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]), transforms=(),
-        sources=("upload", "clipboard"), height=380, elem_id=f"{PREFIX}-control1")}
+        sources=("upload", "clipboard"), elem_id=f"{PREFIX}-control1")}
     with gr.Row():
         w["grow"] = gr.Slider(-32, 32, value=0, step=1, label="Grow (+) / shrink (−) mask, px",
                               elem_id=f"{PREFIX}-mask-grow")
@@ -344,11 +325,14 @@ def _wire_results(ctx, form: Form, w: dict, o: dict, shown: set, random_btn, reu
 
 
 def _wire_mask_and_model(ctx, form: Form, w: dict, controls_box) -> None:
+    c = form.components
     preview_inputs = [w["editor"], w["grow"], w["feather"], w["invert"]]
-    # painting fires the editor's `input` only; `change` covers values set by buttons (send, load, clear)
-    gr.on([w["editor"].input, *[c.change for c in preview_inputs]], mask_preview, preview_inputs,
-          [w["preview"], w["mask_info"]], trigger_mode="always_last",
-          show_progress="hidden", api_name="generate_mask_preview")
+    option_inputs = [c["rcm_threshold"], c["rcm_debug_save"], c["model_version"]]
+    # painting fires the editor's `input` only; `change` covers values set by buttons (send, load, clear). One
+    # handler draws the mask and names the conflicts: a second listener on the painter loses its layers.
+    gr.on([w["editor"].input, *[x.change for x in [*preview_inputs, *option_inputs]]], mask_and_conflicts,
+          [*preview_inputs, *option_inputs], [w["preview"], w["mask_info"], w["conflicts"]],
+          trigger_mode="always_last", show_progress="hidden", api_name="generate_mask_preview")
     w["clear"].click(lambda e: {"background": e["background"], "layers": [], "composite": e["background"]}
                      if e and e.get("background") else None, w["editor"], w["editor"],
                      api_name="generate_mask_clear")
@@ -430,6 +414,14 @@ def servable(ctx, path: str):
         return path
     with Image.open(path) as im:
         return im.copy()
+
+
+def mask_and_conflicts(editor, grow, feather, invert, rcm_threshold, rcm_debug_save, version):
+    """The effective mask with its share, and what the engine would refuse or ignore (app/workflow.py)."""
+    mask, info = mask_preview(editor, grow, feather, invert)
+    found = W.generate_conflicts(mask is not None, rcm_threshold, rcm_debug_save,
+                                 get_variant(version or "original").is_edit)
+    return mask, info, "\n\n".join(f"⚠️ {t}" for t in found)
 
 
 def mask_preview(editor, grow, feather, invert):
