@@ -164,7 +164,8 @@ def build(ctx) -> None:
             ctx.go_to(button.click(go(where), [toml, save_path, version], [message, ctx.tabs],
                                    api_name=f"dataset_{where}_it"), where)
         # another image folder: its own control folders (none typed yet), its own name and model version
-        folder.input(lambda f: folder_changed(ctx, f), folder, [controls, name, version], api_visibility="private")
+        folder.change(lambda f: folder_changed(ctx, f), folder, [controls, name, version], api_visibility="private",
+                      trigger_mode="always_last")
 
 
 def _defaults(ctx) -> dict:
