@@ -199,7 +199,14 @@ def browser_procs(server: psutil.Process) -> list[psutil.Process]:
 
 
 def idle_cpu(server: psutil.Process, url: str, page, seconds: float) -> dict:
-    """Average CPU (% of one core) of the server and the browser while the page sits idle on its first tab."""
+    """Average CPU (% of one core) of the server and the browser while the page sits idle on its first tab, and
+    the browser's own cost with a blank page for comparison (headless chromium is not free on a busy machine)."""
+    page.goto("about:blank")
+    page.wait_for_timeout(3000)
+    b_procs = browser_procs(server)
+    b0, t0 = cpu_seconds(b_procs), time.monotonic()
+    page.wait_for_timeout(seconds * 1000)
+    blank = (cpu_seconds(b_procs) - b0) / (time.monotonic() - t0) * 100
     page.goto(url)
     page.wait_for_selector("#models-inspect", state="attached")
     page.wait_for_timeout(5000)                 # let the page settle after loading
@@ -209,7 +216,7 @@ def idle_cpu(server: psutil.Process, url: str, page, seconds: float) -> dict:
     dt = time.monotonic() - t0
     s1, b1 = cpu_seconds(s_procs), cpu_seconds(b_procs)
     return {"server_pct": round((s1 - s0) / dt * 100, 2), "browser_pct": round((b1 - b0) / dt * 100, 2),
-            "seconds": round(dt, 1)}
+            "browser_blank_page_pct": round(blank, 2), "seconds": round(dt, 1)}
 
 
 # ---------------------------------------------------------------------------------------------- setup

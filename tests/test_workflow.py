@@ -155,7 +155,7 @@ def test_train_on_it_carries_the_dataset_and_its_version(studio, tmp_path):
     out = client.predict(str(folder), "", "holiday", "original", 64, 64, ".txt", 1, 1, True, False, False, "",
                          api_name="/dataset_import")
     toml_text, save_as = out[0], out[1]
-    message, _ = client.predict(toml_text, save_as, "original", api_name="/dataset_train_it")
+    message = client.predict(toml_text, save_as, "original", api_name="/dataset_train_it")   # (+ the tab shown)
     assert message.startswith("Saved")
     settings = json.loads((studio["data_dir"] / "settings.json").read_text())
     assert settings["last"]["dataset_config"] == str(Path(save_as).resolve())       # kept for the next start
