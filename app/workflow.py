@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -135,14 +136,12 @@ def cache_state(ctx, path: str | None, version: str | None = None) -> dict:
 # ------------------------------------------------------------------ models
 
 def fill_models(ctx, cfg, version: str | None = None):
-    """The config with each empty model box set to the Models tab's file (the DiT of the config's version)."""
+    """A copy of the config with each empty model box set to the Models tab's file (the DiT of its version)."""
     version = version or getattr(cfg, "model_version", None) or "original"
     paths = {"dit": ctx.dit_path(version), "vae": ctx.model_path("vae"),
              "text_encoder": ctx.model_path("text_encoder"), "tokenizer": ctx.model_path("tokenizer")}
-    for name in MODEL_FIELDS:
-        if hasattr(cfg, name) and not getattr(cfg, name) and paths[name]:
-            setattr(cfg, name, paths[name])
-    return cfg
+    filled = {n: paths[n] for n in MODEL_FIELDS if hasattr(cfg, n) and not getattr(cfg, n) and paths[n]}
+    return dataclasses.replace(cfg, **filled) if filled else cfg      # a copy: the form's own config stays
 
 
 def dit_blocks(path: str | None) -> int | None:
