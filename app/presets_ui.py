@@ -150,7 +150,7 @@ def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None =
                                          elem_id=f"{elem_prefix}-apply-{preset.path.stem}"))
     status = gr.Markdown(elem_id=f"{elem_prefix}-preset-status")
     for i, (preset, button) in enumerate(zip(presets, buttons)):
-        button.click(_applier(preset, form, i, cards, gpu_gib, blocks, mds, buttons), inputs=form.inputs,
+        button.click(_applier(preset, form, i, cards, gpu_gib, blocks), inputs=form.inputs,
                      outputs=[*form.inputs, status, *mds, *buttons],
                      api_name=f"{api}_apply_{preset.path.stem}".replace("-", "_"))
     with gr.Accordion("VRAM estimate of this form, and what each preset sets", open=False,
@@ -175,7 +175,9 @@ def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None =
     return estimate_md
 
 
-def _applier(preset: Preset, form, index: int, cards: list[dict], gpu_gib, blocks, mds, buttons):
+def _applier(preset: Preset, form, index: int, cards: list[dict], gpu_gib, blocks=None):
+    """The click of card `index`: the form with the preset (adapted to the DiT), a note, each card's look and
+    each button's variant (the applied one outlined and primary)."""
     def apply(*values):
         cfg = form.to_config(*values)
         fields, note_blocks = adapt_blocks(preset.fields, blocks(cfg) if blocks else None)
