@@ -137,7 +137,7 @@ def edit_journey(page, url: str, image: Path, steps: int | None = None) -> dict:
     editor = page.locator("#generate-control1")
     editor.locator("input[type=file]").first.set_input_files(str(image))
     count("upload control image 1")
-    page.wait_for_timeout(1500)
+    page.wait_for_timeout(4000)       # the painter fits the image to its canvas after loading it (slow when busy)
     fill(page, count, "generate-prompt", "make the circle blue")
     editor.get_by_role("button", name="Brush", exact=True).click()        # the brush is the editor's default tool
     canvas = editor.locator("canvas").first.bounding_box()
