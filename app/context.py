@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from app.jobs import JobManager, engine_argv
 from engine.spec.config import atomic_write_text, check_no_plumbing, to_argv, validate
 from engine.spec.demo_manifest import load_manifest
-from engine.spec.events import parse_line
+from engine.spec.events import human, parse_line
 from engine.spec.naming import EVENTS_ENV, EVENTS_ENV_JSON
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,10 +64,19 @@ class AppContext:
     demo_dir: Path | None = None
     demo_first: bool = False          # --demo: the demo's paths win over saved settings
     handoffs: dict = field(default_factory=dict)   # values one tab offers another (hand_off / take)
+    chosen_models: dict = field(default_factory=dict)   # the Models tab's boxes as last inspected (this session)
+    timers: list = field(default_factory=list)     # (tab id, gr.Timer, is_busy()) of tabs that poll jobs
+    openers: dict = field(default_factory=dict)    # tab id -> [(fn, inputs, outputs)] run when the tab is opened
+    gotos: list = field(default_factory=list)      # (event dependency, tab id): buttons that open another tab
+    tabs: Any = None                               # the app's gr.Tabs (a button's handler may select a tab)
+    started: float = field(default_factory=time.time)   # when this Studio started (Generate's history)
 
     # ---- models ----------------------------------------------------------------------------------
     def model_path(self, key: str) -> str:
-        """The path for a role: saved settings, then the demo model set (the other way round with --demo)."""
+        """The path for a role: what the Models tab was last given in this session, else saved settings, then the
+        demo model set (the other way round with --demo). Every tab reads the models from here."""
+        if key in self.chosen_models:
+            return self.chosen_models[key]
         saved = self.settings.get("models", {}).get(key) or ""
         demo = demo_paths(self.demo).get(key, "") if self.demo else ""
         return (demo or saved) if self.demo_first else (saved or demo)
@@ -82,7 +92,30 @@ class AppContext:
         if unknown:
             raise ValueError(f"unknown model roles: {', '.join(sorted(unknown))}")
         self.settings.setdefault("models", {}).update({k: (v or "").strip() for k, v in paths.items()})
+        self.choose_models(paths)
         save_settings(self.data_dir, self.settings)
+
+    def choose_models(self, paths: dict[str, str]) -> None:
+        """The Models tab's paths for this session (Inspect): every tab uses them from now on."""
+        unknown = set(paths) - set(ROLE_BY_KEY)
+        if unknown:
+            raise ValueError(f"unknown model roles: {', '.join(sorted(unknown))}")
+        self.chosen_models.update({k: (v or "").strip() for k, v in paths.items()})
+
+    def on_open(self, tab, tab_id: str, fn, inputs, outputs, **kw) -> None:
+        """Run `fn` when the tab is opened: by a click on it (its select event) or by another tab's button that
+        leads there (go_to)."""
+        tab.select(fn, inputs, outputs, api_visibility="private", show_progress="hidden", **kw)
+        self.openers.setdefault(tab_id, []).append((fn, inputs, outputs))
+
+    def go_to(self, dependency, tab_id: str) -> None:
+        """After `dependency` (a button's event, whose handler selects the tab through ctx.tabs) the tab's
+        openers run, as if it had been clicked (app/main.py wires them once every tab exists)."""
+        self.gotos.append((dependency, tab_id))
+
+    def register_timer(self, tab_id: str, timer, busy) -> None:
+        """A tab's polling timer: app/main.py runs it only while its tab is shown and `busy()` is true."""
+        self.timers.append((tab_id, timer, busy))
 
     # ---- engine ----------------------------------------------------------------------------------
     def submit_config(self, command: str, cfg, title: str = "", exclusive: bool | None = None,
@@ -191,13 +224,32 @@ def ensure_demo(demo_dir: Path, timeout: float = 900.0) -> dict:
     manifest = load_manifest(demo_dir)
     if manifest is None:
         print(f"[studio] building the demo model set in {demo_dir} (once; tiny random models, CPU) ...", flush=True)
-        proc = subprocess.run(engine_argv("make_demo", [str(demo_dir)]), cwd=REPO, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        env = {**os.environ, EVENTS_ENV: EVENTS_ENV_JSON, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(engine_argv("make_demo", [str(demo_dir)]), cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        for line in proc.stdout:             # the engine's events as short readable lines, not JSON
+            shown = demo_line(line)
+            if shown:
+                print(shown, flush=True)
+        proc.wait(timeout=timeout)
         manifest = load_manifest(demo_dir)
         if proc.returncode != 0 or manifest is None:
             raise SystemExit(f"[studio] building the demo failed (exit code {proc.returncode}); see the output "
                              f"above. Retry with: python -m engine make_demo {demo_dir} --force")
     return manifest
+
+
+def demo_line(line: str) -> str:
+    """One line of the demo build for the terminal: its log messages and errors; progress and the rest stay
+    quiet (a plain non-event line, e.g. a warning, is shown as it is)."""
+    event = parse_line(line)
+    if event is None:
+        return line.rstrip()
+    if event["type"] == "log":
+        return f"[studio] {event.get('message', '')}"
+    if event["type"] == "error":
+        return "[studio] " + human(event)
+    return ""
 
 
 def open_context(data_dir: str | os.PathLike, demo: bool = False) -> AppContext:

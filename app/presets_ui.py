@@ -13,6 +13,7 @@ The functions above `build` are plain Python so tests cover them without a brows
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import gradio as gr
 import psutil
 
+from app.workflow import adapt_blocks, preset_fits
 from engine.spec import config as C
 from engine.spec.errors import EngineError
 from engine.spec.presets import Preset, apply_preset, estimate_preset, list_presets, preset_argv
@@ -115,31 +117,60 @@ def live_estimate(kind: str, form, values: list, resolution: tuple[int, int] | N
 
 # ------------------------------------------------------------------ the component
 
+def gpu_line(gpu_gib: float | None, ram_gib: float | None) -> str:
+    gpu = f"GPU: **{gpu_gib:g} GiB**" if gpu_gib is not None else "GPU: **none detected** (nvidia-smi not found)"
+    return f"{gpu} · RAM {ram_gib:g} GiB · presets that fit are marked ✓; the applied one is outlined."
+
+
+def compact_card(card: dict, gpu_gib: float | None, applied: bool = False) -> str:
+    fits = preset_fits(card["vram_gib"], gpu_gib)
+    text = f"**{card['name']}**  \n{card['vram_gib']:.1f} GiB VRAM · {card['ram_gib']:.0f} GiB RAM"
+    if fits:
+        text += "  \n✓ fits this GPU"
+    if applied:
+        text += "  \n**● applied**"
+    return text
+
+
+def card_classes(card: dict, gpu_gib: float | None, applied: bool) -> list[str]:
+    return (["qis-fits"] if preset_fits(card["vram_gib"], gpu_gib) else []) + (["qis-applied"] if applied else [])
+
+
 def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None = None,
-          ram_gib: float | None = None):
-    """Cards + estimate inside the current gr.Blocks. Returns the estimate Markdown component."""
+          ram_gib: float | None = None, blocks=None):
+    """Compact cards (GPU detected, fitting ones marked, the applied one outlined) + the live estimate, folded.
+    `blocks(cfg)`: how many blocks the run's DiT has (None when unknown); a preset's blocks_to_swap is clamped
+    to it (app/workflow.adapt_blocks). Returns the estimate Markdown component."""
     gpu_gib = detect_gpu_memory_gib() if gpu_gib is None else gpu_gib
     ram_gib = system_ram_gib() if ram_gib is None else ram_gib
     presets = list_presets(kind)
+    cards = [preset_card(p) for p in presets]
     api = elem_prefix.replace("-", "_")      # api names: <prefix>_apply_<preset file stem>, <prefix>_estimate
-    with gr.Accordion("VRAM presets", open=True, elem_id=f"{elem_prefix}-presets"):
+    gr.Markdown(gpu_line(gpu_gib, ram_gib), elem_id=f"{elem_prefix}-gpu")
+    mds, buttons = [], []
+    with gr.Row(elem_id=f"{elem_prefix}-presets"):
+        for preset, card in zip(presets, cards):
+            with gr.Column(min_width=140):
+                mds.append(gr.Markdown(compact_card(card, gpu_gib), elem_id=f"{elem_prefix}-card-{preset.path.stem}",
+                                       elem_classes=card_classes(card, gpu_gib, False)))
+                buttons.append(gr.Button(f"Apply {preset.vram_budget_gib:g} GB", size="sm",
+                                         elem_id=f"{elem_prefix}-apply-{preset.path.stem}"))
+    status = gr.Markdown(elem_id=f"{elem_prefix}-preset-status")
+    for i, (preset, button) in enumerate(zip(presets, buttons)):
+        button.click(_applier(preset, form, i, cards, gpu_gib, blocks), inputs=form.inputs,
+                     outputs=[*form.inputs, status, *mds, *buttons],
+                     api_name=f"{api}_apply_{preset.path.stem}".replace("-", "_"))
+    with gr.Accordion("VRAM estimate of this form, and what each preset sets", open=False,
+                      elem_id=f"{elem_prefix}-estimate-box"):
         res_inputs = []
         if kind in TRAIN_KINDS:
             with gr.Row():
                 res_inputs = [gr.Number(value=1024, precision=0, label="Estimate at width", elem_id=f"{elem_prefix}-w"),
                               gr.Number(value=1024, precision=0, label="height", elem_id=f"{elem_prefix}-h")]
-        status = gr.Markdown(elem_id=f"{elem_prefix}-preset-status")
-        with gr.Row():
-            for preset in presets:
-                with gr.Column(min_width=220):
-                    gr.Markdown(card_markdown(preset_card(preset)), elem_id=f"{elem_prefix}-card-{preset.path.stem}")
-                    button = gr.Button(f"Apply {preset.vram_budget_gib:g} GB", size="sm",
-                                       elem_id=f"{elem_prefix}-apply-{preset.path.stem}")
-                    button.click(_applier(preset, form), inputs=form.inputs, outputs=[*form.inputs, status],
-                                 api_name=f"{api}_apply_{preset.path.stem}".replace("-", "_"))
         first = live_estimate(kind, form, [c.value for c in form.inputs],   # the form as built, before any change
                               tuple(c.value for c in res_inputs) or None, gpu_gib, ram_gib)
         estimate_md = gr.Markdown(first, elem_id=f"{elem_prefix}-estimate")
+        gr.Markdown("\n\n---\n\n".join(card_markdown(c) for c in cards), elem_id=f"{elem_prefix}-cards-detail")
 
     def recompute(*values):
         n = len(form.inputs)
@@ -147,16 +178,23 @@ def build(kind: str, form, elem_prefix: str = "presets", gpu_gib: float | None =
         return live_estimate(kind, form, list(values[:n]), res, gpu_gib, ram_gib)
 
     gr.on([c.change for c in [*form.inputs, *res_inputs]], recompute, inputs=[*form.inputs, *res_inputs],
-          outputs=estimate_md, api_name=f"{api}_estimate", show_progress="hidden")
+          outputs=estimate_md, api_name=f"{api}_estimate", show_progress="hidden", trigger_mode="always_last")
     return estimate_md
 
 
-def _applier(preset: Preset, form):
+def _applier(preset: Preset, form, index: int, cards: list[dict], gpu_gib, blocks=None):
+    """The click of card `index`: the form with the preset (adapted to the DiT), a note, each card's look and
+    each button's variant (the applied one outlined and primary)."""
     def apply(*values):
-        applied, missing = apply_to_form(preset, form.to_config(*values), form.names)
-        note = f"Applied **{preset.name}**."
+        cfg = form.to_config(*values)
+        fields, note_blocks = adapt_blocks(preset.fields, blocks(cfg) if blocks else None)
+        applied, missing = apply_to_form(dataclasses.replace(preset, fields=fields), cfg, form.names)
+        note = f"Applied **{preset.name}**." + (f" {note_blocks}" if note_blocks else "")
         if missing:
             note += " Not on this form (set them in the run TOML or on the command line): " + \
                     ", ".join(f"`--{m}`" for m in missing) + "."
-        return [*form.values(applied), note]
+        look = [gr.update(value=compact_card(c, gpu_gib, i == index), elem_classes=card_classes(c, gpu_gib, i == index))
+                for i, c in enumerate(cards)]
+        variants = [gr.update(variant="primary" if i == index else "secondary") for i in range(len(cards))]
+        return [*form.values(applied), note, *look, *variants]
     return apply

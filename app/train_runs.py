@@ -13,7 +13,7 @@ from pathlib import Path
 from app.context import accelerate_argv
 from app.forms import gui_fields
 from app.jobs import command_line, engine_argv
-from app.views import error_markdown
+from app.views import error_markdown, shown_error
 from engine.spec import launch, naming, run_outputs
 from engine.spec import config as C
 from engine.spec.options import FinetuneOptions, NetworkOptions
@@ -240,7 +240,9 @@ def status_markdown(view: dict | None) -> str:
     if val is not None:
         parts.append(f"validation {val['val_loss']:.4g} (step {val['step']})")
     text = " · ".join(parts)
-    err = view.get("error")
-    if err and view["status"] != "running":
+    err = shown_error(view)
+    if err:
         text += "\n\n" + error_markdown(err)
+    elif view["status"] == "stopped":
+        text += "\n\nStopped as asked."
     return text

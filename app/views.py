@@ -106,6 +106,17 @@ def status_line(view: dict) -> str:
 
 # ------------------------------------------------------------------ errors
 
+def shown_error(view: dict | None):
+    """The error to show for a job: none while it runs or when it ended well, and none for a stop the person
+    asked for (the engine reports it as an "interrupted" error event, but it is not a failure)."""
+    if view is None or view["status"] not in ("failed", "stopped"):
+        return None
+    err = view.get("error")
+    if view["status"] == "stopped" and (not err or err.get("kind") == "interrupted"):
+        return None
+    return err
+
+
 def error_markdown(err) -> str:
     """An engine error — an `error` event's dict, or an EngineError raised in the app — as Markdown with its kind,
     message and fix: one look on every tab."""

@@ -15,6 +15,10 @@ from engine.spec.diskio import KNOWN_ERRNOS, disk_error, os_error_in
 from engine.spec.errors import EngineError
 from engine.spec.events import EventLogHandler, EventWriter
 
+# bitsandbytes looks for an optional CPU 4-bit kernel package ("kernels") when it is imported and warns when it is
+# missing; nothing here uses 4-bit layers, so that warning would only clutter every job's log
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 def usage() -> str:
     width = max(len(n) for n in COMMANDS)

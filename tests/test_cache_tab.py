@@ -109,13 +109,20 @@ def test_status_names_a_missing_dataset_config(studio, tmp_path):
 
 def test_empty_boxes_are_left_out_and_the_engine_error_is_shown(studio, dataset):
     client = client_for(studio)
-    command, message, _timer = client.predict(*cache_inputs(studio, dataset, batch_size="", num_workers="", vae=""),
-                                      api_name="/cache_latents")
-    assert "--batch_size" not in command and "--num_workers" not in command and "--vae" not in command
+    wrong = studio["manifest"]["dit"]["original"]            # a DiT in the VAE box: only the engine can tell
+    command, message, _timer = client.predict(*cache_inputs(studio, dataset, batch_size="", num_workers="",
+                                                            vae=wrong), api_name="/cache_latents")
+    assert "--batch_size" not in command and "--num_workers" not in command and f"--vae {wrong}" in command
     deadline = time.monotonic() + 120
     while True:
         progress, *_ = client.predict(str(dataset), "original", "", "", "", api_name="/cache_poll")
         if "**failed**" in progress or "**done**" in progress or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert "**failed**" in progress and "--vae is required" in progress      # the engine's error, shown here
+    assert "**failed**" in progress and "not the Qwen-Image VAE" in progress      # the engine's error, shown here
+
+
+def test_an_empty_model_box_uses_the_models_tab(studio, dataset):
+    client = client_for(studio)
+    command, *_ = client.predict(*cache_inputs(studio, dataset, vae=""), api_name="/cache_latents")
+    assert f"--vae {studio['manifest']['vae']}" in command

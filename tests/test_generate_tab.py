@@ -65,7 +65,7 @@ def wait_final(client, job_id: str, timeout: float = 300) -> dict:
         out = client.predict(job_id, api_name="/generate_refresh")
         status = out[1]
         if isinstance(status, str) and re.search(r"<b>(done|failed|stopped)</b>", status):
-            keys = ("job", "status", "cmdline", "error", "gallery", "selected", "strip", "heatmap", "rcm_md",
+            keys = ("job", "status", "cmdline", "error", "note", "gallery", "selected", "strip", "heatmap", "rcm_md",
                     "preview")
             return dict(zip(keys, out))
         time.sleep(0.5)
@@ -99,7 +99,9 @@ def test_text_to_image_makes_a_png_with_its_parameters(studio, t2i_run):
     client, final = t2i_run
     assert "<b>done</b>" in final["status"] and "GiB VRAM" in final["status"]      # the run's estimate
     assert option(final["cmdline"], "--model_version") == "original" and "--control_image_path" not in final["cmdline"]
-    assert len(final["gallery"]) == 1                  # the output only: previews stay out of the gallery
+    # the results since launch, newest first: this run's output leads; previews stay out of the gallery
+    assert final["gallery"] and not any("_step" in Path(g["image"]).name for g in final["gallery"])
+    assert final["note"].endswith(": done.") and "Queued" not in final["note"]     # not "Queued" once ended
     # the newest live preview (--preview_every 1 on 3 steps: after steps 1 and 2, not the last) stays shown
     preview = final["preview"]                         # an update: the picture and its step in the label
     assert option(final["cmdline"], "--preview_every") == "1" and preview["label"].endswith("at step 2/3")
@@ -114,11 +116,14 @@ def test_text_to_image_makes_a_png_with_its_parameters(studio, t2i_run):
     assert 0 <= int(client.predict(api_name="/generate_seed_random")) < 2**32
 
 
-def test_model_version_picks_its_dit(studio):
+def test_conflicts_are_named_before_the_run(studio, tmp_path):
     client = client_for(studio)
-    dits = studio["manifest"]["dit"]
-    assert client.predict("edit-2509", dits["original"], api_name="/generate_version") == dits["edit-2509"]
-    assert client.predict("original", dits["edit"], api_name="/generate_version") == dits["original"]
+    editor = editor_value(studio["manifest"]["examples"]["control"], half_layer(tmp_path / "l.png"))
+    *_, said = client.predict(editor, 0, 0, False, "0.5", False, "edit", api_name="/generate_mask_preview")
+    assert "cannot be used together" in said
+    assert "does nothing without" in client.predict(None, 0, 0, False, "", True, "edit",
+                                                    api_name="/generate_mask_preview")[-1]
+    assert client.predict(None, 0, 0, False, "", False, "edit", api_name="/generate_mask_preview")[-1] == ""
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +137,16 @@ def mask_run(studio, tmp_path_factory):
 
 def test_edit_with_a_painted_mask(studio, mask_run):
     client, editor, cmdline, final = mask_run
-    preview, info = client.predict(editor, 2, 0, False, api_name="/generate_mask_preview")
+    preview, info, _ = client.predict(editor, 2, 0, False, "", False, "edit", api_name="/generate_mask_preview")
     assert np.asarray(Image.open(preview)).mean() / 255 == pytest.approx(34 / 64, abs=1e-3) and "53.1%" in info
-    _, info = client.predict(editor, 0, 0, True, api_name="/generate_mask_preview")
+    _, info, _ = client.predict(editor, 0, 0, True, "", False, "edit", api_name="/generate_mask_preview")
     assert "50.0%" in info
 
     mask = np.asarray(Image.open(option(cmdline, "--mask_path")))
     assert mask.shape == (64, 64) and (mask[:, :32] == 255).all() and (mask[:, 32:] == 0).all()
     control = studio["manifest"]["examples"]["control"]
     assert Path(option(cmdline, "--control_image_path")).name == Path(control).name   # its name is kept
-    assert "<b>done</b>" in final["status"] and len(final["gallery"]) == 1
+    assert "<b>done</b>" in final["status"] and Path(final["selected"]).name == final["gallery"][0]["caption"]
     assert final["heatmap"] and "painted mask's black region (50.0% of the image)" in final["rcm_md"]
 
 
@@ -201,12 +206,15 @@ def test_preset_click_changes_the_fields_and_the_estimate(studio):
     base = config(studio, image_size=[1024, 1024])
     before = client.predict(*values(base), api_name="/generate_estimate")
     out = client.predict(*values(base), api_name="/generate_apply_generate_12gb")
-    applied = dict(zip(form_fields(), out[:-1]))
+    n = len(form_fields())
+    applied, note = dict(zip(form_fields(), out[:n])), out[n]
     assert applied["fp8"] is True and applied["fp8_scaled"] is True and applied["text_encoder_cpu"] is True
-    assert int(applied["blocks_to_swap"]) > 0 and "Applied" in out[-1]
-    after = client.predict(*out[:-1], api_name="/generate_estimate")
+    # the demo DiT has 2 blocks: the preset's block swap is clamped to the one block that may leave the GPU
+    assert int(applied["blocks_to_swap"]) == 1 and "Applied" in note and "→ 1" in note
+    assert "applied" in out[n + 2]["value"]                        # the card of the 12 GB preset is marked
+    after = client.predict(*out[:n], api_name="/generate_estimate")
     peak = [float(re.search(r"Estimated peak: ([\d.]+) GiB", t)[1]) for t in (before, after)]
-    assert peak[1] < 12 < peak[0]
+    assert peak[1] < peak[0]
 
 
 def test_misuse_is_refused_before_a_job_and_engine_errors_are_shown(studio, tmp_path):
@@ -236,7 +244,8 @@ def test_edit_2509_takes_every_control_slot_in_order(studio):
 
     client = client_for(studio)
     controls = studio["manifest"]["examples"]["controls"]
-    job_id, cmdline, error, *_ = submit(client, config(studio, "edit-2509"), editor_value(controls[0]),
+    # no DiT given: the Models tab's DiT of the model version is used
+    job_id, cmdline, error, *_ = submit(client, config(studio, "edit-2509", dit=None), editor_value(controls[0]),
                                         slots=[handle_file(controls[1])], more=[handle_file(controls[0])])
     client.predict(job_id, api_name="/generate_stop")            # the command line is what this test is about
     argv = shlex.split(cmdline)
@@ -267,12 +276,14 @@ def test_browser_paints_a_mask_and_runs_an_edit(studio):
         page.mouse.up()
         expect(page.locator("#generate-mask-info")).to_contain_text("of the image may change", timeout=30_000)
         page.locator("#generate-infer_steps input").fill(str(STEPS))
+        page.get_by_text("Job, command line, PNG parameters").click()          # folded beside the results
+        job_box = page.locator("#generate-job textarea, #generate-job input").first
         page.locator("#generate-run").click()
-        note = page.locator("#generate-note")
-        expect(note).to_contain_text("Queued", timeout=30_000)
-        job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
+        expect(job_box).not_to_have_value("", timeout=30_000)
+        job_id = job_box.input_value()
         expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
             1, timeout=240_000)
+        expect(page.locator("#generate-note")).to_contain_text(f"{job_id}: done")    # no stale "Queued"
         command = page.locator("#generate-command textarea, #generate-command input").first.input_value()
         mask = np.asarray(Image.open(option(command, "--mask_path")))
         assert 0 < (mask > 127).mean() < 1                                # the stroke, not the whole image
@@ -283,20 +294,23 @@ def test_browser_paints_a_mask_and_runs_an_edit(studio):
         expect(page.locator("#generate-preview")).to_contain_text("at step 2/3")
 
         # the same edit with RCM instead of the mask: the strip fills with one mask per step after the first
+        page.get_by_text("RCM: keep what the prompt does not change").click()
+        page.locator("#generate-rcm_threshold input, #generate-rcm_threshold textarea").first.fill("0.5")
+        expect(page.locator("#generate-conflicts")).to_contain_text("cannot be used together", timeout=30_000)
         page.locator("#generate-mask-clear").click()
         expect(page.locator("#generate-mask-info")).to_contain_text("No mask painted", timeout=30_000)
-        page.locator("#generate-rcm_threshold input, #generate-rcm_threshold textarea").first.fill("0.5")
+        expect(page.locator("#generate-conflicts")).not_to_contain_text("together", timeout=30_000)
         page.locator("#generate-rcm_relative_threshold input").check()
         page.locator("#generate-rcm_debug_save input").check()
         page.locator("#generate-run").click()
-        expect(note).not_to_contain_text(job_id, timeout=30_000)
-        expect(note).to_contain_text("Queued", timeout=30_000)
-        job_id = re.search(r"Queued (\S+)\.", note.inner_text())[1]
+        expect(job_box).not_to_have_value(job_id, timeout=30_000)
+        job_id = job_box.input_value()
         expect(page.locator(f'#generate-status [data-job="{job_id}"][data-status="done"]')).to_have_count(
             1, timeout=240_000)
         assert "--mask_path" not in page.locator("#generate-command textarea").first.input_value()
         expect(page.locator("#generate-rcm-strip img")).to_have_count(STEPS - 1, timeout=30_000)
         expect(page.locator("#generate-rcm-stats")).to_contain_text("tokens still changing")
+        expect(page.locator("#generate-gallery img").nth(1)).to_be_visible(timeout=30_000)   # both runs stay
         if os.environ.get("QIS_SCREENSHOTS"):
             page.screenshot(path=os.environ["QIS_SCREENSHOTS"], full_page=True)
 

@@ -150,8 +150,19 @@ def test_component_applies_a_preset_to_the_form_by_name():
     preset = load_preset(PRESET_DIR / "lora-16gb.toml")
     applied, missing = presets_ui.apply_to_form(preset, C.TrainNetworkConfig(network_dim=8), form.names)
     assert (applied.blocks_to_swap, applied.fp8_scaled, applied.network_dim, missing) == (36, True, 8, [])
-    values = presets_ui._applier(preset, form)(*form.values(C.TrainNetworkConfig(network_dim=8)))
-    assert values[:-1] == form.values(applied) and values[-1] == f"Applied **{preset.name}**."
+    cards = [presets_ui.preset_card(p) for p in list_presets("train_network")]
+    index = [c["file"] for c in cards].index("lora-16gb.toml")
+    values = presets_ui._applier(preset, form, index, cards, 16.0)(*form.values(C.TrainNetworkConfig(network_dim=8)))
+    n = len(form.names)
+    assert values[:n] == form.values(applied) and values[n] == f"Applied **{preset.name}**."
+    looks = values[n + 1:n + 1 + len(cards)]
+    assert "qis-applied" in looks[index]["elem_classes"] and "applied" in looks[index]["value"]   # outlined
+    assert all("qis-applied" not in look["elem_classes"] for i, look in enumerate(looks) if i != index)
+    assert "qis-fits" in looks[index]["elem_classes"] and "✓ fits" in looks[index]["value"]     # 16 GiB GPU
+    # a DiT with 2 blocks (the demo's): the preset's blocks_to_swap is clamped to 1, and the note says so
+    small = presets_ui._applier(preset, form, index, cards, 16.0, blocks=lambda cfg: 2)(*form.values(
+        C.TrainNetworkConfig()))
+    assert small[form.names.index("blocks_to_swap")] == 1 and "blocks_to_swap 36 → 1" in small[n]
     text = presets_ui.live_estimate("train_network", form, form.values(applied), (1024, 1024), 16.0, 32.0)
     assert "Estimated peak" in text and "Fits this GPU (16 GiB)" in text
     # a form without --fp8_vl cannot take the whole preset: it says which option is missing, and the estimate

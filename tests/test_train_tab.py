@@ -5,6 +5,7 @@ Plus the plain rules behind the tab (app/train_runs.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -38,6 +39,12 @@ def form_values(client, **overrides) -> dict:
     assert not unknown, unknown
     values.update(overrides)
     return values
+
+
+def start_args(values: dict, cache_first: bool = False) -> list:
+    """/train_start takes the form with "queue the caching first" after kind and procs."""
+    rest = [v for k, v in values.items() if k not in ("kind", "procs")]
+    return [values["kind"], values["procs"], cache_first, *rest]
 
 
 def kind_values(values: dict, kind: str) -> list:
@@ -111,13 +118,16 @@ def test_preset_click_changes_the_form_and_the_estimate(studio):
     client = client_for(studio)
     values = form_values(client)
     before = client.predict(*kind_values(values, "train_network"), 1024, 1024, api_name="/train_lora_estimate")
-    *applied, note = client.predict(*kind_values(values, "train_network"), api_name="/train_lora_apply_lora_12gb")
-    applied = dict(zip(R.kind_names("train_network", R.form_names()), applied))
+    names = R.kind_names("train_network", R.form_names())
+    out = client.predict(*kind_values(values, "train_network"), api_name="/train_lora_apply_lora_12gb")
+    applied, note, cards = dict(zip(names, out[:len(names)])), out[len(names)], out[len(names) + 1:]
     preset = load_preset(PRESET_DIR / "lora-12gb.toml")
-    for name, value in preset.fields.items():
-        assert applied[name] == value, name
+    for name, value in preset.fields.items():       # blocks_to_swap adapts to the demo DiT's 2 blocks
+        assert applied[name] == (1 if name == "blocks_to_swap" else value), name
     assert applied["dit"] == values["dit"] and applied["learning_rate"] == values["learning_rate"]   # the rest kept
-    assert "Applied **LoRA · 12 GB**" in note
+    assert "Applied **LoRA · 12 GB**" in note and "blocks_to_swap 48 → 1" in note
+    assert "applied" in cards[0]["value"] and "applied" not in cards[1]["value"]     # the applied card is marked
+    preset = dataclasses.replace(preset, fields={**preset.fields, "blocks_to_swap": 1})
     after = client.predict(*applied.values(), 1024, 1024, api_name="/train_lora_estimate")
     assert after != before and f"{estimate_preset(preset)['vram_gib']:.1f} GiB VRAM" in after
 
@@ -137,12 +147,12 @@ def test_the_shown_command_is_the_command_that_runs(studio, tmp_path):
     assert " launch " in ft_command and " -m qis_fake_engine train " in ft_command       # bf16: accelerate launch
     assert "--full_bf16" in ft_command and "--network_dim" not in ft_command and "network" not in ft_toml
     # the dataset file is missing: Start refuses before queuing anything, naming the field
-    _, message, _ = client.predict(*values.values(), api_name="/train_start")
+    _, message, *_ = client.predict(*start_args(values), api_name="/train_start")
     assert "`dataset_config`" in message and "does not exist" in message
     # a full run is queued with exactly the command shown (its dataset exists; it fails later without caches)
     values["dataset_config"] = studio["manifest"]["dataset_config"]["original"]
     command, _ = client.predict(*values.values(), api_name="/train_preview")
-    menu, message, started = client.predict(*values.values(), api_name="/train_start")
+    menu, message, started, *_ = client.predict(*start_args(values), api_name="/train_start")
     assert started == command and menu["value"] in message
     client.predict(menu["value"], api_name="/train_kill")
 
@@ -155,6 +165,9 @@ def test_run_toml_save_and_load_round_trip(studio, tmp_path):
     message = client.predict(str(path), *values.values(), api_name="/train_save_toml")
     assert str(path) in message
     expected = values_to_config(C.TrainNetworkConfig, {n: values[n] for n in R.kind_names("train_network", R.form_names())})
+    m = studio["manifest"]           # empty model boxes are saved as the Models tab's files: the TOML runs as it is
+    expected = dataclasses.replace(expected, dit=m["dit"]["original"], vae=m["vae"], text_encoder=m["text_encoder"],
+                                   tokenizer=m["tokenizer"])
     assert C.load_toml(C.TrainNetworkConfig, path) == expected
     kind, *loaded, note = client.predict(str(path), "train", api_name="/train_load_toml")
     assert kind == "train_network" and str(path) in note        # a LoRA file switches a finetune form back
@@ -179,7 +192,7 @@ def wait_for(client, predicate, what: str, timeout: float = 240.0):
     deadline = time.monotonic() + timeout
     out = None
     while time.monotonic() < deadline:
-        new = client.predict(None, api_name="/train_refresh")
+        new = client.predict(None, "", "", api_name="/train_refresh")
         # the tab resends menus, chart and gallery only when they changed (a per-session State): keep the last ones
         out = [old if _skipped(value) else value for old, value in zip(out or new, new)]
         if predicate(out):
@@ -194,7 +207,7 @@ def test_demo_training_live_view_reattach_stop_and_resume(studio, cached_dataset
     values = form_values(first, dataset_config=cached_dataset, output_dir=str(out_dir), output_name="live",
                          max_train_steps=2000, save_every_n_steps=3, sample_every_n_steps=3, save_state=True,
                          max_data_loader_n_workers=0)
-    menu, message, _ = first.predict(*values.values(), api_name="/train_start")
+    menu, message, *_ = first.predict(*start_args(values), api_name="/train_start")
     run_id = menu["value"]
     out = wait_for(first, lambda o: o[0]["value"] == run_id and o[3].get("choices") and len(points(o)) >= 6,
                    "progress, loss points and a checkpoint")
@@ -226,7 +239,7 @@ def test_demo_training_live_view_reattach_stop_and_resume(studio, cached_dataset
     assert kind == "train_network" and resumed["resume"] == out[4]["value"] and "--resume" in note
     resumed.update(max_train_steps=step + 2, save_every_n_steps=None, sample_every_n_steps=None,
                    sample_prompts=None)         # no samples: the resumed run does not load the text encoder
-    menu, _, command = second.predict(kind, 1, *resumed.values(), api_name="/train_start")
+    menu, _, command, *_ = second.predict(kind, 1, False, *resumed.values(), api_name="/train_start")
     assert f"--resume {out[4]['value']}" in command
     out = wait_for(second, lambda o: o[0]["value"] == menu["value"] and "**done**" in o[5], "the resumed run")
     steps = [row[0] for row in points(out) if row[2] == "loss"]
@@ -258,25 +271,31 @@ def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_data
     with browser_page(1280, 1000) as page:
         page.goto(studio["open_url"])
         page.get_by_role("tab", name="Train").click()
+        page.get_by_text("VRAM estimate of this form").first.click()        # folded under the cards
         estimate = page.locator("#train-lora-estimate")
         expect(estimate).to_contain_text("Estimated peak")
         before = estimate.inner_text()
         page.locator("#train-lora-apply-lora-12gb").click()               # a preset card
-        expect(box("blocks_to_swap")).to_have_value("48", timeout=30_000)
+        expect(page.locator("#train-lora-card-lora-12gb")).to_contain_text("applied", timeout=30_000)
+        page.get_by_text("More options (values are kept").first.click()
+        expect(box("blocks_to_swap")).to_have_value("1", timeout=30_000)   # 48, adapted to the demo's 2 blocks
         expect(estimate).not_to_have_text(before, timeout=30_000)
-        expect(box("command")).to_have_value(re.compile(r"--blocks_to_swap 48 "), timeout=30_000)  # follows
+        page.get_by_text("Command line and run TOML").first.click()
+        expect(box("command")).to_have_value(re.compile(r"--blocks_to_swap 1 "), timeout=30_000)  # follows
 
         page.reload()                         # back to the form's defaults: the preset's fp8/bf16 are for GPUs
         page.get_by_role("tab", name="Train").click()
-        for name, value in (("dataset_config", cached_dataset),
-                            ("output_dir", str(tmp_path / "browser_run")), ("max_train_steps", "2000"),
+        page.get_by_text("More options (values are kept").first.click()
+        box("dataset-pick").fill(cached_dataset)
+        box("dataset-pick").press("Enter")
+        for name, value in (("output_dir", str(tmp_path / "browser_run")), ("max_train_steps", "2000"),
                             ("sample_prompts", ""), ("sample_every_n_steps", ""), ("save_every_n_steps", "")):
             box(name).fill(value)
             box(name).press("Tab")
         page.locator("#train-start").click()
         message = page.locator("#train-message")
         expect(message).to_contain_text("Started", timeout=30_000)
-        run_id = re.search(r"Started (\S+)", message.inner_text()).group(1)
+        run_id = re.search(r"Started ([\w-]+)", message.inner_text()).group(1)
         status, progress = page.locator("#train-status"), page.locator("#train-progress")
         expect(status).to_contain_text(run_id, timeout=30_000)              # the view follows the new run
         expect(progress).to_contain_text("/2000 step", timeout=180_000)      # (earlier runs' charts are gone)
@@ -291,14 +310,13 @@ def test_browser_preset_then_training_updates_the_loss_chart(studio, cached_data
         expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
 
 
-def test_model_version_switches_the_default_files_but_keeps_the_users(studio, tmp_path):
+def test_the_dataset_sets_the_model_version_and_the_demo_prompts_but_keeps_the_users(studio, tmp_path):
     client = client_for(studio)
     manifest = studio["manifest"]
-    values = form_values(client)
-    dit, dataset, prompts = client.predict("edit-2509", values["dit"], values["dataset_config"],
-                                           values["sample_prompts"], api_name="/train_version")
-    assert (dit, dataset, prompts) == (manifest["dit"]["edit-2509"], manifest["dataset_config"]["edit-2509"],
-                                       manifest["sample_prompts"]["edit-2509"])
-    mine = str(tmp_path / "my_dit.safetensors")
-    dit, dataset, _ = client.predict("edit", mine, dataset, prompts, api_name="/train_version")
-    assert _skipped(dit) and dataset == manifest["dataset_config"]["edit"]     # the own file is left alone
+    version, note, status, prompts = client.predict(manifest["dataset_config"]["edit-2509"], "",
+                                                    api_name="/train_dataset")
+    assert (version, prompts) == ("edit-2509", manifest["sample_prompts"]["edit-2509"])
+    assert "edit-2509" in note and "cache" in status
+    mine = str(tmp_path / "my_prompts.txt")
+    version, _, _, prompts = client.predict(manifest["dataset_config"]["edit"], mine, api_name="/train_dataset")
+    assert version == "edit" and _skipped(prompts)                                 # the own file is left alone

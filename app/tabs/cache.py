@@ -14,9 +14,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from app import workflow as W
 from app.forms import build_form, values_to_config
 from app.jobs import FINAL
-from app.views import error_markdown, progress_label, status_line
+from app.views import error_markdown, shown_error, progress_label, status_line
 from engine.spec.config import CacheLatentsConfig, CacheTextEncoderConfig, ConfigError
 from engine.spec.dataset.cache_files import staleness_report
 from engine.spec.dataset.schema import load_dataset_config
@@ -28,6 +29,7 @@ TEXT_ONLY = ["text_encoder", "tokenizer", "fp8_vl"]
 STATUS_HEADERS = ["dataset", "image", "cache", "state", "why", "made by"]
 STATE_NAMES = {"ok": "fresh", "stale": "stale", "missing": "missing"}
 MAX_ROWS = 500
+CACHE_COMMANDS = ("cache_latents", "cache_text_encoder_outputs")
 POLL_S = 1.0
 
 
@@ -36,7 +38,8 @@ def build(ctx) -> None:
         gr.Markdown("Encode the dataset once, before training: the VAE turns images into latents, the text "
                     "encoder turns captions (and control images) into embeddings. Each cache file records what it "
                     "was made from, so an edited caption, a replaced image or another model version shows as "
-                    "**stale** here. *Skip existing* re-encodes only what is missing or stale.")
+                    "**stale** here. *Skip existing* re-encodes only what is missing or stale. Empty model boxes "
+                    "use the Models tab's files; the model version follows the dataset.")
         with gr.Row(equal_height=True):
             dataset = gr.Dropdown(label="Dataset config", choices=known_configs(ctx), value=default_config(ctx),
                                   allow_custom_value=True, elem_id="cache-dataset", scale=5)
@@ -67,6 +70,8 @@ def build(ctx) -> None:
                          elem_id="cache-log")
         watching = gr.State({})          # this page's jobs: {"jobs": all ids, "open": not ended at the last poll}
         timer = gr.Timer(POLL_S, active=False)
+        ctx.register_timer("cache", timer, lambda: any(v["status"] not in FINAL and v["command"] in CACHE_COMMANDS
+                                                        for v in ctx.jobs.list()))
 
         model_inputs = [shared.components["model_version"], latent_form.components["vae"],
                         text_form.components["text_encoder"], text_form.components["tokenizer"]]
@@ -78,8 +83,8 @@ def build(ctx) -> None:
             common = dict(zip(shared.names, rest[:n_shared]), dataset_config=ds or None)
             latent = dict(zip(latent_form.names, rest[n_shared:n_shared + n_latent]))
             text = dict(zip(text_form.names, rest[n_shared + n_latent:]))
-            return (values_to_config(CacheLatentsConfig, {**common, **latent}),
-                    values_to_config(CacheTextEncoderConfig, {**common, **text}))
+            return (W.fill_models(ctx, values_to_config(CacheLatentsConfig, {**common, **latent})),
+                    W.fill_models(ctx, values_to_config(CacheTextEncoderConfig, {**common, **text})))
 
         def start(which, *values):
             try:
@@ -98,6 +103,11 @@ def build(ctx) -> None:
 
         status_out = [summary, table]
 
+        def status_view(dataset_config, model_version, vae, text_encoder, tokenizer):
+            # empty model boxes: the Models tab's files, as the jobs will use them
+            return status_of(dataset_config, model_version, vae or ctx.model_path("vae"),
+                             text_encoder or ctx.model_path("text_encoder"), tokenizer or ctx.model_path("tokenizer"))
+
         def cache_status(dataset_config, model_version, vae, text_encoder, tokenizer):
             return status_view(dataset_config, model_version, vae, text_encoder, tokenizer)
 
@@ -109,32 +119,34 @@ def build(ctx) -> None:
             return out
 
         refresh_btn.click(cache_status, [dataset, *model_inputs], status_out, api_name="cache_status")
-        dataset.change(cache_status, [dataset, *model_inputs], status_out, api_visibility="private")
+        version_box = shared.components["model_version"]
+
+        def dataset_picked(dataset_config, vae, text_encoder, tokenizer):
+            version = W.dataset_version(ctx, dataset_config) if dataset_config else None
+            return [version or "", *status_view(dataset_config, version, vae, text_encoder, tokenizer)]
+
+        # the model version follows the dataset (remembered by the Dataset tab), then the status is read for it
+        dataset.change(dataset_picked, [dataset, *model_inputs[1:]], [version_box, *status_out],
+                       api_name="cache_dataset")
         timer.tick(cache_poll, [watching, dataset, *model_inputs], [progress, log, watching, timer, *status_out],
                    show_progress="hidden", api_name="cache_poll")
-        tab.select(lambda d: take_offer(ctx, d), dataset, dataset, api_visibility="private").then(
-            cache_status, [dataset, *model_inputs], status_out, api_visibility="private")
+        ctx.on_open(tab, "cache", lambda d: take_offer(ctx, d), dataset, dataset)
 
 
 def _defaults(ctx, cls):
-    """Pre-fill from the Models tab's paths (the demo models in demo mode) and the demo's edit version."""
-    values = dict(vae=ctx.model_path("vae") or None, text_encoder=ctx.model_path("text_encoder") or None,
-                  tokenizer=ctx.model_path("tokenizer") or None, skip_existing=True,
-                  model_version="edit" if ctx.demo else None)
+    """Pre-fill: the model version of the dataset shown first; the model boxes stay empty (the Models tab's)."""
+    values = dict(skip_existing=True, model_version=W.dataset_version(ctx, default_config(ctx)))
     names = {f for f in cls.__dataclass_fields__}
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def known_configs(ctx) -> list[str]:
     """Dataset configs saved from the Dataset tab (newest first), then the demo's."""
-    demo = list(((ctx.demo or {}).get("dataset_configs") or {}).values())
-    return list(dict.fromkeys([*ctx.settings.get("dataset_configs", []), *demo]))
+    return W.known_datasets(ctx)
 
 
 def default_config(ctx) -> str | None:
-    if ctx.settings.get("dataset_configs"):
-        return ctx.settings["dataset_configs"][0]
-    return ((ctx.demo or {}).get("dataset_config") or {}).get("edit")
+    return W.current_dataset(ctx)
 
 
 def take_offer(ctx, current):
@@ -179,15 +191,15 @@ def job_line(ctx, v: dict) -> str:
 
 
 def _error_tail(v: dict) -> str:
-    err = v.get("error")
-    if not err or v["status"] == "done":
+    err = shown_error(v)
+    if not err:
         return ""
     return "\n\n" + error_markdown(err)
 
 
 # ------------------------------------------------------------------------------------------ status
 
-def status_view(dataset, version, vae, text_encoder, tokenizer):
+def status_of(dataset, version, vae, text_encoder, tokenizer):
     """(summary markdown, table rows) for the dataset config; errors become the summary."""
     if not dataset:
         return "Pick a dataset config (save one in the Dataset tab).", []

@@ -18,7 +18,7 @@ from PIL import Image
 from app import caption_panel
 from app import dataset_files as F
 from app import dataset_masks
-from app.context import save_settings
+from app import workflow as W
 from app.forms import build_form
 from app.places import PlaceError, dataset_config_file
 from app.views import error_markdown
@@ -66,6 +66,8 @@ def build(ctx) -> None:
                 cache_dir = gr.Textbox(label="Cache folder (empty: in the Studio's data folder)", value="",
                                        elem_id="dataset-cache-dir", scale=2)
             import_btn = gr.Button("Import", variant="primary", elem_id="dataset-import")
+            gr.Markdown("Then **Train on it** (or **Cache it**): the config is saved and the Train (Cache) tab opens "
+                        "with it and its model version.")
         with gr.Accordion("Open an existing dataset config", open=False):
             with gr.Row():
                 open_path = gr.Textbox(label="Dataset config (.toml)", value=d["open"], elem_id="dataset-open-path",
@@ -79,8 +81,11 @@ def build(ctx) -> None:
                 with gr.Row():
                     save_path = gr.Textbox(label="Save as", value=d["save_path"], elem_id="dataset-save-path",
                                            scale=4)
-                    save_btn = gr.Button("Save dataset config", variant="primary", elem_id="dataset-save", scale=1)
+                    save_btn = gr.Button("Save dataset config", elem_id="dataset-save", scale=1)
                     check_btn = gr.Button("Check", elem_id="dataset-check", scale=1)
+                with gr.Row():
+                    cache_it = gr.Button("Cache it", elem_id="dataset-cache-it", scale=1)
+                    train_it = gr.Button("Train on it", variant="primary", elem_id="dataset-train-on-it", scale=1)
             with gr.Column(scale=2):
                 summary = gr.Markdown(elem_id="dataset-summary")
                 histogram = gr.BarPlot(x="bucket", y="items", height=220, y_lim=[0, None], visible=False,
@@ -133,8 +138,15 @@ def build(ctx) -> None:
         def dataset_save_caption(toml_text, save_as, dataset_index, image_stem, caption_text):
             return named(save_caption(ctx, toml_text, save_as, dataset_index, image_stem, caption_text))
 
-        def dataset_save(toml_text, save_as):
-            return save_config(ctx, toml_text, save_as)
+        def dataset_save(toml_text, save_as, model_version=None):
+            return save_config(ctx, toml_text, save_as, model_version)
+
+        def go(where):
+            def save_and_go(toml_text, save_as, model_version):
+                said = save_config(ctx, toml_text, save_as, model_version)
+                ok = said.startswith("Saved")
+                return {message: said, ctx.tabs: gr.Tabs(selected=where) if ok else gr.skip()}
+            return save_and_go
 
         def select(names: list, toml_text: str, save_as: str, dataset_index, evt: gr.SelectData):
             stem_name = names[evt.index] if evt.index < len(names) else ""
@@ -152,11 +164,25 @@ def build(ctx) -> None:
         dataset_masks.build(ctx, toml, save_path, pick, stem, [picked, typed])
         save_caption_btn.click(dataset_save_caption, [toml, save_path, pick, stem, caption], [message, gallery],
                                api_name="dataset_save_caption")
-        save_btn.click(dataset_save, [toml, save_path], message, api_name="dataset_save")
+        save_btn.click(dataset_save, [toml, save_path, version], message, api_name="dataset_save")
+        for button, where in ((cache_it, "cache"), (train_it, "train")):
+            ctx.go_to(button.click(go(where), [toml, save_path, version], [message, ctx.tabs],
+                                   api_name=f"dataset_{where}_it"), where)
+        # another image folder: its own control folders (none typed yet), its own name and model version
+        folder.change(lambda f: folder_changed(ctx, f), folder, [controls, name, version], api_visibility="private",
+                      trigger_mode="always_last")
 
 
 def _defaults(ctx) -> dict:
-    """Pre-fill: the demo's edit dataset when the demo is in use, else empty boxes."""
+    """Pre-fill: the person's last import (kept in settings.json), else the demo's edit dataset when the demo is
+    in use, else empty boxes."""
+    mine = W.last(ctx, "dataset_form")
+    if mine:
+        version = mine.get("version") or None
+        return {"folder": mine.get("folder", ""), "controls": mine.get("controls", ""), "name": mine.get("name", ""),
+                "version_cfg": CheckDatasetConfig(model_version=version),
+                "resolution": tuple(mine.get("resolution") or (1024, 1024)),
+                "open": W.last(ctx, "dataset_config") or "", "save_path": mine.get("save_path", "")}
     ds = (ctx.demo or {}).get("dataset") or {}
     demo = bool(ds)
     name = "demo_edit" if demo else ""
@@ -165,6 +191,17 @@ def _defaults(ctx) -> dict:
             "resolution": (64, 64) if demo else (1024, 1024),
             "open": ((ctx.demo or {}).get("dataset_config") or {}).get("edit", ""),
             "save_path": str(default_save_path(ctx, name)) if demo else ""}
+
+
+def folder_changed(ctx, folder: str) -> dict:
+    """A newly typed image folder: the control box is emptied (the old one belonged to the old folder), the name
+    follows the folder, and the model version follows its layout (control folders found: an edit model)."""
+    try:
+        image_dir, found, _ = F.detect_layout(Path((folder or "").strip()))
+    except DatasetError:
+        return ["", gr.skip(), gr.skip()]
+    return ["", F.safe_name(image_dir.name if image_dir.name not in F.TARGET_NAMES else image_dir.parent.name),
+            "edit" if found else "original"]
 
 
 def datasets_dir(ctx) -> Path:
@@ -189,7 +226,9 @@ def import_folder(ctx, folder, controls, name, version, width, height, caption_e
                                            batch, repeats, bucket, no_upscale, allow_missing, cache_dir)
     except DatasetError as e:
         return {"message": error_text(e), **_empty_view()}
-    note = "Imported (not saved yet: check it, then press *Save dataset config*)."
+    W.remember(ctx, dataset_form={"folder": folder, "controls": controls, "name": name, "version": version,
+                                  "resolution": [width, height], "save_path": save_as})
+    note = "Imported (not saved yet): check it, then press *Train on it*, *Cache it* or *Save dataset config*."
     if notes:
         note += "\n\n" + "\n".join(f"- {n}" for n in notes)
     return show(ctx, text, save_as, version, 0, note, replace_text=True)
@@ -351,7 +390,7 @@ def save_caption(ctx, text: str, save_as: str, index, stem: str, caption: str) -
 
 # ------------------------------------------------------------------------------------------ save
 
-def save_config(ctx, text: str, path: str) -> str:
+def save_config(ctx, text: str, path: str, version: str | None = None) -> str:
     path = (path or "").strip()
     if not path:
         return error_text(DatasetError("no file name to save the dataset config as.", "Fill *Save as*."))
@@ -368,16 +407,15 @@ def save_config(ctx, text: str, path: str) -> str:
         backup = F.save_config(target, text, ctx.data_dir / "config_backups")
     except OSError as e:
         return error_text(DatasetError(f"{target}: cannot be written ({e}).", "Choose a folder you can write to."))
-    remember(ctx, str(target.resolve()))
+    remember(ctx, str(target.resolve()), version)
     kept = f" The previous version is kept in `{backup}`." if backup else ""
     return (f"Saved `{target}`.{kept} The Cache and Train tabs offer it now; train with "
             f"`--dataset_config {target}`.")
 
 
-def remember(ctx, path: str) -> None:
-    """Recent dataset configs (newest first) for the other tabs' menus; offered to Cache and Train."""
-    recent = [p for p in ctx.settings.get("dataset_configs", []) if p != path]
-    ctx.settings["dataset_configs"] = [path, *recent][:RECENT_MAX]
-    save_settings(ctx.data_dir, ctx.settings)
+def remember(ctx, path: str, version: str | None = None) -> None:
+    """Recent dataset configs (newest first) with their model version, for the other tabs' menus; offered to
+    Cache and Train (app/workflow.py keeps them in settings.json)."""
+    W.remember_dataset(ctx, path, version)
     ctx.hand_off("cache.dataset_config", path)
     ctx.hand_off("train.dataset_config", path)

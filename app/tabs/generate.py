@@ -22,11 +22,13 @@ from PIL import Image
 
 from app import mask_painter, presets_ui
 from app import generate_media as M
-from app.forms import Form, build_form, gui_fields, to_widget
+from app import workflow as W
+from app.forms import Form, gui_fields, make_widget, to_widget
+from app.jobs import FINAL
 from app.generate_view import run_view
 from app.places import allowed_roots, is_allowed
 from app.tabs.tools import inspect_markdown
-from app.views import error_markdown, progress_html
+from app.views import error_markdown, progress_html, shown_error
 from engine.spec import checks
 from engine.spec import config as C
 from engine.spec.errors import EngineError
@@ -35,20 +37,18 @@ from engine.spec.variants import get_variant
 
 PREFIX = "generate"
 IMAGE_FIELDS = ("control_image_path", "mask_path")      # filled from the image inputs, not typed
-SECTIONS = (   # (accordion title or None for the groups' own, fields, open)
-    (None, ("prompt", "negative_prompt"), True),
-    (None, ("image_size", "infer_steps", "guidance_scale", "seed", "flow_shift", "preview_every"), True),
-    (None, ("model_version", "dit", "vae", "text_encoder", "tokenizer"), True),
-)
-EDIT_SECTIONS = (("resize_control_to_image_size", "resize_control_to_official_size", "append_original_name"),
-                 ("rcm_threshold", "rcm_relative_threshold", "rcm_kernel_size", "rcm_dilate_size", "rcm_debug_save"))
+# what shows open, in order: prompt, the control image + mask, size and steps; the rest is folded
+OPEN_FIELDS = ("image_size", "infer_steps", "seed", "model_version")
+RCM_FIELDS = ("rcm_threshold", "rcm_relative_threshold", "rcm_kernel_size", "rcm_dilate_size", "rcm_debug_save")
+EDIT_FIELDS = ("resize_control_to_image_size", "resize_control_to_official_size", "append_original_name")
 LORA_FIELDS = ("lora_weight", "lora_multiplier")
 MEMORY_FIELDS = ("fp8", "fp8_scaled", "text_encoder_cpu", "blocks_to_swap", "vae_enable_tiling")
+MODEL_FIELDS = ("dit", "vae", "text_encoder", "tokenizer")
 EXTRA_CONTROLS = 2          # image slots after the painter; more go in the file box (Edit-2509/2511)
 # the result widgets each event writes, in the order its API endpoint returns them
-RUN_OUTPUTS = ("job", "cmdline", "error", "note", "seen", "status", "gallery", "strip", "heatmap", "rcm_md", "preview")
-REFRESH_OUTPUTS = ("job", "status", "cmdline", "error", "gallery", "selected", "strip", "heatmap", "rcm_md", "preview",
-                   "seen")
+RUN_OUTPUTS = ("job", "cmdline", "error", "note", "seen", "status", "strip", "heatmap", "rcm_md", "preview", "timer")
+REFRESH_OUTPUTS = ("job", "status", "cmdline", "error", "note", "gallery", "selected", "strip", "heatmap", "rcm_md",
+                   "preview", "seen", "timer")
 POLL_S = 1.0
 
 
@@ -58,11 +58,9 @@ def form_fields() -> list[str]:
 
 
 def defaults(ctx) -> C.GenerateImageConfig:
+    """The form's first values. The model boxes stay empty: they follow the Models tab (app/workflow.fill_models)."""
     version = "edit" if ctx.demo else "original"
-    cfg = C.GenerateImageConfig(model_version=version, dit=ctx.dit_path(version) or None,
-                                vae=ctx.model_path("vae") or None, text_encoder=ctx.model_path("text_encoder") or None,
-                                tokenizer=ctx.model_path("tokenizer") or None,
-                                save_path=str(ctx.data_dir / "outputs" / "generate"))
+    cfg = C.GenerateImageConfig(model_version=version, save_path=str(ctx.data_dir / "outputs" / "generate"))
     if ctx.demo:   # the demo works out of the box: its edit example, tiny size, few steps
         ex = ctx.demo["examples"]
         cfg = dataclasses.replace(cfg, prompt=ex["edit_prompt"], image_size=[ex["height"], ex["width"]],
@@ -76,32 +74,62 @@ def build(ctx) -> None:
     with gr.Tab("Generate / Edit", id="generate") as tab:
         with gr.Row():
             with gr.Column(scale=3):
-                for _, names, _ in SECTIONS:
-                    parts.update(_form(cfg, names).components)
-                with gr.Row():
-                    random_btn = gr.Button("🎲 Random seed", size="sm", elem_id=f"{PREFIX}-seed-random")
-                    reuse_btn = gr.Button("♻ Reuse the selected result's seed", size="sm",
-                                          elem_id=f"{PREFIX}-seed-reuse")
-                with gr.Accordion("Control images and mask (edit models)", open=True,
-                                  visible=get_variant(cfg.resolved_version()).is_edit,
-                                  elem_id=f"{PREFIX}-controls") as controls_box:
+                parts.update(_widgets(cfg, ("prompt",)))
+                parts["prompt"].lines = 3
+                with gr.Column(visible=get_variant(cfg.resolved_version()).is_edit,
+                               elem_id=f"{PREFIX}-controls") as controls_box:
                     w = control_widgets(ctx)
-                    for names in EDIT_SECTIONS:
-                        parts.update(_form(cfg, names).components)
-                parts.update(_form(cfg, LORA_FIELDS).components)
-                lora_info = gr.Markdown(elem_id=f"{PREFIX}-lora-summary")     # the Tools tab's LoRA summary
-                parts["lora_weight"].change(lambda t: inspect_markdown(t, empty=""), parts["lora_weight"], lora_info,
-                                            api_visibility="private")
-                parts.update(_form(cfg, MEMORY_FIELDS).components)
+                parts.update(_widgets(cfg, OPEN_FIELDS, columns=4))
+                with gr.Row():
+                    random_btn = gr.Button("Random seed", size="sm", elem_id=f"{PREFIX}-seed-random")
+                    reuse_btn = gr.Button("Reuse the selected result's seed", size="sm",
+                                          elem_id=f"{PREFIX}-seed-reuse")
+                conflicts = gr.Markdown(elem_id=f"{PREFIX}-conflicts")
+                with gr.Accordion("RCM: keep what the prompt does not change (edit models)", open=False,
+                                  elem_id=f"{PREFIX}-rcm-options"):
+                    parts.update(_widgets(cfg, RCM_FIELDS))
+                    parts.update(_widgets(cfg, EDIT_FIELDS))
+                with gr.Accordion("LoRA", open=False, elem_id=f"{PREFIX}-lora"):
+                    parts.update(_widgets(cfg, LORA_FIELDS, columns=2))
+                    lora_info = gr.Markdown(elem_id=f"{PREFIX}-lora-summary")     # the Tools tab's LoRA summary
+                    parts["lora_weight"].change(lambda t: inspect_markdown(t, empty=""), parts["lora_weight"],
+                                                lora_info, api_visibility="private")
+                with gr.Accordion("Memory and VRAM presets", open=False, elem_id=f"{PREFIX}-memory"):
+                    parts.update(_widgets(cfg, MEMORY_FIELDS))
+                    presets_slot = gr.Column()
+                with gr.Accordion("Models (override)", open=False, elem_id=f"{PREFIX}-models"):
+                    gr.Markdown("Empty boxes use the Models tab's files (the DiT of the model version above).")
+                    parts.update(_widgets(cfg, MODEL_FIELDS, columns=2))
                 rest = [n for n in form_fields() if n not in parts]
                 with gr.Accordion("More options", open=False, elem_id=f"{PREFIX}-more"):
-                    parts.update(_form(cfg, rest).components)
+                    parts.update(_widgets(cfg, rest))
                 form = Form(C.GenerateImageConfig, {n: parts[n] for n in form_fields()})
-                presets_ui.build("generate_image", form, elem_prefix=PREFIX)
+                with presets_slot:
+                    presets_ui.build("generate_image", form, elem_prefix=PREFIX,
+                                     blocks=lambda c: W.dit_blocks(W.fill_models(ctx, c).dit))
             with gr.Column(scale=2):
                 out = result_widgets()
+                out["tab"] = tab
+        w["conflicts"] = conflicts
         _wire(ctx, form, w, out, controls_box, random_btn, reuse_btn)
         wire_handoffs(ctx, tab, parts)
+        ctx.register_timer("generate", out["timer"], lambda: bool(busy_jobs(ctx)))
+
+
+def _widgets(cfg, names, columns: int = 3) -> dict:
+    """The option widgets of `names` (in the config's order) in rows, without group headings."""
+    fs = gui_fields(C.GenerateImageConfig, include=names)
+    made = {}
+    for i in range(0, len(fs), columns):
+        with gr.Row():
+            for f in fs[i:i + columns]:
+                made[f.name] = make_widget(f, getattr(cfg, f.name), PREFIX)
+    return made
+
+
+def busy_jobs(ctx, views: list[dict] | None = None) -> list[str]:
+    views = ctx.jobs.list() if views is None else views
+    return [v["id"] for v in views if v["command"] == "generate_image" and v["status"] not in FINAL]
 
 
 def wire_handoffs(ctx, tab, parts: dict) -> None:
@@ -123,13 +151,6 @@ def wire_handoffs(ctx, tab, parts: dict) -> None:
     tab.select(opened, None, [parts[n] for n in names], api_name="generate_opened")
 
 
-def _form(cfg, names) -> Form:
-    form = build_form(C.GenerateImageConfig, include=names, values=cfg, elem_prefix=PREFIX)
-    if "prompt" in form.components:
-        form.components["prompt"].lines = form.components["negative_prompt"].lines = 3
-    return form
-
-
 def control_widgets(ctx) -> dict:
     example = ctx.demo["examples"]["control"] if ctx.demo else None
     w = {"editor": mask_painter.editor(
@@ -137,20 +158,21 @@ def control_widgets(ctx) -> dict:
         value={"background": example, "layers": [], "composite": example} if example else None,
         small_picture=bool(example))}
     with gr.Row():
-        w["slots"] = [gr.Image(type="filepath", label=f"Control image {i + 2}", sources=("upload", "clipboard"),
-                               elem_id=f"{PREFIX}-control{i + 2}") for i in range(EXTRA_CONTROLS)]
-    w["more"] = gr.File(file_count="multiple", file_types=["image"], label="More control images (Edit-2509/2511)",
-                        elem_id=f"{PREFIX}-more-controls")
-    with gr.Row():
         w["grow"] = gr.Slider(-32, 32, value=0, step=1, label="Grow (+) / shrink (−) mask, px",
                               elem_id=f"{PREFIX}-mask-grow")
         w["feather"] = gr.Slider(0, 32, value=0, step=0.5, label="Feather, px", elem_id=f"{PREFIX}-mask-feather")
         w["invert"] = gr.Checkbox(False, label="Invert mask", elem_id=f"{PREFIX}-mask-invert")
         w["clear"] = gr.Button("Clear mask", size="sm", elem_id=f"{PREFIX}-mask-clear")
-    with gr.Row():
+    w["mask_info"] = gr.Markdown(elem_id=f"{PREFIX}-mask-info")
+    with gr.Accordion("Effective mask, and more control images (Edit-2509/2511)", open=False,
+                      elem_id=f"{PREFIX}-more-images"):
         w["preview"] = gr.Image(label="Effective mask (what --mask_path gets)", interactive=False, height=200,
                                 image_mode="L", format="png", elem_id=f"{PREFIX}-mask-preview")
-        w["mask_info"] = gr.Markdown(elem_id=f"{PREFIX}-mask-info")
+        with gr.Row():
+            w["slots"] = [gr.Image(type="filepath", label=f"Control image {i + 2}", sources=("upload", "clipboard"),
+                                   elem_id=f"{PREFIX}-control{i + 2}") for i in range(EXTRA_CONTROLS)]
+        w["more"] = gr.File(file_count="multiple", file_types=["image"], label="More control images",
+                            elem_id=f"{PREFIX}-more-controls")
     return w
 
 
@@ -159,20 +181,22 @@ def result_widgets() -> dict:
     with gr.Row():
         o["run"] = gr.Button("Generate", variant="primary", elem_id=f"{PREFIX}-run", scale=3)
         o["stop"] = gr.Button("Stop", elem_id=f"{PREFIX}-stop", scale=1)
+    o["note"] = gr.Markdown(elem_id=f"{PREFIX}-note")
     o["error"] = gr.Markdown(visible=False, elem_id=f"{PREFIX}-error")
-    o["job"] = gr.Textbox(label="Job", interactive=False, elem_id=f"{PREFIX}-job")
     o["status"] = gr.HTML(elem_id=f"{PREFIX}-status")
     o["preview"] = gr.Image(label="Live preview (set Preview every)", interactive=False, format="png", height=200,
                             elem_id=f"{PREFIX}-preview")
-    o["cmdline"] = gr.Textbox(label="Command line (exactly what runs)", interactive=False, buttons=["copy"],
-                              elem_id=f"{PREFIX}-command")
-    o["gallery"] = gr.Gallery(label="Results", columns=3, height=300, format="png", elem_id=f"{PREFIX}-gallery")
+    o["gallery"] = gr.Gallery(label="Results since the Studio started (newest first)", columns=3, height=300,
+                              format="png", elem_id=f"{PREFIX}-gallery")
     o["selected"] = gr.Textbox(label="Selected result", interactive=False, elem_id=f"{PREFIX}-selected")
     with gr.Row():
         o["send"] = gr.Button("Send to control image 1", size="sm", elem_id=f"{PREFIX}-send")
         o["load_sel"] = gr.Button("Load its parameters", size="sm", elem_id=f"{PREFIX}-load-selected")
-    o["png"] = gr.File(label="Drop a PNG to load its parameters", file_types=[".png"], elem_id=f"{PREFIX}-png")
-    o["note"] = gr.Markdown(elem_id=f"{PREFIX}-note")
+    with gr.Accordion("Job, command line, PNG parameters", open=False, elem_id=f"{PREFIX}-job-box"):
+        o["job"] = gr.Textbox(label="Job", interactive=False, elem_id=f"{PREFIX}-job")
+        o["cmdline"] = gr.Textbox(label="Command line (exactly what runs)", interactive=False, buttons=["copy"],
+                                  elem_id=f"{PREFIX}-command")
+        o["png"] = gr.File(label="Drop a PNG to load its parameters", file_types=[".png"], elem_id=f"{PREFIX}-png")
     with gr.Accordion("RCM / mask view", open=True, elem_id=f"{PREFIX}-rcm"):
         o["strip"] = gr.Gallery(label="RCM mask per step (red = still changing)", columns=8, height=160,
                                 format="png", elem_id=f"{PREFIX}-rcm-strip")
@@ -180,7 +204,7 @@ def result_widgets() -> dict:
                                 elem_id=f"{PREFIX}-heatmap")
         o["rcm_md"] = gr.Markdown(elem_id=f"{PREFIX}-rcm-stats")
     o["seen"] = gr.State("")
-    o["timer"] = gr.Timer(POLL_S)
+    o["timer"] = gr.Timer(POLL_S, active=False)      # on only while a job runs and this tab is shown (app/main.py)
     return o
 
 
@@ -200,16 +224,18 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
 
     def run(*values):
         try:
-            cfg = form.to_config(*values[:n])
+            cfg = W.fill_models(ctx, form.to_config(*values[:n]))     # empty model boxes: the Models tab's
             cfg = attach_images(ctx, cfg, *values[n:])
             precheck(cfg)
             job = ctx.submit_config("generate_image", cfg, title=title_of(cfg))
         except (C.ConfigError, EngineError, M.MaskError, ValueError, OSError) as e:
-            return {o["error"]: error_update(e), o["note"]: "Not started."}
-        # the previous run's results go: what shows from now on belongs to this job
+            # the previous job's bar goes too: beside a new error it would read as this run's result
+            return {o["error"]: error_update(e), o["note"]: "Not started.", o["status"]: ""}
+        # this job's view replaces the previous one; the results gallery keeps every result since launch
         return {o["job"]: job.id, o["cmdline"]: job.cmdline, o["error"]: gr.update(visible=False, value=""),
-                o["note"]: f"Queued **{job.id}**.", o["seen"]: "", o["status"]: "<b>queued</b>", o["gallery"]: [],
-                o["strip"]: [], o["heatmap"]: None, o["rcm_md"]: "", o["preview"]: None}
+                o["note"]: f"Queued **{job.id}**.", o["seen"]: "", o["status"]: "<b>queued</b>",
+                o["strip"]: [], o["heatmap"]: None, o["rcm_md"]: "", o["preview"]: None,
+                o["timer"]: gr.Timer(active=True)}
 
     o["run"].click(run, [*form.inputs, *image_inputs], [o[k] for k in RUN_OUTPUTS], api_name="generate_run")
 
@@ -218,27 +244,56 @@ def _wire_run(ctx, form: Form, w: dict, o: dict, shown: set) -> None:
         # started before "Generate" answered must not put the previous job back
         picked = job_id or latest_job(ctx)
         view = ctx.jobs.get(picked) if picked else None
+        busy = busy_jobs(ctx)
         if view is None:
-            return gr.skip()
+            return {o["timer"]: gr.Timer(active=bool(busy))}
         sig = repr((view["id"], view["status"], view.get("progress"), len(view.get("images") or []), view["error"]))
         if sig == seen:
-            return gr.skip()
+            return {o["timer"]: gr.Timer(active=bool(busy))}
         v = run_view(ctx, view)
-        shown.update(v.outputs)
-        err = view["error"] if view["status"] in ("failed", "stopped") else None
+        results = history(ctx)
+        shown.update(results)
+        err = shown_error(view)
         out = {o["status"]: progress_html(view, v.memory), o["cmdline"]: view["cmdline"],
                o["error"]: error_update(err) if err else gr.update(visible=False, value=""),
-               o["gallery"]: [(servable(ctx, p), Path(p).name) for p in v.outputs],
-               o["selected"]: v.outputs[0] if v.outputs else "", o["strip"]: v.strip, o["heatmap"]: v.heatmap,
-               o["rcm_md"]: v.markdown, o["preview"]: preview_update(ctx, v.preview), o["seen"]: sig}
+               o["note"]: note_for(view),
+               o["gallery"]: [(servable(ctx, p), Path(p).name) for p in results],
+               o["selected"]: v.outputs[0] if v.outputs else (results[0] if results else ""), o["strip"]: v.strip,
+               o["heatmap"]: v.heatmap, o["rcm_md"]: v.markdown, o["preview"]: preview_update(ctx, v.preview),
+               o["seen"]: sig, o["timer"]: gr.Timer(active=bool(busy))}
         if not job_id:
             out[o["job"]] = view["id"]
         return out
 
     o["timer"].tick(refresh, [o["job"], o["seen"]], [o[k] for k in REFRESH_OUTPUTS], show_progress="hidden",
                     concurrency_limit=None, api_name="generate_refresh")
-    o["stop"].click(lambda j: ctx.jobs.stop(j)["status"] if j else "no job", o["job"], o["note"],
-                    api_name="generate_stop")
+    ctx.on_open(o["tab"], "generate", refresh, [o["job"], o["seen"]], [o[k] for k in REFRESH_OUTPUTS])
+
+    def stop(job_id):
+        if not job_id:
+            return "No job to stop."
+        return f"**{job_id}**: {ctx.jobs.stop(job_id)['status']}."
+
+    o["stop"].click(stop, o["job"], o["note"], api_name="generate_stop")
+
+
+def note_for(view: dict) -> str:
+    """The line under Generate: what the shown job is doing now (never "Queued" once it has ended)."""
+    if view["status"] == "queued":
+        return f"Queued **{view['id']}**."
+    if view["status"] == "running":
+        return f"Running **{view['id']}**."
+    return f"**{view['id']}**: {view['status']}."
+
+
+def history(ctx) -> list[str]:
+    """Every result of the generate jobs since the Studio started, newest first (files still there)."""
+    out = []
+    for v in ctx.jobs.list():
+        if v["command"] != "generate_image" or (v["queued_at"] or 0) < ctx.started:
+            continue
+        out += [p for p in reversed(M.read_run(ctx.jobs.log_path(v["id"])).outputs) if Path(p).is_file()]
+    return out
 
 
 def _wire_results(ctx, form: Form, w: dict, o: dict, shown: set, random_btn, reuse_btn) -> None:
@@ -271,22 +326,23 @@ def _wire_results(ctx, form: Form, w: dict, o: dict, shown: set, random_btn, reu
 
 
 def _wire_mask_and_model(ctx, form: Form, w: dict, controls_box) -> None:
+    c = form.components
     preview_inputs = [w["editor"], w["grow"], w["feather"], w["invert"]]
-    # painting fires the editor's `input` only; `change` covers values set by buttons (send, load, clear)
-    gr.on([w["editor"].input, *[c.change for c in preview_inputs]], mask_preview, preview_inputs,
-          [w["preview"], w["mask_info"]], trigger_mode="always_last",
-          show_progress="hidden", api_name="generate_mask_preview")
+    option_inputs = [c["rcm_threshold"], c["rcm_debug_save"], c["model_version"]]
+    # painting fires the editor's `input` only; `change` covers values set by buttons (send, load, clear). One
+    # handler draws the mask and names the conflicts: a second listener on the painter loses its layers.
+    gr.on([w["editor"].input, *[x.change for x in [*preview_inputs, *option_inputs]]], mask_and_conflicts,
+          [*preview_inputs, *option_inputs], [w["preview"], w["mask_info"], w["conflicts"]],
+          trigger_mode="always_last", show_progress="hidden", api_name="generate_mask_preview")
     w["clear"].click(lambda e: {"background": e["background"], "layers": [], "composite": e["background"]}
                      if e and e.get("background") else None, w["editor"], w["editor"],
                      api_name="generate_mask_clear")
 
-    def version_changed(version, dit):
-        is_edit = get_variant(version or "original").is_edit
-        return ctx.dit_path(version or "original") or dit, gr.update(visible=is_edit)
+    def version_changed(version):
+        return gr.update(visible=get_variant(version or "original").is_edit)
 
-    form.components["model_version"].change(version_changed, [form.components["model_version"],
-                                                              form.components["dit"]],
-                                            [form.components["dit"], controls_box], api_name="generate_version")
+    form.components["model_version"].change(version_changed, form.components["model_version"], controls_box,
+                                            api_name="generate_version")
 
 
 def _select_handler(shown: set):
@@ -359,6 +415,14 @@ def servable(ctx, path: str):
         return path
     with Image.open(path) as im:
         return im.copy()
+
+
+def mask_and_conflicts(editor, grow, feather, invert, rcm_threshold, rcm_debug_save, version):
+    """The effective mask with its share, and what the engine would refuse or ignore (app/workflow.py)."""
+    mask, info = mask_preview(editor, grow, feather, invert)
+    found = W.generate_conflicts(mask is not None, rcm_threshold, rcm_debug_save,
+                                 get_variant(version or "original").is_edit)
+    return mask, info, "\n\n".join(f"⚠️ {t}" for t in found)
 
 
 def mask_preview(editor, grow, feather, invert):

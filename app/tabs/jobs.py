@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.jobs import FINAL
 from app.rerun import run_again
-from app.views import error_markdown, fmt_time, loss_frame, progress_label, status_line
+from app.views import error_markdown, shown_error, fmt_time, loss_frame, progress_label, status_line
 from engine.spec.config import ConfigError
 
 TABLE_HEADERS = ["id", "status", "command", "progress", "started"]
@@ -22,8 +23,10 @@ POLL_S = 1.0
 
 def build(ctx) -> None:
     jobs = ctx.jobs
-    with gr.Tab("Jobs", id="jobs"):
+    with gr.Tab("Jobs", id="jobs") as tab:
+        # fixed widths that add up to the table's width, wrapped text: the last column is never cut off
         table = gr.Dataframe(headers=TABLE_HEADERS, value=lambda: table_rows(jobs.list()), interactive=False,
+                             wrap=True, column_widths=["26%", "9%", "32%", "17%", "16%"],
                              elem_id="jobs-table", label="Jobs (newest first; click a row to follow it)")
         with gr.Row(equal_height=True):
             # allow_custom_value: a job id set by "Run" may arrive a tick before the refreshed choices
@@ -41,7 +44,7 @@ def build(ctx) -> None:
                          autoscroll=True, interactive=False, buttons=["copy"], elem_id="jobs-log")
         signature = gr.State("")      # what this browser already has: resend the menu / plot only on change
         plotted = gr.State("")
-        timer = gr.Timer(POLL_S)
+        timer = gr.Timer(POLL_S, active=False)     # on only while a job runs and this tab is shown (app/main.py)
 
         def refresh(job_id, seen, seen_plot):
             views = jobs.list()
@@ -53,14 +56,14 @@ def build(ctx) -> None:
             plot_sig = f"{job_id}:{len(view['metrics']) if view else 0}"
             text, command, tail = detail(jobs, view)
             out = {table: table_rows(views), signature: sig, status: text, cmdline: command, log: tail,
-                   plotted: plot_sig}
+                   plotted: plot_sig, timer: gr.Timer(active=any(v["status"] not in FINAL for v in views))}
             if sig != seen:
                 out[selected] = gr.update(choices=choices, value=job_id)
             if plot_sig != seen_plot:
                 out[loss_plot] = plot_update(view)
             return out
 
-        outputs = [table, selected, signature, status, cmdline, log, loss_plot, plotted]
+        outputs = [table, selected, signature, status, cmdline, log, loss_plot, plotted, timer]
         timer.tick(refresh, [selected, signature, plotted], outputs, show_progress="hidden",
                    concurrency_limit=None, api_name="jobs_refresh")
         selected.input(refresh, [selected, gr.State(""), gr.State("")], outputs, show_progress="hidden",
@@ -68,8 +71,10 @@ def build(ctx) -> None:
         table.select(pick_row, None, selected, api_visibility="private")
         stop_btn.click(lambda j: act(jobs.stop, j, "stop requested"), selected, status, api_name="jobs_stop")
         kill_btn.click(lambda j: act(jobs.kill, j, "killed"), selected, status, api_name="jobs_kill")
-        again_btn.click(lambda j: again(ctx, j, selected, status), selected, [selected, status],
-                        api_name="jobs_run_again")
+        again_btn.click(lambda j: {**again(ctx, j, selected, status), timer: gr.Timer(active=True)}, selected,
+                        [selected, status, timer], api_name="jobs_run_again")
+        ctx.on_open(tab, "jobs", refresh, [selected, gr.State(""), gr.State("")], outputs)
+        ctx.register_timer("jobs", timer, lambda: any(v["status"] not in FINAL for v in jobs.list()))
 
 
 def table_rows(views: list[dict]) -> list[list]:
@@ -107,8 +112,8 @@ def status_text(v: dict, log_path) -> str:
     outputs = (v.get("done") or {}).get("outputs") or []
     if outputs:
         text += "\n\nOutputs:\n" + "\n".join(f"- `{o}`" for o in outputs)
-    err = v.get("error")
-    if err and v["status"] != "running":
+    err = shown_error(v)
+    if err:
         text += "\n\n" + error_markdown(err)
     return text
 

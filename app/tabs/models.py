@@ -44,7 +44,8 @@ def build(ctx) -> None:
 
 def _intro(ctx) -> str:
     text = ("Point each role at its weights. **Inspect** reads only the file headers, so it answers at once even "
-            "for the 40 GB files, and says what each file really is.")
+            "for the 40 GB files, and says what each file really is. The Cache, Train and Generate tabs use "
+            "the files inspected here (each has a folded *Models (override)* for a one-off change).")
     if ctx.demo is not None:
         text += ("\n\n*Demo mode:* the boxes hold the tiny random demo models, so every tab works without "
                  "downloads. Put your real files here and press **Save as defaults** to use them.")
@@ -53,6 +54,7 @@ def _intro(ctx) -> str:
 
 def inspect(ctx, paths: tuple[str, ...]) -> tuple[list[list], str]:
     """Run `python -m engine inspect_model FILES --json` on the filled boxes; return table rows and a report."""
+    ctx.choose_models({r.key: p or "" for r, p in zip(ROLES, paths)})     # every tab uses these from now on
     chosen = [(role, p.strip()) for role, p in zip(ROLES, paths) if p and p.strip()]
     files = [(role, p) for role, p in chosen if role.component != "tokenizer"]
     notes = [check_tokenizer(p) for role, p in chosen if role.component == "tokenizer"]
