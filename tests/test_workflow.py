@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from _app_util import studio  # noqa: F401  (studio is a fixture)
+from _app_util import start_slow_job, studio  # noqa: F401  (studio is a fixture)
 
 from app import workflow as W
 from app.context import load_settings
@@ -130,7 +130,7 @@ def test_a_new_image_folder_resets_the_control_folder(tmp_path, demo_manifest):
 
 def client_for(studio):
     from gradio_client import Client
-    return Client(studio["url"], verbose=False)
+    return Client(studio["url"], headers=studio["headers"], verbose=False)
 
 
 def test_train_on_it_carries_the_dataset_and_its_version(studio, tmp_path):
@@ -158,9 +158,9 @@ def test_a_second_run_with_the_same_name_is_refused(studio, tmp_path):
     from app import train_runs as R
 
     client = client_for(studio)
-    blocker, _ = client.predict("slow_job 100000", api_name="/jobs_run")[:2]    # holds the GPU slot: runs queue
+    blocker = start_slow_job(client, tmp_path)                   # holds the GPU slot: runs queue
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/train_start"]["parameters"]
-    names = ["kind", "procs", "cache_first", *R.form_names()]
+    names = ["kind", "procs", "cache_first", *R.form_names(), "fsdp"]
     values = dict(zip(names, [p.get("parameter_default") for p in params], strict=True))
     values.update(output_dir=str(tmp_path / "same"), output_name="twin", cache_first=False)
     first = None
@@ -172,4 +172,4 @@ def test_a_second_run_with_the_same_name_is_refused(studio, tmp_path):
     finally:
         if first:
             client.predict(first["value"], api_name="/train_kill")
-        client.predict(blocker["value"], api_name="/jobs_kill")
+        client.predict(blocker, api_name="/jobs_kill")
