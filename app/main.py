@@ -2,7 +2,7 @@
 
 Start-up imports no torch/diffusers/transformers: tabs talk to the engine through subprocesses.
 Polling timers run only for the tab on screen and only while that tab has something running (ctx.register_timer),
-so an idle page costs no CPU.
+so an idle page costs no CPU; the Jobs tab, while shown, also looks every few seconds for jobs started elsewhere.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from _app_util import BROWSER_ARGS, CHROMIUM, free_port, kill_jobs, wait_http  # noqa: E402
+from _app_util import BROWSER_ARGS, CHROMIUM, free_port, kill_jobs, wait_printed_url  # noqa: E402
 
 VIEWPORT = {"width": 1400, "height": 900}
 
@@ -236,8 +236,7 @@ def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]
     proc = subprocess.Popen([sys.executable, "launch.py", "--demo", "--no-browser", "--port", str(port),
                              "--data_dir", str(data_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    wait_http(url, proc)
+    url, _ = wait_printed_url(log_path, proc)     # the address launch.py prints, with its access token
     return proc, url
 
 

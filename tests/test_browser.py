@@ -7,7 +7,7 @@ import re
 import shutil
 
 import pytest
-from _app_util import REPO, browser_page, start_slow_job, studio  # noqa: F401  (studio is a fixture)
+from _app_util import REPO, browser_page, kill_jobs, start_slow_job, studio  # noqa: F401  (studio is a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -54,14 +54,18 @@ def test_jobs_tab_shows_a_running_job_after_a_reload(studio, page, tmp_path):
     page.goto(studio["open_url"])
     page.get_by_role("tab", name="Jobs").click()
     start_slow_job(Client(studio["url"], headers=studio["headers"], verbose=False), tmp_path)   # a script's job
-    running = page.locator("#jobs-table").get_by_role("row").filter(has_text="slow_job").filter(has_text="running")
-    expect(running).to_have_count(1, timeout=30_000)
-    page.reload()                                   # the browser session ends; the job does not
-    page.get_by_role("tab", name="Jobs").click()
-    expect(running).to_have_count(1, timeout=30_000)
-    expect(page.locator("#jobs-status")).to_contain_text("running", timeout=30_000)   # shown by default
-    expect(page.locator("#jobs-command input, #jobs-command textarea").first).to_have_value(
-        re.compile(r"-m qis_fake_engine cache_latents .*--dataset_config \S*slow_job.toml"))
-    page.locator("#jobs-stop").click()
-    expect(running).to_have_count(0, timeout=30_000)
-    expect(page.locator("#jobs-status")).to_contain_text("stopped", timeout=30_000)
+    try:
+        rows = page.locator("#jobs-table").get_by_role("row")
+        running = rows.filter(has_text="slow_job").filter(has_text="running")
+        expect(running).to_have_count(1, timeout=30_000)
+        page.reload()                                   # the browser session ends; the job does not
+        page.get_by_role("tab", name="Jobs").click()
+        expect(running).to_have_count(1, timeout=30_000)
+        expect(page.locator("#jobs-status")).to_contain_text("running", timeout=30_000)   # shown by default
+        expect(page.locator("#jobs-command input, #jobs-command textarea").first).to_have_value(
+            re.compile(r"-m qis_fake_engine cache_latents .*--dataset_config \S*slow_job.toml"))
+        page.locator("#jobs-stop").click()
+        expect(running).to_have_count(0, timeout=30_000)
+        expect(page.locator("#jobs-status")).to_contain_text("stopped", timeout=30_000)
+    finally:        # a failure must not leave it holding the GPU slot for the tests after this one
+        kill_jobs(studio["data_dir"])

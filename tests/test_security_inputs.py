@@ -74,7 +74,7 @@ def test_negative_numbers_in_lists_still_work():
 
 
 def test_network_args_smuggling_through_the_train_tab_is_refused(studio, tmp_path):
-    from test_train_tab import form_values
+    from test_train_tab import form_values, start_args
 
     client = client_for(studio)
     before = {r[0] for r in client.predict(None, api_name="/jobs_refresh")[0]["data"]}
@@ -82,7 +82,7 @@ def test_network_args_smuggling_through_the_train_tab_is_refused(studio, tmp_pat
                          output_dir=str(tmp_path), output_name="smuggle")
     command, _ = client.predict(*values.values(), api_name="/train_preview")
     assert "cannot build the command" in command and "network_args" in command
-    _, message, _ = client.predict(*values.values(), api_name="/train_start")
+    _, message, *_ = client.predict(*start_args(values), api_name="/train_start")
     assert "network_args" in message and "starts with '-'" in message
     after = {r[0] for r in client.predict(None, api_name="/jobs_refresh")[0]["data"]}
     assert after == before and not (tmp_path / "bashrc").exists()

@@ -21,10 +21,10 @@ def test_both_journeys_take_at_most_six_actions(studio, tmp_path):
     folder = tmp_path / "my_photos"
     shutil.copytree(studio["manifest"]["dataset"]["images"], folder)
     with browser_page(MW.VIEWPORT["width"], MW.VIEWPORT["height"]) as page:
-        assert MW.button_bottom(page, studio["url"], "Train", "#train-start") <= MW.VIEWPORT["height"]
-        assert MW.button_bottom(page, studio["url"], "Generate / Edit", "#generate-run") <= MW.VIEWPORT["height"]
-        edit = MW.edit_journey(page, studio["url"], studio["manifest"]["examples"]["control"], steps=2)
+        assert MW.button_bottom(page, studio["open_url"], "Train", "#train-start") <= MW.VIEWPORT["height"]
+        assert MW.button_bottom(page, studio["open_url"], "Generate / Edit", "#generate-run") <= MW.VIEWPORT["height"]
+        edit = MW.edit_journey(page, studio["open_url"], studio["manifest"]["examples"]["control"], steps=2)
         assert edit["actions"] <= 6, edit["steps"]
-        lora = MW.lora_journey(page, studio["url"], folder)
+        lora = MW.lora_journey(page, studio["open_url"], folder)
         assert lora["actions"] <= 6, lora["steps"]
     kill_jobs(studio["data_dir"])              # the training was only to be seen running

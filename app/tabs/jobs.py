@@ -19,6 +19,7 @@ from engine.spec.config import ConfigError
 
 TABLE_HEADERS = ["id", "status", "command", "progress", "started"]
 POLL_S = 1.0
+IDLE_POLL_S = 5.0      # shown with nothing running: still notice jobs that a script or another window starts
 
 
 def build(ctx) -> None:
@@ -44,7 +45,7 @@ def build(ctx) -> None:
                          autoscroll=True, interactive=False, buttons=["copy"], elem_id="jobs-log")
         signature = gr.State("")      # what this browser already has: resend the menu / plot only on change
         plotted = gr.State("")
-        timer = gr.Timer(POLL_S, active=False)     # on only while a job runs and this tab is shown (app/main.py)
+        timer = gr.Timer(POLL_S, active=False)     # on only while this tab is shown (app/main.py); slower when idle
 
         def refresh(job_id, seen, seen_plot):
             views = jobs.list()
@@ -56,7 +57,7 @@ def build(ctx) -> None:
             plot_sig = f"{job_id}:{len(view['metrics']) if view else 0}"
             text, command, tail = detail(jobs, view)
             out = {table: table_rows(views), signature: sig, status: text, cmdline: command, log: tail,
-                   plotted: plot_sig, timer: gr.Timer(active=any(v["status"] not in FINAL for v in views))}
+                   plotted: plot_sig, timer: poll_rate(views)}
             if sig != seen:
                 out[selected] = gr.update(choices=choices, value=job_id)
             if plot_sig != seen_plot:
@@ -74,7 +75,14 @@ def build(ctx) -> None:
         again_btn.click(lambda j: {**again(ctx, j, selected, status), timer: gr.Timer(active=True)}, selected,
                         [selected, status, timer], api_name="jobs_run_again")
         ctx.on_open(tab, "jobs", refresh, [selected, gr.State(""), gr.State("")], outputs)
-        ctx.register_timer("jobs", timer, lambda: any(v["status"] not in FINAL for v in jobs.list()))
+        ctx.register_timer("jobs", timer, lambda: True)    # the rate follows the jobs (poll_rate)
+
+
+def poll_rate(views: list[dict]):
+    """Every second while a job runs; every IDLE_POLL_S otherwise, so the table still shows a job that a script,
+    another browser window or the Run again of another tab starts (a few requests a minute, no busy page)."""
+    busy = any(v["status"] not in FINAL for v in views)
+    return gr.Timer(value=POLL_S if busy else IDLE_POLL_S, active=True)
 
 
 def table_rows(views: list[dict]) -> list[list]:
