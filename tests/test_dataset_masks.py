@@ -104,6 +104,7 @@ def test_browser_paints_and_saves_a_loss_mask(studio, tmp_path):
         page.locator("#dataset-open").click()
         thumbs = page.locator("#dataset-gallery img")
         expect(thumbs).to_have_count(8, timeout=60_000)
+        expect(page.locator("#dataset-toml")).to_contain_text("mask_directory", timeout=30_000)
         thumbs.nth(0).click()
         page.get_by_text("Loss mask (white = train here").click()
         expect(page.locator("#dataset-mask-info")).to_contain_text("No mask yet", timeout=30_000)
