@@ -33,7 +33,7 @@ from engine.models.safetensors_io import load_file
 from engine.spec.errors import ModelFileError
 # Key naming lives in the torch-free spec, so the app can summarise LoRA files without torch.
 from engine.spec.lora_keys import (BLOCK_LINEARS, KOHYA_PREFIX, TOP_LINEARS, foreign_error, format_of,  # noqa: F401
-                                    kohya_name, module_of, module_path_from_kohya, split_key)
+                                    group_keys, kohya_name, module_of, module_path_from_kohya, split_key)
 from engine.spec.safetensors_header import read_header
 
 @dataclass
@@ -104,18 +104,7 @@ def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = Non
 
 
 def _group(tensors: Mapping[str, torch.Tensor]):
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    styles: set[str] = set()
-    unknown: list[str] = []
-    for key, t in tensors.items():
-        split = split_key(key)
-        module, style = module_of(split[0]) if split else (None, "")
-        if module is None:
-            unknown.append(key)
-            continue
-        styles.add(style)
-        grouped.setdefault(module, {})[split[1]] = t
-    return grouped, styles, unknown
+    return group_keys(tensors.items())
 
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict | None:

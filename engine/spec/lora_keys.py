@@ -27,6 +27,7 @@ import re
 import struct
 from collections import Counter
 from pathlib import Path
+from typing import Iterable, TypeVar
 
 from engine.spec.errors import ModelFileError
 from engine.spec.safetensors_header import DTYPE_SHORT, Header, read_header
@@ -35,6 +36,7 @@ from engine.spec.variants import VARIANTS
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("kohya", "musubi", "diffusers", "comfyui")
 PEFT_METADATA_KEY = "lora_adapter_metadata"
+T = TypeVar("T")
 
 # The Linear layers inside one QwenImageTransformerBlock (all 14 are LoRA targets by default).
 BLOCK_LINEARS = (
@@ -157,19 +159,26 @@ def format_of(kinds: set[str], styles: set[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- summary
 
-def group_header(header: Header) -> tuple[dict[str, dict[str, str]], set[str]]:
-    """{module path: {factor: file key}} and the prefix styles; a foreign key is a ModelFileError."""
-    grouped: dict[str, dict[str, str]] = {}
+def group_keys(items: Iterable[tuple[str, T]]) -> tuple[dict[str, dict[str, T]], set[str], list[str]]:
+    """(file key, value) pairs as {module path: {factor: value}}, the prefix styles met, and the keys that are not
+    a LoRA factor of a Qwen-Image module. The one grouping rule for headers (no torch) and loaded tensors."""
+    grouped: dict[str, dict[str, T]] = {}
     styles: set[str] = set()
-    unknown = []
-    for key in header.tensors:
+    unknown: list[str] = []
+    for key, value in items:
         split = split_key(key)
         module, style = module_of(split[0]) if split else (None, "")
         if module is None:
             unknown.append(key)
             continue
         styles.add(style)
-        grouped.setdefault(module, {})[split[1]] = key
+        grouped.setdefault(module, {})[split[1]] = value
+    return grouped, styles, unknown
+
+
+def group_header(header: Header) -> tuple[dict[str, dict[str, str]], set[str]]:
+    """{module path: {factor: file key}} and the prefix styles; a foreign key is a ModelFileError."""
+    grouped, styles, unknown = group_keys((key, key) for key in header.tensors)
     if not header.tensors:
         raise ModelFileError(f"LoRA file {header.path} holds no tensors.", "Use a LoRA trained for Qwen-Image.")
     if not grouped and not any(split_key(k) for k in header.tensors):
