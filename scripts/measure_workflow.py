@@ -31,7 +31,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from _app_util import BROWSER_ARGS, CHROMIUM, free_port, kill_jobs, wait_printed_url  # noqa: E402
+from _app_util import BROWSER_ARGS, CHROMIUM, free_port, kill_jobs, paint_stroke, wait_printed_url  # noqa: E402
 
 VIEWPORT = {"width": 1400, "height": 900}
 
@@ -144,14 +144,7 @@ def edit_journey(page, url: str, image: Path, steps: int | None = None) -> dict:
     page.wait_for_timeout(1000)       # the painter fits the image to its canvas after loading it
     fit_picture(page, count, editor)
     fill(page, count, "generate-prompt", "make the circle blue")
-    editor.get_by_role("button", name="Brush", exact=True).click()        # the brush is the editor's default tool
-    canvas = editor.locator("canvas").first.bounding_box()
-    x, y = canvas["x"] + canvas["width"] / 2 - 40, canvas["y"] + canvas["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for i in range(1, 11):
-        page.mouse.move(x + 8 * i, y + 2 * i)
-    page.mouse.up()
+    paint_stroke(page, editor)
     count("paint a stroke")
     expect(page.locator("#generate-mask-info")).to_contain_text("of the image may change", timeout=60_000)
     if steps:

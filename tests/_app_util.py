@@ -202,6 +202,19 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+def paint_stroke(page, editor) -> None:
+    """One brush stroke across the middle of a painter (app/mask_painter.py), from a little left of its centre;
+    the brush is the painter's default tool, clicked anyway as a person would."""
+    editor.get_by_role("button", name="Brush", exact=True).click()
+    box = editor.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x + 8 * i, y + 2 * i)
+    page.mouse.up()
+
+
 @contextlib.contextmanager
 def browser_page(width: int = 1280, height: int = 1000):
     """A page in headless chromium with the flags below (no sandbox, GPU or network chatter); the calling test is skipped when chromium is missing."""

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from _app_util import browser_page, studio  # noqa: F401  (studio is a fixture)
+from _app_util import browser_page, paint_stroke, studio  # noqa: F401  (studio is a fixture)
 from PIL import Image
 
 from app import dataset_masks as DM
@@ -109,14 +109,7 @@ def test_browser_paints_and_saves_a_loss_mask(studio, tmp_path):
         page.get_by_text("Loss mask (white = train here").click()
         expect(page.locator("#dataset-mask-info")).to_contain_text("No mask yet", timeout=30_000)
         editor = page.locator("#dataset-mask-editor")
-        editor.get_by_role("button", name="Brush", exact=True).click()
-        box = editor.locator("canvas").first.bounding_box()
-        x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2
-        page.mouse.move(x, y)
-        page.mouse.down()
-        for i in range(1, 11):
-            page.mouse.move(x + 8 * i, y + 2 * i)
-        page.mouse.up()
+        paint_stroke(page, editor)
         page.wait_for_timeout(1500)                      # the painter sends its layer after the stroke
         page.locator("#dataset-mask-save").click()
         expect(page.locator("#dataset-mask-info")).to_contain_text("Saved", timeout=30_000)

@@ -4,7 +4,6 @@ picture helpers (mask from the painted layer, RCM view) without a server."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _app_util import browser_page, studio  # noqa: F401  (studio is a fixture)
+from _app_util import browser_page, paint_stroke, studio  # noqa: F401  (studio is a fixture)
 from PIL import Image
 
 from app import generate_media as M
@@ -266,14 +265,7 @@ def test_browser_paints_a_mask_and_runs_an_edit(studio):
         page.goto(studio["open_url"])
         page.get_by_role("tab", name="Generate / Edit").click()
         editor = page.locator("#generate-control1")
-        editor.get_by_role("button", name="Brush", exact=True).click()
-        box = editor.locator("canvas").first.bounding_box()
-        x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2
-        page.mouse.move(x, y)
-        page.mouse.down()
-        for i in range(1, 11):
-            page.mouse.move(x + 8 * i, y + 2 * i)
-        page.mouse.up()
+        paint_stroke(page, editor)
         expect(page.locator("#generate-mask-info")).to_contain_text("of the image may change", timeout=30_000)
         page.locator("#generate-infer_steps input").fill(str(STEPS))
         page.get_by_text("Job, command line, PNG parameters").click()          # folded beside the results
