@@ -132,12 +132,17 @@ def launched(data_dir: Path, *args: str, env: dict | None = None, timeout: float
             yield {"url": f"http://127.0.0.1:{port}/", "open_url": open_url, "token": token,
                    "headers": auth_headers(token), "proc": proc, "log": log_path}
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            interrupt(proc)
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """Stop a Studio as Ctrl+C does (it stops its timers and queue), killing it after 20 s if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def kill_jobs(data_dir: Path) -> None:
@@ -178,11 +183,7 @@ def studio(tmp_path_factory, demo_dir):
         yield {"url": url, "open_url": open_url, "token": token, "headers": auth_headers(token),
                "data_dir": data_dir, "manifest": manifest, "log": base / "launch.log"}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)
         log.close()
         kill_jobs(data_dir)
 
