@@ -226,6 +226,7 @@ def test_every_validation_problem_names_its_file(tmp_path):
     _png(img / "nocap.png")
     (img / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (img / "broken.txt").write_text("x")
+    (img / "broken_uncaptioned.png").write_bytes(b"not an image")        # both of its problems, at once
     _png(img / "small.png", (40, 30)), (img / "small.txt").write_text("x")
     _png(img / "tiny.png", (8, 8)), (img / "tiny.txt").write_text("x")
     for stem in ("ok", "broken", "small", "tiny", "nocap"):
@@ -234,16 +235,18 @@ def test_every_validation_problem_names_its_file(tmp_path):
     errors = dict(_problems(plan, "error"))
     assert "caption file is missing" in errors["nocap.txt"]
     assert "cannot be read as an image" in errors["broken.png"]
+    assert "caption file is missing" in errors["broken_uncaptioned.txt"]
+    assert "cannot be read as an image" in errors["broken_uncaptioned.png"]
     assert "smallest usable side" in errors["tiny.png"]
     assert "will be upscaled" in dict(_problems(plan, "warning"))["small.png"]
     assert [it.stem for it in plan.items()] == ["ok", "small"]
-    with pytest.raises(DatasetError, match="3 problem"):
+    with pytest.raises(DatasetError, match="5 problem"):
         plan.raise_if_errors()
     # allow_missing_captions turns the missing caption into a listed skip
     allowed = build_plan(_dataset(tmp_path, general="allow_missing_captions = true"), "edit")
     assert "nocap.txt" not in dict(_problems(allowed, "error"))
     assert "skipped" in dict(_problems(allowed, "warning"))["nocap.txt"]
-    assert [it.image_path.name for it in allowed.datasets[0].skipped] == ["nocap.png"]
+    assert [it.image_path.name for it in allowed.datasets[0].skipped] == ["broken_uncaptioned.png", "nocap.png"]
 
 
 def test_missing_directories_and_duplicate_stems(tmp_path):

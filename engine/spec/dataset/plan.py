@@ -101,6 +101,8 @@ def _plan_dataset(spec: DatasetSpec, edit: bool | None, version: str | None, pro
     for item in items:
         if item.caption is None:
             _missing_caption(item, spec, plan, problems)
+            if not spec.allow_missing_captions:
+                image_size(item.image_path, problems)     # a broken image is named now, not after its caption
             continue
         planned = _plan_item(item, spec, selector, edit, problems)
         if planned is not None:
