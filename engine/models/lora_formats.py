@@ -32,8 +32,8 @@ import torch
 from engine.models.safetensors_io import load_file
 from engine.spec.errors import ModelFileError
 # Key naming lives in the torch-free spec, so the app can summarise LoRA files without torch.
-from engine.spec.lora_keys import (BLOCK_LINEARS, KOHYA_PREFIX, TOP_LINEARS, foreign_error, format_of,  # noqa: F401
-                                    group_keys, kohya_name, module_of, module_path_from_kohya, split_key)
+from engine.spec.lora_keys import (BLOCK_LINEARS, foreign_error, format_of, group_keys, kohya_name,  # noqa: F401
+                                    module_path_from_kohya)
 from engine.spec.safetensors_header import read_header
 
 @dataclass
@@ -88,7 +88,7 @@ def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = Non
     metadata = metadata or {}
     if not tensors:
         raise ModelFileError(f"LoRA file {path} holds no tensors.", "Use a LoRA trained for Qwen-Image.")
-    grouped, styles, unknown = _group(tensors)
+    grouped, styles, unknown = group_keys(tensors.items())
     if unknown:
         raise foreign_error(path, unknown, len(tensors))
     _check_values(path, tensors)
@@ -101,10 +101,6 @@ def read_lora(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = Non
         kinds.add(factor.kind)
     out.format = format_of(kinds, styles)
     return out
-
-
-def _group(tensors: Mapping[str, torch.Tensor]):
-    return group_keys(tensors.items())
 
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict | None:
