@@ -88,6 +88,19 @@ def test_network_args_smuggling_through_the_train_tab_is_refused(studio, tmp_pat
     assert after == before and not (tmp_path / "bashrc").exists()
 
 
+@pytest.mark.parametrize("name", ["../escape", "sub/run", ".hidden"])
+def test_an_output_name_that_leaves_its_folder_is_refused_before_a_job(studio, tmp_path, name):
+    from test_train_tab import form_values, start_args
+
+    client = client_for(studio)
+    before = {r[0] for r in client.predict(None, api_name="/jobs_refresh")[0]["data"]}
+    values = form_values(client, output_dir=str(tmp_path / "runs"), output_name=name)
+    _, message, *_ = client.predict(*start_args(values), api_name="/train_start")
+    assert "output_name" in message and "plain file name" in message and "my_lora" in message
+    after = {r[0] for r in client.predict(None, api_name="/jobs_refresh")[0]["data"]}
+    assert after == before and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- jobs
 
 def test_no_endpoint_takes_a_command_line(studio):

@@ -170,6 +170,10 @@ def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
     items = value if isinstance(value, list) else [value]
     given = f"--{f.name} {' '.join(map(str, items))}"
     for v in items:
+        if meta.get("plain_name") and not is_plain_name(v):
+            raise ConfigError(f"{prefix}--{f.name} {v!r}: must be a plain file name (not empty, no folders, not "
+                              "hidden).", "Give only the name, e.g. my_lora; the folder has its own option "
+                              "(--output_dir).")
         if meta["min"] is not None and v < meta["min"]:
             raise ConfigError(f"{prefix}{given}: must be at least {meta['min']}", f"Give {range_text(f)}.")
         if meta["max"] is not None and v > meta["max"]:
@@ -177,6 +181,13 @@ def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
         if meta["multiple_of"] and v % meta["multiple_of"]:
             raise ConfigError(f"{prefix}{given}: {v} is not a multiple of {meta['multiple_of']}",
                               f"Give {range_text(f)}, e.g. {' '.join(str(_round_to(v, f)) for v in items)}.")
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that stays inside the folder it is joined to and shows in it: no separators, no leading "." (which
+    also refuses "." and ".."), no control character."""
+    return (bool(name.strip()) and not name.startswith(".") and not any(c in name for c in "/\\")
+            and all(c.isprintable() for c in name))
 
 
 def range_text(f: dataclasses.Field) -> str:

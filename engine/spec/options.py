@@ -20,12 +20,14 @@ EDIT_VERSIONS = ("edit", "edit-2509", "edit-2511")
 def opt(default: Any = None, help: str = "", *, group: str = "General", choices: tuple | None = None,
         positional: bool = False, path: bool = False, gui: bool = True, advanced: bool = False,
         aliases: tuple[str, ...] = (), metavar: str | None = None, min: float | None = None,
-        max: float | None = None, multiple_of: int | None = None):
+        max: float | None = None, multiple_of: int | None = None, plain_name: bool = False):
     """Declare one option. `path` marks file/folder options (the GUI shows a path box). `min`, `max` and
     `multiple_of` are its range, for each item of a list: engine.spec.config.validate checks them wherever a
-    config is made (command line, run TOML, preset, GUI form) and argparse's --help states them."""
+    config is made (command line, run TOML, preset, GUI form) and argparse's --help states them. `plain_name`:
+    a file name without folders (the files it names go in a folder given by another option)."""
     meta = dict(help=help, group=group, choices=choices, positional=positional, path=path, gui=gui,
-                advanced=advanced, aliases=aliases, metavar=metavar, min=min, max=max, multiple_of=multiple_of)
+                advanced=advanced, aliases=aliases, metavar=metavar, min=min, max=max, multiple_of=multiple_of,
+                plain_name=plain_name)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -184,7 +186,7 @@ class TrainingOptions:
 
     output_dir: Optional[str] = opt(None, "Folder for checkpoints, samples and the run config.", group="Saving",
                                     path=True)
-    output_name: Optional[str] = opt(None, "Base name of the saved files.", group="Saving")
+    output_name: Optional[str] = opt(None, "Base name of the saved files.", group="Saving", plain_name=True)
     save_every_n_epochs: Optional[int] = opt(None, "Save every N epochs.", group="Saving", min=1)
     save_every_n_steps: Optional[int] = opt(None, "Save every N steps.", group="Saving", min=1)
     save_last_n_epochs: Optional[int] = opt(None, "Keep only the last N epoch saves.", group="Saving",

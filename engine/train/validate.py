@@ -120,9 +120,6 @@ def _check_base_precision(cfg) -> None:
 def _check_saving(cfg) -> None:
     if cfg.resume:
         read_progress(cfg.resume)
-    if cfg.output_name and (Path(cfg.output_name).name != cfg.output_name or cfg.output_name.startswith(".")):
-        raise OptionError(f"--output_name {cfg.output_name!r} must be a plain file name (no folders, not hidden).",
-                          "Put the folder into --output_dir and give only the name, e.g. my_lora.")
     if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise OptionError(f"--output_dir {cfg.output_dir} is a file.", "Give a folder.")
     check_name_free(cfg)
