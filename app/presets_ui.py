@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 import psutil
 
+from app.views import error_markdown
 from app.workflow import adapt_blocks, preset_fits
 from engine.spec import config as C
 from engine.spec.errors import EngineError
@@ -186,7 +187,13 @@ def _applier(preset: Preset, form, index: int, cards: list[dict], gpu_gib, block
     """The click of card `index`: the form with the preset (adapted to the DiT), a note, each card's look and
     each button's variant (the applied one outlined and primary)."""
     def apply(*values):
-        cfg = form.to_config(*values)
+        try:
+            cfg = form.to_config(*values)
+        except (C.ConfigError, EngineError) as e:
+            # another field is wrong (e.g. a value remembered from before a rule tightened): name it, change nothing
+            unchanged = [gr.skip()] * (len(values) + 2 * len(cards))
+            return [*unchanged[:len(values)], f"Not applied: fix this first.\n\n{error_markdown(e)}",
+                    *unchanged[len(values):]]
         fields, note_blocks = adapt_blocks(preset.fields, blocks(cfg) if blocks else None)
         applied, missing = apply_to_form(dataclasses.replace(preset, fields=fields), cfg, form.names)
         note = f"Applied **{preset.name}**." + (f" {note_blocks}" if note_blocks else "")

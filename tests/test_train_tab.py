@@ -132,6 +132,15 @@ def test_preset_click_changes_the_form_and_the_estimate(studio):
     assert after != before and f"{estimate_preset(preset)['vram_gib']:.1f} GiB VRAM" in after
 
 
+def test_a_preset_on_a_form_with_a_wrong_field_names_the_field(studio):
+    client = client_for(studio)
+    values = form_values(client, output_name="../escape")      # e.g. remembered from before the rule existed
+    names = R.kind_names("train_network", R.form_names())
+    out = client.predict(*kind_values(values, "train_network"), api_name="/train_lora_apply_lora_12gb")
+    note = out[len(names)]
+    assert "Not applied" in note and "--output_name '../escape'" in note and "my_lora" in note
+
+
 def test_the_shown_command_is_the_command_that_runs(studio, tmp_path):
     client = client_for(studio)
     values = form_values(client, max_train_steps=7, network_dim=8, output_dir=str(tmp_path / "run"),
